@@ -1,0 +1,44 @@
+"""Where the data stages write, and the columns they write: the contract between stages.
+
+All paths are under ``Config.data_dir`` (WORKDIR/data). Tensor columns are fixed-shape int32
+(Ray Data tensor columns), so the trainer streams them with ``iter_torch_batches`` unchanged.
+
+items.parquet          one row per catalog item
+    item_id: str, text: str (formatted by data.item_text_fields), token_ids: list<int32> (tokenized
+    once, no markers, capped), plus every raw catalog column as str (for the offline teacher).
+users/                 one row per user with at least one engagement (parquet dataset)
+    user_id: str, split: str ('train'|'valid'|'test'), history: list<str> (item ids, oldest first,
+    the user's full known positive history = what precompute and serving use),
+    session_ids: (G, L) int32 (the tokenized sessions of that history).
+train/                 training examples (parquet dataset)
+    example_id: str, user_id: str, impression_id: str, session_ids: (G, L) int32,
+    candidate_ids: (C, Lc) int32 (positive first), candidate_item_ids: list<str> (C)
+valid_examples/        the same format, from valid users (in-loop validation AUC)
+valid/, test/          evaluation impressions (parquet datasets)
+    impression_id: str, user_id: str, session_ids: (G, L) int32, history: list<str>,
+    candidate_item_ids: list<str>, labels: list<int8>
+quarantine/            malformed input rows (parquet dataset)
+    source: str (file), line: int64 (1-based, header = line 1), reason: str, raw: str
+summaries/             one teacher summary per training user (parquet dataset)
+    user_id: str, summary: str, teacher: str, prompt_version: str, summary_ids: (S,) int32
+prepare_report.json    counts: rows in/out, quarantined by reason, examples per split, fingerprint
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+ITEMS = "items.parquet"
+USERS = "users"
+TRAIN = "train"
+VALID_EXAMPLES = "valid_examples"
+VALID = "valid"
+TEST = "test"
+QUARANTINE = "quarantine"
+SUMMARIES = "summaries"
+REPORT = "prepare_report.json"
+SUMMARY_REPORT = "summarize_report.json"
+
+
+def path(data_dir: str | Path, name: str) -> Path:
+    return Path(data_dir) / name

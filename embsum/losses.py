@@ -1,0 +1,41 @@
+"""Training objectives (DESIGN.md 2.6), pure functions of the model's outputs.
+
+L = L_NCE + lambda * L_sum. L_NCE is the softmax cross-entropy of the positive (candidate 0)
+against K negatives; L_sum is the teacher-forced token cross-entropy of the summary, padding
+ignored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.nn import functional as F
+
+
+@dataclass
+class LossParts:
+    total: torch.Tensor
+    nce: torch.Tensor
+    summary: torch.Tensor
+
+
+def nce_loss(scores: torch.Tensor) -> torch.Tensor:
+    """scores (B, 1 + K), positive first -> mean of -log(exp(s+) / sum_j exp(s_j))."""
+    target = torch.zeros(scores.shape[0], dtype=torch.long, device=scores.device)  # (B,)
+    return F.cross_entropy(scores.float(), target)
+
+
+def summary_loss(logits: torch.Tensor, summary_ids: torch.Tensor, pad_id: int = 0) -> torch.Tensor:
+    """logits (B, S, V), summary_ids (B, S) -> mean token NLL over non-pad labels (0 if none)."""
+    labels = summary_ids.long().masked_fill(summary_ids == pad_id, -100)  # (B, S)
+    if not bool((labels != -100).any()):
+        return logits.sum() * 0.0  # keeps the graph connected for DeepSpeed
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+
+
+def embsum_loss(scores: torch.Tensor, logits: torch.Tensor, summary_ids: torch.Tensor,
+                summary_weight: float = 0.05, pad_id: int = 0) -> LossParts:
+    nce = nce_loss(scores)
+    summ = summary_loss(logits, summary_ids, pad_id)
+    return LossParts(total=nce + summary_weight * summ, nce=nce, summary=summ)

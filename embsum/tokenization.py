@@ -1,0 +1,152 @@
+"""Text -> token ids for EmbSum: item text, sessions with [SOS] markers, candidates, summaries.
+
+The [SOS] marker is a reserved T5 sentinel (default ``<extra_id_0>``, id 32099) rather than a new
+added token: every T5 checkpoint already has a trained embedding row for it, the tokenizer files
+are used unchanged (so ``from_pretrained`` round-trips), and the embedding matrix is never
+resized. In pretraining a sentinel's encoder state stands for a span in its context, which is
+the role [SOS] plays for an item. Text that itself contains the marker cannot forge item
+boundaries: marker ids are removed from tokenized text.
+
+Items are tokenized once (``encode_texts``); sessions, candidates and summaries are assembled
+from those id lists, so a catalog of N items costs N tokenizer calls however many histories use it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from embsum.config import EmbSumConfig
+
+BUNDLED_TOKENIZER = Path(__file__).parent / "assets" / "t5-tokenizer"
+
+
+def resolve_tokenizer_path(cfg: EmbSumConfig) -> str:
+    """'bundled' -> the packaged T5 tokenizer; '' -> the backbone's; else the name/path given."""
+    if cfg.tokenizer == "bundled":
+        return str(BUNDLED_TOKENIZER)
+    return cfg.tokenizer or cfg.backbone
+
+
+def load_tokenizer(name_or_path: str) -> Any:
+    """A T5 tokenizer via ``AutoTokenizer.from_pretrained`` (a hub name or a local directory).
+
+    Never ``T5Tokenizer(vocab_file=...)``: in transformers 5 that silently builds a 4-token vocab.
+    """
+    from transformers import AutoTokenizer
+
+    path = str(BUNDLED_TOKENIZER) if name_or_path == "bundled" else name_or_path
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"tokenizer {name_or_path!r} could not be loaded (a Hugging Face name needs the hub "
+                         f"or its cache; a directory needs spiece.model or tokenizer.json): {e}") from None
+    if len(tok) < 1000:
+        raise ValueError(f"tokenizer {name_or_path!r} has only {len(tok)} tokens; expected a T5 vocabulary")
+    return tok
+
+
+def format_item_text(record: Mapping[str, Any], fields: Sequence[str], max_chars: int) -> str:
+    """Join the configured catalog fields (skipping empty ones) into one capped line of text."""
+    parts: list[str] = []
+    for f in fields:
+        v = record.get(f)
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            continue
+        s = " ".join(str(v).split())
+        if s:
+            parts.append(s)
+    return " | ".join(parts)[:max_chars]
+
+
+class EmbSumTokenizer:
+    """Builds the fixed-shape id arrays the model consumes, from one tokenizer and one model config."""
+
+    def __init__(self, tokenizer: Any, cfg: EmbSumConfig) -> None:
+        self.tok = tokenizer
+        self.cfg = cfg
+        sos = tokenizer.convert_tokens_to_ids(cfg.sos_token)
+        if sos is None or sos == tokenizer.unk_token_id:
+            raise ValueError(f"model.sos_token={cfg.sos_token!r} is not in the tokenizer's vocabulary; "
+                             f"use a reserved sentinel such as '<extra_id_0>'")
+        self.sos_id: int = int(sos)
+        self.pad_id: int = int(tokenizer.pad_token_id)
+        self.eos_id: int = int(tokenizer.eos_token_id)
+        # Each history item gets an equal slice of its session so that no item's marker is ever
+        # truncated away: (L - 1) // P tokens including the marker (the 1 is the session's EOS).
+        self.item_budget: int = (cfg.session_tokens - 1) // cfg.items_per_session
+
+    @classmethod
+    def from_config(cls, cfg: EmbSumConfig) -> EmbSumTokenizer:
+        return cls(load_tokenizer(resolve_tokenizer_path(cfg)), cfg)
+
+    # ---- text -> ids ------------------------------------------------------------------------
+    def encode_texts(self, texts: Sequence[str], max_tokens: int | None = None) -> list[list[int]]:
+        """Tokenize without special tokens; drop marker ids; cap at ``max_tokens`` (default: fits any slot)."""
+        cap = max_tokens if max_tokens is not None else max(self.cfg.content_tokens, self.item_budget)
+        if not texts:
+            return []
+        out = self.tok(list(texts), add_special_tokens=False, truncation=True, max_length=cap + 8)["input_ids"]
+        return [[t for t in ids if t != self.sos_id][:cap] for ids in out]
+
+    # ---- ids -> model inputs ----------------------------------------------------------------
+    def sessions(self, history: Sequence[Sequence[int]]) -> np.ndarray:
+        """One user's history (item id lists, oldest first) -> session ids (G, L).
+
+        Keeps the most recent G * P items, fills sessions in order (oldest first), each session
+        ``[SOS] item ... [SOS] item </s>`` padded with 0. Unused sessions stay all padding.
+        """
+        c = self.cfg
+        out = np.full((c.num_sessions, c.session_tokens), self.pad_id, dtype=np.int32)  # (G, L)
+        recent = list(history)[-(c.num_sessions * c.items_per_session):] if history else []
+        for g in range(c.num_sessions):
+            chunk = recent[g * c.items_per_session:(g + 1) * c.items_per_session]
+            if not chunk:
+                break
+            ids: list[int] = []
+            for item in chunk:
+                ids.append(self.sos_id)
+                ids.extend(list(item)[: self.item_budget - 1])
+            ids.append(self.eos_id)
+            out[g, : len(ids)] = ids
+        return out
+
+    def content(self, item: Sequence[int]) -> np.ndarray:
+        """One candidate item's ids -> ``[SOS] text </s>`` padded to content_tokens (Lc,)."""
+        lc = self.cfg.content_tokens
+        ids = [self.sos_id, *list(item)[: lc - 2], self.eos_id]
+        out = np.full((lc,), self.pad_id, dtype=np.int32)  # (Lc,)
+        out[: len(ids)] = ids
+        return out
+
+    def summary(self, text: str) -> np.ndarray:
+        """A teacher summary -> label ids ``text </s>`` padded with 0 to summary_tokens (S,)."""
+        s = self.cfg.summary_tokens
+        ids = self.encode_texts([text], max_tokens=s - 1)[0] if text else []
+        out = np.full((s,), self.pad_id, dtype=np.int32)  # (S,)
+        out[: len(ids) + 1] = [*ids, self.eos_id]
+        return out
+
+    # ---- batch helpers ----------------------------------------------------------------------
+    def sessions_batch(self, histories: Sequence[Sequence[Sequence[int]]]) -> np.ndarray:
+        return np.stack([self.sessions(h) for h in histories]) if histories else \
+            np.zeros((0, self.cfg.num_sessions, self.cfg.session_tokens), dtype=np.int32)  # (B, G, L)
+
+    def content_batch(self, items: Sequence[Sequence[int]]) -> np.ndarray:
+        return np.stack([self.content(i) for i in items]) if items else \
+            np.zeros((0, self.cfg.content_tokens), dtype=np.int32)  # (I, Lc)
+
+    def content_from_texts(self, texts: Sequence[str]) -> np.ndarray:
+        return self.content_batch(self.encode_texts(texts, self.cfg.content_tokens))  # (I, Lc)
+
+    def sessions_from_texts(self, histories: Sequence[Sequence[str]]) -> np.ndarray:
+        flat = [t for h in histories for t in h]
+        ids = iter(self.encode_texts(flat, self.item_budget))
+        return self.sessions_batch([[next(ids) for _ in h] for h in histories])  # (B, G, L)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tok.decode([int(i) for i in ids if int(i) not in (self.pad_id,)], skip_special_tokens=True)

@@ -37,13 +37,13 @@ def _sha256(path: Path) -> str:
 def save_model(model: Any, tokenizer: EmbSumTokenizer, path: str | Path,
                metadata: dict[str, Any] | None = None) -> Path:
     """Write the directory atomically (temp dir + rename), so a crash never leaves half a model."""
-    from safetensors.torch import save_model as st_save
+    from safetensors.torch import save_file
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=path.parent))
     try:
-        st_save(model, str(tmp / WEIGHTS))  # handles T5's tied embeddings
+        save_file(_unique_state(model), str(tmp / WEIGHTS))
         meta = {"format_version": FORMAT_VERSION, **model.extra_state(),
                 "weights_sha256": _sha256(tmp / WEIGHTS), "metadata": metadata or {}}
         (tmp / META).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
@@ -55,6 +55,14 @@ def save_model(model: Any, tokenizer: EmbSumTokenizer, path: str | Path,
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def _unique_state(model: Any) -> dict[str, torch.Tensor]:
+    """Each parameter once (T5 ties its embeddings), as its own contiguous CPU tensor: DeepSpeed
+    keeps parameters as views into flat buffers, which safetensors refuses to save as shared."""
+    state = {n: p.detach().to("cpu", copy=True).contiguous() for n, p in model.named_parameters()}
+    state.update({n: b.detach().to("cpu", copy=True).contiguous() for n, b in model.named_buffers()})
+    return state
 
 
 def read_meta(path: str | Path) -> dict[str, Any]:
@@ -87,7 +95,7 @@ def load_model(path: str | Path, expect: EmbSumConfig | None = None,
                device: str | torch.device = "cpu") -> tuple[Any, EmbSumTokenizer]:
     """-> (EmbSum in eval mode, its tokenizer). ``expect``: fail if the checkpoint's layout differs."""
     from safetensors import SafetensorError
-    from safetensors.torch import load_model as st_load
+    from safetensors.torch import load_file
     from transformers import T5Config, T5ForConditionalGeneration
 
     from embsum.model import EmbSum
@@ -107,9 +115,18 @@ def load_model(path: str | Path, expect: EmbSumConfig | None = None,
     t5 = T5ForConditionalGeneration(T5Config.from_dict(meta["t5"]))
     model = EmbSum(cfg, t5, sos_id=int(meta["sos_id"]))
     try:
-        missing, unexpected = st_load(model, str(weights), strict=False, device=str(device))
+        state = load_file(str(weights))
+        expected = {n: t.shape for n, t in [*model.named_parameters(), *model.named_buffers()]}
+        bad = {k: (tuple(v.shape), tuple(expected[k])) for k, v in state.items()
+               if k in expected and v.shape != expected[k]}
+        if bad:
+            raise ValueError(f"{weights} does not match {META}: shape mismatch {dict(list(bad.items())[:3])}")
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        if not missing and not unexpected:
+            model.load_state_dict(state, strict=False)  # tied aliases are filled through their owner
     except (SafetensorError, RuntimeError) as e:
-        raise ValueError(f"{weights} does not match the model described in {META}: {e}") from None
+        raise ValueError(f"{weights} is corrupted or does not match {META}: {e}") from None
     if missing or unexpected:
         raise ValueError(f"{weights} does not match {META}: missing {sorted(missing)[:5]}, "
                          f"unexpected {sorted(unexpected)[:5]}")

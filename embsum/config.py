@@ -60,7 +60,14 @@ class TeacherConfig:
     temperature: float = _f(0.0, "Sampling temperature sent to the endpoint.", lo=0.0, hi=2.0)
     prompt_template: str = _f("", "Prompt template file ('' = the built-in one); {history} is replaced by the "
                               "user's recent items, one per line.")
-    cache_dir: str = _f("", "Response cache keyed by history + prompt version; '' = WORKDIR/cache/teacher.")
+    cache_dir: str = _f("", "Response cache (one JSON file per sha256(prompt_version, model, prompt)); "
+                        "'' = WORKDIR/cache/teacher. Shared storage on multi-node clusters.")
+    max_failure_fraction: float = _f(0.05, "Summarize fails (after writing its report and failure list) when "
+                                     "more than this share of training users got no summary.", lo=0.0, hi=1.0)
+    num_workers: int = _f(2, "Summarize actors; each holds one teacher (HTTP client, items lookup). "
+                          "Requests in flight <= num_workers * max_concurrency.", lo=1, hi=4096)
+    cpus_per_worker: float = _f(0.5, "CPUs reserved per summarize actor (the chat teacher mostly waits on "
+                                "the network; the offline teacher and tokenizer use some CPU).", lo=0.01, hi=1024)
     facet_fields: list[str] = _f(lambda: ["category", "subcategory", "book_author", "author", "publisher"],
                                  "Offline teacher: catalog columns counted as interests (missing ones ignored).",
                                  factory=True)
@@ -166,7 +173,8 @@ class TrainConfig:
     eval_batches: int = _f(20, "Validation batches per checkpoint (0 = no validation).", lo=0, hi=1_000_000)
     log_every: int = _f(10, "Report metrics every N steps.", lo=1, hi=1_000_000)
     max_failures: int = _f(1, "Worker failures a run survives (restart from the latest checkpoint).", lo=-1, hi=1000)
-    run_name: str = _f("embsum", "Ray Train run name; rerunning the same name resumes from its latest checkpoint.")
+    run_name: str = _f("", "Ray Train run name; rerunning a name resumes from its latest checkpoint. "
+                       "'' = a fresh timestamped name per run.")
     storage_path: str = _f("", "Checkpoint storage (local dir, s3://, NFS); '' = WORKDIR/ray_results. "
                            "Must be shared storage on multi-node clusters.")
     seed: int = _f(0, "Seed for model init and data order.")
@@ -235,7 +243,8 @@ class Config:
             raise ValueError(f"serve.min_replicas={self.serve.min_replicas} must be <= "
                              f"serve.max_replicas={self.serve.max_replicas}")
         if self.data.valid_fraction + self.data.test_fraction >= 1.0:
-            raise ValueError("data.valid_fraction + data.test_fraction must be < 1 (no users left to train on)")
+            raise ValueError(f"data.valid_fraction={self.data.valid_fraction} + data.test_fraction="
+                             f"{self.data.test_fraction} must be < 1 (no users left to train on)")
         m = self.model
         if (m.session_tokens - 1) // m.items_per_session < 2:
             raise ValueError(f"model.session_tokens={m.session_tokens} leaves fewer than 2 tokens per item for "
@@ -372,6 +381,8 @@ def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
         v = _coerce(key, value, hints[name])
         lo, hi = names[name].metadata.get("lo"), names[name].metadata.get("hi")
         if isinstance(v, (int, float)) and not isinstance(v, bool):
+            if v != v:  # NaN compares False with every bound, so it would pass any range
+                raise ValueError(f"{key}: {v!r} is not allowed; expected a number")
             if (lo is not None and v < lo) or (hi is not None and v > hi):
                 rng = f"[{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]"
                 raise ValueError(f"{key}: {v!r} is out of range; allowed: {rng}")
@@ -382,7 +393,8 @@ def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
 def _parse_scalar(text: str) -> Any:
     """An override's value is YAML: 3e-4 -> float, true -> bool, null -> None, [a, b] -> list."""
     value = yaml.safe_load(text) if text.strip() else ""
-    if isinstance(value, str) and value.lower() in {"none", "null", "~"}:
+    # Unquoted none/None also mean null; a quoted '"none"' stays the string (e.g. for replace()).
+    if isinstance(value, str) and value.lower() in {"none", "null", "~"} and text.strip() == value:
         return None
     return value
 
@@ -445,7 +457,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             values.setdefault("train", {})["deepspeed_config"] = str((p.resolve().parent / ds))
     cfg = config_from_dict(values, overrides)
     ds_path = cfg.train.deepspeed_config
-    if not Path(ds_path).is_absolute():
+    if not Path(ds_path).is_absolute() and "://" not in ds_path:  # a URI is not a local path
         cfg = replace(cfg, "train.deepspeed_config", str(Path(ds_path).resolve()))
     return cfg
 

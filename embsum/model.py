@@ -60,6 +60,9 @@ class EmbSum(nn.Module):
         self.user_poly = PolyAttention(d, cfg.user_codes)  # M codes, W_f for users
         self.content_poly = PolyAttention(d, cfg.content_codes)  # N codes, W_f for items
         self.item_gate = nn.Linear(d, d, bias=False)  # W_s
+        # Set by the trainer under ZeRO-3 with several ranks: generate() must keep every rank
+        # stepping until all are done, because each forward gathers sharded parameters collectively.
+        self.synced_generation = False
 
     # ---- construction ---------------------------------------------------------------------------
     @classmethod
@@ -96,10 +99,16 @@ class EmbSum(nn.Module):
         flat = session_ids.reshape(b * g, l)  # (B*G, L)
         mask = flat != self.pad_id  # (B*G, L)
         live = mask.any(-1)  # (B*G,)
-        if not bool(live.any()):
+        forced = not bool(live.any())
+        if forced:
             live = live.clone()
             live[0] = True  # the encoder runs on every rank every step (ZeRO-3 gathers are collective)
         out = self.t5.get_encoder()(input_ids=flat[live], attention_mask=mask[live].long()).last_hidden_state
+        if forced:
+            # The forced session is padding: its states must be 0 like every skipped session's, or a
+            # user with no history would get a different UPE alone than in a batch (the decoder's
+            # fully masked cross-attention averages whatever the states hold). * 0 keeps the graph.
+            out = out * 0.0
         states = out.new_zeros(b * g, l, out.shape[-1])  # (B*G, L, D)
         states[live] = out
         return states.view(b, g, l, -1), mask.view(b, g, l)
@@ -152,6 +161,7 @@ class EmbSum(nn.Module):
             encoder_outputs=BaseModelOutput(last_hidden_state=enc), attention_mask=mask.reshape(b, -1).long(),
             max_new_tokens=s, min_new_tokens=1, do_sample=False, num_beams=1,
             decoder_start_token_id=self.pad_id, eos_token_id=self.eos_id, pad_token_id=self.pad_id,
+            synced_gpus=self.synced_generation,
         )[:, 1:]  # (B, <=S) drop the start token
         out = gen.new_full((b, s), self.pad_id)  # (B, S)
         out[:, : gen.shape[1]] = gen

@@ -1,0 +1,203 @@
+"""MLflow tracking and the model registry: the only module that imports MLflow.
+
+The served artefact is the consolidated model directory (safetensors + embsum.json + tokenizer),
+logged as the run's ``model`` artifact folder and registered as a model version whose source is
+that folder, so loading ``models:/NAME@ALIAS`` downloads files and never unpickles anything.
+Promotion uses registered-model aliases (stages are deprecated in MLflow 3).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from embsum.config import Config
+
+MODEL_ARTIFACT = "model"
+_PARAM_MAX = 6000  # MLflow's param value limit
+
+
+@dataclass
+class VersionInfo:
+    name: str
+    version: str
+    run_id: str
+    source: str
+    aliases: list[str]
+    tags: dict[str, str]
+    metrics: dict[str, float] = field(default_factory=dict)  # the run's latest metrics
+
+    def metric(self, key: str) -> float | None:
+        v = self.metrics.get(key)
+        return None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
+
+
+class Registry:
+    """A thin, typed facade over ``MlflowClient`` bound to one config (URI, experiment, model name)."""
+
+    def __init__(self, cfg: Config) -> None:
+        import mlflow
+        from mlflow import MlflowClient
+
+        self.cfg = cfg
+        self.uri = cfg.tracking_uri
+        if self.uri.startswith("sqlite:"):
+            Path(self.uri.split("sqlite:///", 1)[1]).parent.mkdir(parents=True, exist_ok=True)
+        mlflow.set_tracking_uri(self.uri)
+        mlflow.set_registry_uri(self.uri)
+        self.client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
+        self.name = cfg.mlflow.registered_model
+        self.alias = cfg.mlflow.alias
+
+    # ---- tracking --------------------------------------------------------------------------------------
+    def experiment_id(self, name: str | None = None) -> str:
+        name = name or self.cfg.mlflow.experiment
+        exp = self.client.get_experiment_by_name(name)
+        if exp is not None:
+            return exp.experiment_id
+        try:
+            return self.client.create_experiment(name, artifact_location=self.cfg.artifact_location)
+        except Exception:  # a concurrent creator won the race
+            exp = self.client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+            return exp.experiment_id
+
+    def start_run(self, run_name: str, tags: dict[str, str] | None = None, experiment: str | None = None) -> str:
+        run = self.client.create_run(self.experiment_id(experiment), run_name=run_name, tags=tags or {})
+        return run.info.run_id
+
+    def end_run(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status=status)
+
+    def log_params(self, run_id: str, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, json.dumps(v) if isinstance(v, (list, dict)) else str(v))
+                 for k, v in sorted(params.items())]
+        items = [Param(p.key, p.value[:_PARAM_MAX]) for p in items]
+        for i in range(0, len(items), 100):  # log_batch caps params per call
+            self.client.log_batch(run_id, params=items[i:i + 100])
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int | None = None) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        items = [Metric(k, float(v), ts, step or 0) for k, v in metrics.items()
+                 if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))]
+        if items:
+            self.client.log_batch(run_id, metrics=items)
+
+    def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
+        for k, v in tags.items():
+            self.client.set_tag(run_id, k, str(v))
+
+    def log_dict(self, run_id: str, obj: Any, artifact_file: str) -> None:
+        self.client.log_dict(run_id, obj, artifact_file)
+
+    def log_artifacts(self, run_id: str, local_dir: str | Path, artifact_path: str) -> None:
+        self.client.log_artifacts(run_id, str(local_dir), artifact_path)
+
+    def run_metrics(self, run_id: str) -> dict[str, float]:
+        return dict(self.client.get_run(run_id).data.metrics)
+
+    # ---- registry --------------------------------------------------------------------------------------
+    def log_and_register(self, run_id: str, model_dir: str | Path, tags: dict[str, str] | None = None) -> str:
+        """Log the consolidated model folder as the run's ``model`` and register it -> version."""
+        from mlflow.exceptions import MlflowException
+
+        self.client.log_artifacts(run_id, str(model_dir), MODEL_ARTIFACT)
+        source = f"{self.client.get_run(run_id).info.artifact_uri}/{MODEL_ARTIFACT}"
+        try:
+            self.client.create_registered_model(self.name)
+        except MlflowException:
+            pass  # already exists
+        mv = self.client.create_model_version(self.name, source=source, run_id=run_id, tags=tags or {})
+        return str(mv.version)
+
+    def version(self, ref: str | int) -> VersionInfo:
+        """A version by number ('3') or alias ('champion', '@champion'). ValueError if unknown."""
+        from mlflow.exceptions import MlflowException
+
+        ref = str(ref).lstrip("@")
+        try:
+            mv = (self.client.get_model_version(self.name, ref) if ref.isdigit()
+                  else self.client.get_model_version_by_alias(self.name, ref))
+        except MlflowException as e:
+            raise ValueError(f"model {self.name!r} has no version or alias {ref!r} at {self.uri}: "
+                             f"{str(e).splitlines()[0]}") from None
+        metrics = self.run_metrics(mv.run_id) if mv.run_id else {}
+        return VersionInfo(name=self.name, version=str(mv.version), run_id=mv.run_id or "", source=mv.source,
+                           aliases=list(mv.aliases or []), tags=dict(mv.tags or {}), metrics=metrics)
+
+    def champion(self) -> VersionInfo | None:
+        try:
+            return self.version(self.alias)
+        except ValueError:
+            return None
+
+    def versions(self) -> list[VersionInfo]:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            found = self.client.search_model_versions(f"name = '{self.name}'")
+        except MlflowException:
+            return []
+        return sorted((self.version(mv.version) for mv in found), key=lambda v: int(v.version))
+
+    def promote(self, version: str | int) -> VersionInfo:
+        """Point the alias at ``version`` (which must exist)."""
+        info = self.version(str(version))
+        self.client.set_registered_model_alias(self.name, self.alias, info.version)
+        return self.version(info.version)
+
+    @staticmethod
+    def gate_value(info: VersionInfo, metric: str) -> tuple[str, float] | None:
+        """The metric the gate compares: the evaluation job's ``valid_<m>`` (whole valid impressions),
+        else the trainer's in-loop ``val_<m>``."""
+        for key in (f"valid_{metric}", f"val_{metric}"):
+            v = info.metric(key)
+            if v is not None:
+                return key, v
+        return None
+
+    def gate(self, version: str | int, metric: str | None = None) -> tuple[bool, str]:
+        """Promote ``version`` only if its validation metric beats the floor and the current champion."""
+        metric = metric or self.cfg.mlflow.gate_metric
+        cand = self.version(str(version))
+        got = self.gate_value(cand, metric)
+        if got is None:
+            return False, (f"version {cand.version} has no valid_{metric} or val_{metric} metric; "
+                           f"alias {self.alias!r} unchanged")
+        key, value = got
+        floor = self.cfg.mlflow.gate_floor
+        if value <= floor:
+            return False, (f"version {cand.version} {key}={value:.4f} does not beat the floor "
+                           f"{floor:.4f}; alias {self.alias!r} unchanged")
+        champ = self.champion()
+        if champ is not None and champ.version != cand.version:
+            theirs = self.gate_value(champ, metric)
+            if theirs is not None and value <= theirs[1]:
+                return False, (f"version {cand.version} {key}={value:.4f} does not beat champion version "
+                               f"{champ.version} ({theirs[0]}={theirs[1]:.4f}); alias {self.alias!r} stays on "
+                               f"{champ.version}")
+        self.promote(cand.version)
+        prev = f" (was {champ.version})" if champ is not None and champ.version != cand.version else ""
+        return True, f"version {cand.version} {key}={value:.4f} promoted to {self.alias!r}{prev}"
+
+    def download(self, ref: str | int, dst: str | Path | None = None) -> Path:
+        """Download a version's model folder (by number or alias) -> local path."""
+        import mlflow
+
+        info = self.version(ref)
+        dst = Path(dst) if dst is not None else Path(tempfile.mkdtemp(prefix=f"embsum-v{info.version}-"))
+        dst.mkdir(parents=True, exist_ok=True)
+        local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{self.name}/{info.version}",
+                                                    dst_path=str(dst), tracking_uri=self.uri)
+        return Path(local)

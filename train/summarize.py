@@ -1,0 +1,232 @@
+"""The summarize stage: one teacher summary per training user, as a Ray Data batch job.
+
+    python -m train.summarize --config ray_config.yaml data.teacher.kind=openai \
+        data.teacher.base_url=http://vllm:8000/v1
+
+Reads WORKDIR/data/users/ (train split only: summaries supervise training, never evaluation) and
+items.parquet, runs a fixed pool of actors that each hold one teacher (HTTP client and response
+cache, or the offline teacher), one items lookup and one tokenizer, and writes (see
+embsum/data/layout.py): summaries/, summaries_failed/ and summarize_report.json.
+
+A user whose request failed after retries gets no summary: it is listed in summaries_failed/ and
+counted in the report. The job raises when every user failed, or when the failed share exceeds
+data.teacher.max_failure_fraction; summaries/ is then left as it was (the report and the failure
+list are still written, and the cache keeps every success, so a rerun pays only for the failures).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from embsum.config import Config, load_config, replace
+from embsum.data import layout
+from embsum.data.teachers import load_item_records, load_prompt_template, make_teacher, resolve_cache_dir
+from embsum.runtime import init_ray
+
+SUMMARY_COLUMNS = ["user_id", "summary", "teacher", "prompt_version", "summary_ids"]
+FIRST_ERRORS = 5  # errors quoted in the report and in the exception
+
+
+class SummarizeError(RuntimeError):
+    """Too many training users got no summary (the report and failure list say which and why)."""
+
+
+class SummarizeWorker:
+    """Ray Data actor: ``__call__`` turns a batch of users (user_id, history) into summary rows.
+
+    Everything expensive is built once per actor: the teacher (HTTP settings, cache), the tokenizer
+    and the items lookup. The whole catalog is loaded into each actor: items.parquet is small next
+    to users/ (MIND: ~65k items, a few MB of text). For a catalog too big for one actor's memory, the
+    history -> text join would move into Ray Data instead: explode users' histories to (user_id,
+    item_id) rows, ``join`` them with items.parquet on item_id (hash-partitioned, so no worker holds
+    the catalog), regroup by user_id, and hand the teacher ready-made records.
+    """
+
+    def __init__(self, cfg: Config, items_path: str, template: str | None, cache_dir: str) -> None:
+        from embsum.tokenization import EmbSumTokenizer
+
+        self.teacher = make_teacher(cfg, template=template, cache_dir=cache_dir)
+        self.items = load_item_records(items_path, self.teacher.columns)
+        self.tokenizer = EmbSumTokenizer.from_config(cfg.model)
+        self.summary_tokens = cfg.model.summary_tokens
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        user_ids = [str(u) for u in batch["user_id"]]
+        n = len(user_ids)
+        errors = [""] * n
+        known: list[int] = []  # positions of users with at least one item in the catalog
+        histories = []
+        for k, hist in enumerate(batch["history"]):
+            ids = [str(i) for i in (hist if hist is not None else [])]
+            recs = [self.items[i] for i in ids if i in self.items]  # oldest first, like the history
+            if recs:
+                known.append(k)
+                histories.append(recs)
+            else:
+                errors[k] = f"none of the user's {len(ids)} history items are in items.parquet"
+        results = self.teacher.summarize([user_ids[k] for k in known], histories)
+        summaries = [""] * n
+        cached = np.zeros(n, dtype=bool)
+        requests = np.zeros(n, dtype=np.int64)
+        summary_ids = np.zeros((n, self.summary_tokens), dtype=np.int32)  # (B, S); failed rows stay 0
+        for k, r in zip(known, results, strict=True):
+            assert r.user_id == user_ids[k], "teacher returned results out of order"
+            summaries[k], errors[k], cached[k], requests[k] = r.summary, r.error, r.cached, r.requests
+            if r.ok:
+                summary_ids[k] = self.tokenizer.summary(r.summary)  # (S,)
+        return {
+            "user_id": np.array(user_ids, dtype=object),
+            "summary": np.array(summaries, dtype=object),
+            "teacher": np.array([self.teacher.name] * n, dtype=object),
+            "prompt_version": np.array([self.teacher.prompt_version] * n, dtype=object),
+            "summary_ids": summary_ids,
+            "error": np.array(errors, dtype=object),
+            "cached": cached,
+            "requests": requests,
+        }
+
+
+def run_summarize(cfg: Config) -> dict[str, Any]:
+    """Run the stage; returns the report (also written to WORKDIR/data/summarize_report.json)."""
+    t0 = time.perf_counter()
+    cfg = replace(cfg, "workdir", str(cfg.workdir_path))  # absolute: Ray workers run in another cwd
+    tcfg = cfg.data.teacher
+    data_dir = cfg.data_dir
+    users_dir, items_path = layout.path(data_dir, layout.USERS), layout.path(data_dir, layout.ITEMS)
+    for p in (users_dir, items_path):
+        if not p.exists():
+            raise ValueError(f"summarize needs {p}, which does not exist: run the prepare stage first")
+    # Resolved on the driver and shipped to the actors: a template file or a relative cache path
+    # need not exist (or mean the same thing) on a worker. Building one teacher here fails fast
+    # on a bad config before any actor starts.
+    template = load_prompt_template(tcfg.prompt_template) if tcfg.kind == "openai" else None
+    cache_dir = str(resolve_cache_dir(cfg))
+    probe = make_teacher(cfg, template=template, cache_dir=cache_dir)
+    teacher_name, prompt_version = probe.name, probe.prompt_version
+    probe.close()
+
+    init_ray(cfg.ray)
+    import ray
+    from ray.data import ActorPoolStrategy
+    from ray.data.expressions import col
+
+    users = ray.data.read_parquet(str(users_dir), columns=["user_id", "split", "history"])
+    out = users.filter(expr=col("split") == "train").map_batches(
+        SummarizeWorker,
+        fn_constructor_kwargs={"cfg": cfg, "items_path": str(items_path), "template": template,
+                               "cache_dir": cache_dir},
+        # Several times the per-actor concurrency, so a batch keeps every request slot busy.
+        batch_size=max(64, 4 * tcfg.max_concurrency),
+        batch_format="numpy",
+        # Grows from 1 to num_workers as input queues up: a small job does not start idle actors.
+        compute=ActorPoolStrategy(min_size=1, max_size=tcfg.num_workers),
+        num_cpus=tcfg.cpus_per_worker,
+    ).materialize()  # once: the summaries and failures below must not call the teacher again
+
+    counts = {"users_in": 0, "summarized": 0, "cached_hits": 0, "failed": 0, "requests": 0}
+    failed_ids: list[str] = []
+    failed_errors: list[str] = []
+    for b in out.select_columns(["user_id", "error", "cached", "requests"]).iter_batches(
+            batch_format="numpy", batch_size=65536):
+        bad = np.array([bool(e) for e in b["error"]], dtype=bool)
+        counts["users_in"] += len(bad)
+        counts["failed"] += int(bad.sum())
+        counts["summarized"] += int((~bad).sum())
+        counts["cached_hits"] += int(b["cached"].sum())
+        counts["requests"] += int(b["requests"].sum())
+        failed_ids += [str(u) for u in b["user_id"][bad]]
+        failed_errors += [str(e) for e in b["error"][bad]]
+
+    _write_failures(layout.path(data_dir, layout.SUMMARY_FAILURES), failed_ids, failed_errors)
+    first = [f"{u}: {e}" for u, e in zip(failed_ids[:FIRST_ERRORS], failed_errors[:FIRST_ERRORS], strict=True)]
+    n_in, n_failed = counts["users_in"], counts["failed"]
+    fraction = n_failed / n_in if n_in else 0.0
+    problem = ""
+    if n_in == 0:
+        problem = f"no training users (split == 'train') in {users_dir}"
+    elif n_failed == n_in:
+        problem = f"every one of the {n_in} training users failed"
+    elif fraction > tcfg.max_failure_fraction:
+        problem = (f"{n_failed} of {n_in} training users ({fraction:.1%}) failed, more than "
+                   f"data.teacher.max_failure_fraction={tcfg.max_failure_fraction:g}")
+    if not problem:
+        summaries_dir = layout.path(data_dir, layout.SUMMARIES)
+        staging = data_dir / f".{layout.SUMMARIES}.tmp-{uuid.uuid4().hex[:8]}"
+        out.filter(expr=col("error") == "").select_columns(SUMMARY_COLUMNS).write_parquet(str(staging))
+        _publish(staging, summaries_dir)
+
+    report = {**counts, "teacher": teacher_name, "prompt_version": prompt_version,
+              "seconds": round(time.perf_counter() - t0, 3), "status": "failed" if problem else "ok",
+              "failure_fraction": round(fraction, 6), "first_errors": first}
+    _write_json(layout.path(data_dir, layout.SUMMARY_REPORT), report)
+    print(f"summarize: {n_in} train users -> {counts['summarized']} summarized "
+          f"({counts['cached_hits']} from cache), {n_failed} failed, {counts['requests']} requests; "
+          f"teacher={teacher_name} prompt_version={prompt_version}; {report['seconds']:.1f}s"
+          + (f"; FAILED: {problem}" if problem else ""), flush=True)
+    if problem:
+        where = layout.path(data_dir, layout.SUMMARY_FAILURES)
+        detail = f"; first errors: {first}; all failures in {where}" if first else ""
+        raise SummarizeError(f"summarize: {problem}{detail}")
+    return report
+
+
+def _write_failures(path: Path, user_ids: list[str], errors: list[str]) -> None:
+    """summaries_failed/ as a one-file parquet dataset, written even when empty (readers need no
+    'does it exist' case). Written from the driver: by construction it is small or the job fails."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    staging = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    staging.mkdir(parents=True)
+    table = pa.table({"user_id": pa.array(user_ids, pa.string()), "error": pa.array(errors, pa.string())})
+    pq.write_table(table, staging / "part-00000.parquet")
+    _publish(staging, path)
+
+
+def _publish(staging: Path, final: Path) -> None:
+    """Replace directory ``final`` by ``staging``: readers see the old dataset or the new one,
+    never a half-written mix (only a moment with neither)."""
+    old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
+    if final.exists():
+        final.rename(old)
+    staging.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_json(path: Path, obj: dict[str, Any]) -> None:
+    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m train.summarize",
+                                 description="Write one teacher summary per training user.")
+    ap.add_argument("--config", default=None, help="run config (ray_config.yaml); default: built-in defaults")
+    ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.teacher.kind=openai")
+    args = ap.parse_args(argv)
+    try:
+        run_summarize(load_config(args.config, args.overrides))
+    except (ValueError, SummarizeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        if "ray" in sys.modules:
+            import ray
+
+            ray.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

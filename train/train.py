@@ -1,0 +1,222 @@
+"""`embsum train`: Ray Train (TorchTrainer, Train V2) + DeepSpeed over the prepared shards, tracked in
+MLflow, ending with the best checkpoint's consolidated model logged and registered.
+
+Thin glue: the model, loss and checkpoint format live in ``embsum``; the per-worker loop in
+``train/loop.py``; the DeepSpeed config in ``train/deepspeed_setup.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from embsum.config import Config, load_config
+from embsum.data import layout
+from embsum.runtime import init_ray
+
+
+def _git_commit() -> str:
+    if os.environ.get("EMBSUM_GIT_COMMIT"):
+        return os.environ["EMBSUM_GIT_COMMIT"]
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                              cwd=Path(__file__).resolve().parent).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def load_summaries(data_dir: Path) -> dict[str, np.ndarray]:
+    """user_id -> summary ids (S,) int32, from the summarize stage's parquet."""
+    import pyarrow.dataset as pads
+
+    d = data_dir / layout.SUMMARIES
+    if not d.exists():
+        return {}
+    table = pads.dataset(str(d), format="parquet").to_table(columns=["user_id", "summary_ids"])
+    ids = table.column("summary_ids").combine_chunks()
+    arr = _tensor_column(ids)
+    return {str(u): arr[i] for i, u in enumerate(table.column("user_id").to_pylist())}
+
+
+def _tensor_column(col: Any) -> np.ndarray:
+    """A Ray Data tensor column (extension type) or a list column -> stacked numpy array."""
+    if hasattr(col, "to_numpy_ndarray"):
+        return np.asarray(col.to_numpy_ndarray())
+    if hasattr(col.type, "storage_type"):
+        try:
+            return np.asarray(col.to_numpy())
+        except (NotImplementedError, TypeError):
+            pass
+    return np.stack([np.asarray(x, dtype=np.int32) for x in col.to_pylist()])
+
+
+def probe_batch(valid: Any, summaries: dict[str, np.ndarray], empty: np.ndarray, n: int = 4) -> dict[str, np.ndarray]:
+    """A few fixed examples whose scores are recorded at each checkpoint and rechecked after
+    registration, so a serialization bug can never ship silently."""
+    rows = valid.take_batch(n, batch_format="numpy")
+    return {
+        "session_ids": np.asarray(rows["session_ids"], np.int32),
+        "candidate_ids": np.asarray(rows["candidate_ids"], np.int32),
+        "summary_ids": np.stack([summaries.get(str(u), empty) for u in rows["user_id"]]).astype(np.int32),
+    }
+
+
+def run_train(cfg: Config, *, register: bool = True) -> dict[str, Any]:
+    """Fit, then log + register the best checkpoint's consolidated model. -> a result summary."""
+    import ray
+    import ray.data
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from embsum.registry import Registry
+    from train.deepspeed_setup import build_deepspeed_config, resolve_precision, zero_stage
+    from train.loop import train_loop_per_worker
+
+    t0 = time.perf_counter()
+    t = cfg.train
+    data_dir = cfg.data_dir
+    for need in (layout.TRAIN, layout.VALID_EXAMPLES):
+        if not (data_dir / need).exists():
+            raise ValueError(f"{data_dir / need} not found: run `embsum prepare` first (same --config/workdir)")
+    summaries = load_summaries(data_dir)
+    if not summaries and t.summary_weight > 0:
+        raise ValueError(f"no teacher summaries under {data_dir / layout.SUMMARIES}: run `embsum summarize` "
+                         f"first, or set train.summary_weight=0")
+    ds_config = build_deepspeed_config(cfg, t.num_workers)  # validate before starting anything
+    init_ray(cfg.ray)
+    if not t.use_gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+    run_name = t.run_name or time.strftime("embsum-%Y%m%d-%H%M%S")
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = True
+    train_ds = ray.data.read_parquet(str(data_dir / layout.TRAIN))
+    valid_ds = ray.data.read_parquet(str(data_dir / layout.VALID_EXAMPLES))
+    empty = np.zeros((cfg.model.summary_tokens,), np.int32)
+    empty[0] = 1  # EOS
+    probe = probe_batch(valid_ds, summaries, empty)
+
+    registry = Registry(cfg)
+    prep, summ = _read_json(data_dir / layout.REPORT), _read_json(data_dir / layout.SUMMARY_REPORT)
+    tags = {
+        "ray_run_name": run_name, "git_commit": _git_commit(),
+        "data_fingerprint": str(prep.get("fingerprint", "unknown")),
+        "teacher": str(summ.get("teacher", "none")), "prompt_version": str(summ.get("prompt_version", "none")),
+        "deepspeed_stage": str(zero_stage(ds_config)), "precision": resolve_precision(cfg),
+        "num_workers": str(t.num_workers), "use_gpu": str(t.use_gpu),
+    }
+    run_id = _find_or_start_run(registry, run_name, tags)
+    registry.log_params(run_id, {**cfg.flat(), "deepspeed": ds_config})
+    storage = cfg.storage_path
+    Path(storage).mkdir(parents=True, exist_ok=True) if "://" not in storage else None
+    loop_config = {
+        "cfg": cfg.to_dict(), "summaries": summaries, "probe": probe, "run_name": run_name,
+        "mlflow_run_id": run_id, "fail_marker": str(Path(tempfile.gettempdir()) / f"embsum-fail-{run_name}"),
+    }
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
+                                     resources_per_worker={"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}),
+        run_config=RunConfig(
+            name=run_name, storage_path=storage,
+            failure_config=FailureConfig(max_failures=t.max_failures),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=t.keep_checkpoints,
+                checkpoint_score_attribute="val_auc" if t.eval_batches > 0 else None,
+                checkpoint_score_order="max"),
+        ),
+        datasets={"train": train_ds, "valid": valid_ds},
+    )
+    try:
+        result = trainer.fit()
+    except Exception:
+        registry.end_run(run_id, "FAILED")
+        raise
+    if result.error is not None:
+        registry.end_run(run_id, "FAILED")
+        raise RuntimeError(f"training run {run_name!r} failed: {result.error}")
+    best = _best_checkpoint(result, t.eval_batches > 0)
+    out: dict[str, Any] = {"run_name": run_name, "mlflow_run_id": run_id, "checkpoint": best.path,
+                           "metrics": dict(result.metrics or {}), "seconds": time.perf_counter() - t0}
+    with best.as_directory() as d:
+        state = _read_json(Path(d) / "state.json")
+        out.update({"step": state.get("step"), "val_auc": state.get("val_auc")})
+        if register:
+            version = registry.log_and_register(run_id, Path(d) / "model", tags={
+                "ray_run_name": run_name, "step": str(state.get("step")), "val_auc": str(state.get("val_auc")),
+                "data_fingerprint": tags["data_fingerprint"], "teacher": tags["teacher"]})
+            diff = verify_registered(registry, version, Path(d) / "probe.npz")
+            registry.log_metrics(run_id, {"registered_probe_max_abs_diff": diff})
+            out.update({"version": version, "probe_max_abs_diff": diff})
+    registry.log_metrics(run_id, {"train_seconds": out["seconds"]})
+    registry.end_run(run_id)
+    print(f"[train] {run_name}: best step {out.get('step')} val_auc={out.get('val_auc')} "
+          f"-> {cfg.mlflow.registered_model} v{out.get('version')} ({out['seconds']:.0f}s)", flush=True)
+    return out
+
+
+def _find_or_start_run(registry: Any, run_name: str, tags: dict[str, str]) -> str:
+    """Resuming a Ray run name resumes its MLflow run too, so metrics continue on one timeline."""
+    exp = registry.experiment_id()
+    found = registry.client.search_runs([exp], f"tags.ray_run_name = '{run_name}'", max_results=1)
+    if found:
+        registry.client.update_run(found[0].info.run_id, status="RUNNING")
+        return found[0].info.run_id
+    return registry.start_run(run_name, tags)
+
+
+def _best_checkpoint(result: Any, by_auc: bool) -> Any:
+    if by_auc and result.best_checkpoints:
+        scored = [(c, m) for c, m in result.best_checkpoints if m.get("val_auc") is not None]
+        if scored:
+            return max(scored, key=lambda cm: (cm[1]["val_auc"], cm[1].get("step", 0)))[0]
+    if result.checkpoint is None:
+        raise RuntimeError("training finished without a checkpoint")
+    return result.checkpoint
+
+
+def verify_registered(registry: Any, version: str, probe_path: Path) -> float:
+    """Load the registered version back from MLflow and rescore the probe: -> max |diff|."""
+    import torch
+
+    from embsum.checkpoint import load_model
+
+    probe = np.load(probe_path, allow_pickle=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        model, _ = load_model(registry.download(version, tmp))
+        with torch.no_grad():
+            out = model(*(torch.as_tensor(probe[k], dtype=torch.long)
+                          for k in ("session_ids", "candidate_ids", "summary_ids")))
+    diff = float(np.abs(out.scores.numpy() - probe["scores"]).max())
+    if diff > 1e-4:
+        raise RuntimeError(f"registered version {version} scores differ from the trained model by {diff:.3g}")
+    return diff
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m train.train", description=__doc__)
+    p.add_argument("--config", default="ray_config.yaml")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    a = p.parse_args(argv)
+    out = run_train(load_config(a.config, a.overrides))
+    print(json.dumps({k: str(v) for k, v in out.items()}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -179,6 +179,11 @@ class TrainConfig:
                            "Must be shared storage on multi-node clusters.")
     seed: int = _f(0, "Seed for model init and data order.")
     fail_at_step: int | None = _f(None, "Testing only: rank 1 kills itself once at this step.", lo=1)
+    infer_actors: int = _f(2, "Batch inference (evaluate, embed): model replicas in the Ray Data actor pool.",
+                           lo=1, hi=100000)
+    infer_batch_size: int = _f(64, "Batch inference: rows per model call.", lo=1, hi=65536)
+    infer_cpus: float = _f(1.0, "Batch inference: CPUs per actor.", lo=0.01, hi=1024)
+    infer_gpus: float = _f(0.0, "Batch inference: GPUs per actor (e.g. 1 or 0.5 on GPU clusters).", lo=0.0, hi=64)
 
 
 @dataclass(frozen=True)

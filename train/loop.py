@@ -151,7 +151,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             with ctx_mgr:
                 if rank == 0:
                     save_model(engine.module, tok, Path(tmp) / "model",
-                               metadata={"step": step, "run_name": loop_config["run_name"], **metrics})
+                               metadata={"step": step, "run_name": loop_config["run_name"],
+                                         "model_fingerprint": cfg.fingerprint("model"), **metrics})
                     _write_probe(engine.module, probe, Path(tmp) / "probe.npz")
             if rank == 0:
                 (Path(tmp) / "state.json").write_text(json.dumps({"step": step, "tag": tag, **metrics}))

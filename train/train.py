@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from embsum.arrow_tensors import table_tensor
 from embsum.config import Config, load_config
 from embsum.data import layout
 from embsum.runtime import init_ray
@@ -45,21 +46,8 @@ def load_summaries(data_dir: Path) -> dict[str, np.ndarray]:
     if not d.exists():
         return {}
     table = pads.dataset(str(d), format="parquet").to_table(columns=["user_id", "summary_ids"])
-    ids = table.column("summary_ids").combine_chunks()
-    arr = _tensor_column(ids)
+    arr = table_tensor(table, "summary_ids", np.int32)
     return {str(u): arr[i] for i, u in enumerate(table.column("user_id").to_pylist())}
-
-
-def _tensor_column(col: Any) -> np.ndarray:
-    """A Ray Data tensor column (extension type) or a list column -> stacked numpy array."""
-    if hasattr(col, "to_numpy_ndarray"):
-        return np.asarray(col.to_numpy_ndarray())
-    if hasattr(col.type, "storage_type"):
-        try:
-            return np.asarray(col.to_numpy())
-        except (NotImplementedError, TypeError):
-            pass
-    return np.stack([np.asarray(x, dtype=np.int32) for x in col.to_pylist()])
 
 
 def probe_batch(valid: Any, summaries: dict[str, np.ndarray], empty: np.ndarray, n: int = 4) -> dict[str, np.ndarray]:

@@ -1,0 +1,131 @@
+"""`embsum embed`: precompute CPE for the whole catalog and UPE (+ generated summary) for every user
+with a Ray Data actor pool, for one registered model version. Serving then scores known users and
+items with no T5 call at all (DESIGN.md 2, the offline/online split).
+
+Writes EMBEDDINGS_ROOT/v<VERSION>/{items,users}/ + manifest.json (see embsum/embeddings.py): into a
+temporary sibling folder first, renamed into place at the end, so a reader never sees half a set.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from embsum.config import Config, load_config
+from embsum.data import layout
+from embsum.embeddings import ITEMS, USERS, Manifest, version_dir, write_manifest
+from embsum.runtime import init_ray
+
+
+class _ModelActor:
+    """Downloads the version from the registry once per actor (works on any node of a cluster)."""
+
+    def __init__(self, cfg_dict: dict[str, Any], version: str, model_dir: str | None = None) -> None:
+        from embsum.config import config_from_dict
+        from embsum.predictor import Predictor
+        from embsum.registry import Registry
+        from embsum.runtime import setup_env
+
+        setup_env()
+        cfg = config_from_dict(cfg_dict)
+        if model_dir is None or not Path(model_dir).exists():
+            model_dir = str(Registry(cfg).download(version, tempfile.mkdtemp(prefix="embsum-model-")))
+        self.predictor = Predictor.from_dir(model_dir, batch_size=cfg.train.infer_batch_size)
+
+
+class ItemEncoder(_ModelActor):
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        emb = self.predictor.encode_item_tokens([list(t) for t in batch["token_ids"]])
+        return {"item_id": batch["item_id"], "text": batch["text"], "cpe": emb.cpe, "cpe_key": emb.key}
+
+
+class UserEncoder(_ModelActor):
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        emb = self.predictor.encode_users(np.asarray(batch["session_ids"]))
+        return {"user_id": batch["user_id"], "history": batch["history"], "upe": emb.upe,
+                "summary": np.asarray(emb.summaries, dtype=object)}
+
+
+def resolve_version(cfg: Config, version: str | None) -> tuple[Any, str]:
+    """-> (registry, version number) for an explicit version, serve.model_version, or the alias."""
+    from embsum.registry import Registry
+
+    registry = Registry(cfg)
+    ref = version or cfg.serve.model_version or cfg.mlflow.alias
+    return registry, registry.version(ref).version
+
+
+def run_embed(cfg: Config, version: str | None = None) -> dict[str, Any]:
+    import ray.data
+
+    t0 = time.perf_counter()
+    data_dir = cfg.data_dir
+    for need in (layout.ITEMS, layout.USERS):
+        if not (data_dir / need).exists():
+            raise ValueError(f"{data_dir / need} not found: run `embsum prepare` first")
+    registry, version = resolve_version(cfg, version)
+    init_ray(cfg.ray)
+    ray.data.DataContext.get_current().enable_progress_bars = True
+    local_model = registry.download(version, cfg.workdir_path / "models" / f"v{version}")
+    meta = json.loads((local_model / "embsum.json").read_text())
+    t = cfg.train
+    pool = dict(compute=ray.data.ActorPoolStrategy(size=t.infer_actors), batch_size=t.infer_batch_size,
+                num_cpus=t.infer_cpus, num_gpus=t.infer_gpus or None, batch_format="numpy",
+                fn_constructor_kwargs={"cfg_dict": cfg.to_dict(), "version": version, "model_dir": str(local_model)})
+
+    out = version_dir(cfg.embeddings_dir, version)
+    tmp = out.parent / f".tmp-{out.name}-{int(time.time())}"
+    tmp.mkdir(parents=True, exist_ok=True)
+    try:
+        t_items = time.perf_counter()
+        items = ray.data.read_parquet(str(data_dir / layout.ITEMS), columns=["item_id", "text", "token_ids"])
+        items.map_batches(ItemEncoder, **pool).write_parquet(str(tmp / ITEMS))
+        t_items = time.perf_counter() - t_items
+        t_users = time.perf_counter()
+        users = ray.data.read_parquet(str(data_dir / layout.USERS), columns=["user_id", "history", "session_ids"])
+        users.map_batches(UserEncoder, **pool).write_parquet(str(tmp / USERS))
+        t_users = time.perf_counter() - t_users
+        n_items = ray.data.read_parquet(str(tmp / ITEMS), columns=["item_id"]).count()
+        n_users = ray.data.read_parquet(str(tmp / USERS), columns=["user_id"]).count()
+        manifest = Manifest(
+            model_name=registry.name, model_version=str(version),
+            model_fingerprint=str(meta.get("metadata", {}).get("model_fingerprint", "")),
+            items=n_items, users=n_users, dtype="float32", user_codes=int(meta["embsum"]["user_codes"]),
+            content_codes=int(meta["embsum"]["content_codes"]), d_model=int(meta["t5"]["d_model"]),
+            seconds=time.perf_counter() - t0)
+        write_manifest(tmp, manifest)  # last: a folder with a manifest is complete
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.replace(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    report = {"version": version, "path": str(out), "items": n_items, "users": n_users,
+              "items_per_s": n_items / max(t_items, 1e-9), "users_per_s": n_users / max(t_users, 1e-9),
+              "seconds": time.perf_counter() - t0}
+    print(f"[embed] v{version}: {n_items} items ({report['items_per_s']:.1f}/s), {n_users} users "
+          f"({report['users_per_s']:.1f}/s) -> {out}", flush=True)
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m train.embed", description=__doc__)
+    p.add_argument("--config", default="ray_config.yaml")
+    p.add_argument("--version", default=None, help="registered version (default: serve.model_version or the alias)")
+    p.add_argument("overrides", nargs="*")
+    a = p.parse_args(argv)
+    print(json.dumps(run_embed(load_config(a.config, a.overrides), a.version), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

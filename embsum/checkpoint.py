@@ -74,9 +74,14 @@ def read_meta(path: str | Path) -> dict[str, Any]:
         meta = json.loads(meta_file.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{meta_file} is corrupted (not JSON: {e})") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{meta_file} is corrupted (expected a JSON object, got {type(meta).__name__})")
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{meta_file}: format_version {meta.get('format_version')!r} is not supported "
                          f"(expected {FORMAT_VERSION})")
+    missing = [k for k in ("embsum", "t5", "sos_id", "weights_sha256") if k not in meta]
+    if missing:  # a clear error here rather than a KeyError deep inside load_model
+        raise ValueError(f"{meta_file} is incomplete: missing {missing}")
     return meta
 
 

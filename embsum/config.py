@@ -47,7 +47,8 @@ class TeacherConfig:
 
     kind: Literal["offline", "openai"] = _f("offline", "'offline': deterministic summary from the history, no LLM; "
                                             "'openai': an OpenAI-compatible chat-completions endpoint.")
-    base_url: str = _f("http://127.0.0.1:8001/v1", "Endpoint base URL (vLLM, TGI, a hosted API); '/chat/completions' is appended.")
+    base_url: str = _f("http://127.0.0.1:8001/v1", "Endpoint base URL (vLLM, TGI, a hosted API); "
+                       "'/chat/completions' is appended.")
     model: str = _f("mistralai/Mixtral-8x22B-Instruct-v0.1", "Model name sent in the request.")
     api_key_env: str = _f("OPENAI_API_KEY", "Environment variable holding the bearer key (unset = no auth header).")
     prompt_version: str = _f("v1", "Version tag of the prompt; part of the cache key and stored with each summary.")
@@ -64,8 +65,9 @@ class TeacherConfig:
                         "'' = WORKDIR/cache/teacher. Shared storage on multi-node clusters.")
     max_failure_fraction: float = _f(0.05, "Summarize fails (after writing its report and failure list) when "
                                      "more than this share of training users got no summary.", lo=0.0, hi=1.0)
-    num_workers: int = _f(2, "Summarize actors; each holds one teacher (HTTP client, items lookup). "
-                          "Requests in flight <= num_workers * max_concurrency.", lo=1, hi=4096)
+    num_workers: int = _f(2, "Most summarize actors (the pool grows from 1 as input queues up); each holds "
+                          "one teacher and items lookup. Requests in flight <= num_workers * max_concurrency.",
+                          lo=1, hi=4096)
     cpus_per_worker: float = _f(0.5, "CPUs reserved per summarize actor (the chat teacher mostly waits on "
                                 "the network; the offline teacher and tokenizer use some CPU).", lo=0.01, hi=1024)
     facet_fields: list[str] = _f(lambda: ["category", "subcategory", "book_author", "author", "publisher"],

@@ -95,8 +95,8 @@ class EmbSum(nn.Module):
         All sessions of all users go through the encoder as one batch; sessions that are pure
         padding are skipped (their states stay 0 and are masked everywhere downstream).
         """
-        b, g, l = session_ids.shape
-        flat = session_ids.reshape(b * g, l)  # (B*G, L)
+        b, g, seq = session_ids.shape
+        flat = session_ids.reshape(b * g, seq)  # (B*G, L)
         mask = flat != self.pad_id  # (B*G, L)
         live = mask.any(-1)  # (B*G,)
         forced = not bool(live.any())
@@ -109,13 +109,13 @@ class EmbSum(nn.Module):
             # user with no history would get a different UPE alone than in a batch (the decoder's
             # fully masked cross-attention averages whatever the states hold). * 0 keeps the graph.
             out = out * 0.0
-        states = out.new_zeros(b * g, l, out.shape[-1])  # (B*G, L, D)
+        states = out.new_zeros(b * g, seq, out.shape[-1])  # (B*G, L, D)
         states[live] = out
-        return states.view(b, g, l, -1), mask.view(b, g, l)
+        return states.view(b, g, seq, -1), mask.view(b, g, seq)
 
     def item_states(self, session_ids: torch.Tensor, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each item's vector is the encoder state at its [SOS]: -> (B, G*P, D), mask (B, G*P)."""
-        b, g, l, d = states.shape
+        b, g, _, d = states.shape
         p = self.cfg.items_per_session
         is_sos = session_ids == self.sos_id  # (B, G, L)
         # Stable argsort puts marker positions first, in order: a fixed-shape gather of P slots.
@@ -201,7 +201,8 @@ class EmbSum(nn.Module):
     def encode_content(self, content_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """content_ids (I, Lc) -> CPE B (I, N, D) and its score key gelu(B W_s) (I, N, D)."""
         mask = content_ids != self.pad_id  # (I, Lc)
-        states = self.t5.get_encoder()(input_ids=content_ids, attention_mask=mask.long()).last_hidden_state  # (I, Lc, D)
+        states = self.t5.get_encoder()(
+            input_ids=content_ids, attention_mask=mask.long()).last_hidden_state  # (I, Lc, D)
         cpe = self.content_poly(states, mask)  # (I, N, D)
         key = F.gelu(self.item_gate(cpe))  # (I, N, D)
         return cpe, key

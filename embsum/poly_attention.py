@@ -20,10 +20,13 @@ class PolyAttention(nn.Module):
 
     def forward(self, z: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """z (B, T, D), mask (B, T) bool (True = valid; each row needs one) -> (B, M, D)."""
+        # Padded rows are zeroed first: a weight of exactly 0 still turns inf/NaN padding into NaN
+        # (0 * inf), in the output and in W_f's gradient.
+        z = z.masked_fill(~mask[..., None], 0.0)  # (B, T, D)
         keys = torch.tanh(self.proj(z))  # (B, T, D)
         logits = torch.einsum("md,btd->bmt", self.codes.to(keys.dtype), keys)  # (B, M, T)
         # finfo.min rather than -inf: exp underflows to exactly 0, so padding carries no weight,
-        # and a row that is all padding gives a finite (uniform) result instead of NaN.
+        # and a row that is all padding gives a finite result (0) instead of NaN.
         logits = logits.masked_fill(~mask[:, None, :], torch.finfo(logits.dtype).min)  # (B, M, T)
         alpha = torch.softmax(logits.float(), dim=-1).to(z.dtype)  # (B, M, T)
         return torch.bmm(alpha, z)  # (B, M, D)

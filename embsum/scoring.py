@@ -22,6 +22,8 @@ def score(upe: torch.Tensor, cpe: torch.Tensor, cpe_key: torch.Tensor) -> torch.
     """
     if cpe.shape != cpe_key.shape:
         raise ValueError(f"cpe {tuple(cpe.shape)} and cpe_key {tuple(cpe_key.shape)} must have the same shape")
+    if cpe.dim() not in (3, 4):  # checked first: a 0-d cpe has no last dimension to compare
+        raise ValueError(f"cpe must be (I, N, D) or (U, C, N, D); got {tuple(cpe.shape)}")
     if upe.dim() != 3 or upe.shape[-1] != cpe.shape[-1]:
         raise ValueError(f"upe must be (U, M, D) with D = {cpe.shape[-1]}; got {tuple(upe.shape)}")
     u, m, d = upe.shape

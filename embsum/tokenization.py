@@ -13,7 +13,6 @@ from those id lists, so a catalog of N items costs N tokenizer calls however man
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -50,12 +49,22 @@ def load_tokenizer(name_or_path: str) -> Any:
     return tok
 
 
+def _missing(v: Any) -> bool:
+    """None, NaN of any float type (numpy's float32 is no ``float``), pandas NA/NaT."""
+    if v is None:
+        return True
+    try:
+        return bool(v != v)  # NaN and NaT are the values unequal to themselves
+    except (TypeError, ValueError):  # pd.NA's comparison is NA, whose truth is a TypeError
+        return type(v).__name__ == "NAType"
+
+
 def format_item_text(record: Mapping[str, Any], fields: Sequence[str], max_chars: int) -> str:
     """Join the configured catalog fields (skipping empty ones) into one capped line of text."""
     parts: list[str] = []
     for f in fields:
         v = record.get(f)
-        if v is None or (isinstance(v, float) and math.isnan(v)):
+        if _missing(v):
             continue
         s = " ".join(str(v).split())
         if s:
@@ -79,6 +88,10 @@ class EmbSumTokenizer:
         # Each history item gets an equal slice of its session so that no item's marker is ever
         # truncated away: (L - 1) // P tokens including the marker (the 1 is the session's EOS).
         self.item_budget: int = (cfg.session_tokens - 1) // cfg.items_per_session
+        # Ids that text may never produce: the tokenizer maps the literal strings '<extra_id_0>',
+        # '</s>' and '<pad>' to these, which would forge item boundaries, end a session or
+        # summary early, or be masked out as padding.
+        self._reserved: frozenset[int] = frozenset({self.sos_id, self.pad_id, self.eos_id})
 
     @classmethod
     def from_config(cls, cfg: EmbSumConfig) -> EmbSumTokenizer:
@@ -86,12 +99,12 @@ class EmbSumTokenizer:
 
     # ---- text -> ids ------------------------------------------------------------------------
     def encode_texts(self, texts: Sequence[str], max_tokens: int | None = None) -> list[list[int]]:
-        """Tokenize without special tokens; drop marker ids; cap at ``max_tokens`` (default: fits any slot)."""
+        """Tokenize without special tokens; drop marker/pad/EOS ids; cap at ``max_tokens`` (default: fits any slot)."""
         cap = max_tokens if max_tokens is not None else max(self.cfg.content_tokens, self.item_budget)
-        if not texts:
+        if len(texts) == 0:  # len, not truthiness: numpy/pyarrow batches are ambiguous as bools
             return []
         out = self.tok(list(texts), add_special_tokens=False, truncation=True, max_length=cap + 8)["input_ids"]
-        return [[t for t in ids if t != self.sos_id][:cap] for ids in out]
+        return [[t for t in ids if t not in self._reserved][:cap] for ids in out]
 
     # ---- ids -> model inputs ----------------------------------------------------------------
     def sessions(self, history: Sequence[Sequence[int]]) -> np.ndarray:
@@ -102,7 +115,7 @@ class EmbSumTokenizer:
         """
         c = self.cfg
         out = np.full((c.num_sessions, c.session_tokens), self.pad_id, dtype=np.int32)  # (G, L)
-        recent = list(history)[-(c.num_sessions * c.items_per_session):] if history else []
+        recent = list(history)[-(c.num_sessions * c.items_per_session):]  # (no truthiness: numpy input)
         for g in range(c.num_sessions):
             chunk = recent[g * c.items_per_session:(g + 1) * c.items_per_session]
             if not chunk:
@@ -133,11 +146,11 @@ class EmbSumTokenizer:
 
     # ---- batch helpers ----------------------------------------------------------------------
     def sessions_batch(self, histories: Sequence[Sequence[Sequence[int]]]) -> np.ndarray:
-        return np.stack([self.sessions(h) for h in histories]) if histories else \
+        return np.stack([self.sessions(h) for h in histories]) if len(histories) else \
             np.zeros((0, self.cfg.num_sessions, self.cfg.session_tokens), dtype=np.int32)  # (B, G, L)
 
     def content_batch(self, items: Sequence[Sequence[int]]) -> np.ndarray:
-        return np.stack([self.content(i) for i in items]) if items else \
+        return np.stack([self.content(i) for i in items]) if len(items) else \
             np.zeros((0, self.cfg.content_tokens), dtype=np.int32)  # (I, Lc)
 
     def content_from_texts(self, texts: Sequence[str]) -> np.ndarray:
@@ -148,5 +161,7 @@ class EmbSumTokenizer:
         ids = iter(self.encode_texts(flat, self.item_budget))
         return self.sessions_batch([[next(ids) for _ in h] for h in histories])  # (B, G, L)
 
-    def decode(self, ids: Sequence[int]) -> str:
-        return self.tok.decode([int(i) for i in ids if int(i) not in (self.pad_id,)], skip_special_tokens=True)
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        # The keyword matches Hugging Face's decode, so either tokenizer works where text is made.
+        return self.tok.decode([int(i) for i in ids if int(i) not in (self.pad_id,)],
+                               skip_special_tokens=skip_special_tokens)

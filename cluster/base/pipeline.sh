@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# The EmbSum training pipeline, as the RayJob embsum-pipeline runs it on the Ray head:
+#
+#   spec.entrypoint: bash /etc/embsum/pipeline.sh     (this file, from ConfigMap embsum-pipeline)
+#
+# Why a script and not an inline entrypoint: in K8sJobMode KubeRay pastes spec.entrypoint into
+# the submitter pod's `bash -c "... ray job submit ... -- <entrypoint> ; fi"`, so a `$VAR`, `;`
+# or `&&` written there would be expanded or run in the submitter pod, not on the cluster. A
+# plain command that runs a script keeps all shell logic on the head, where the settings
+# (ConfigMap embsum-settings, set per overlay) are in the environment.
+#
+# Each stage is its own driver process on the head (`--address auto` joins the running cluster)
+# and its own Ray job from MLflow's point of view; a failing stage stops the pipeline (set -e)
+# and fails the RayJob. Stages hand data over through WORKDIR (the shared PVC) and MLflow.
+set -euo pipefail
+
+: "${EMBSUM_STORAGE_URI:?set EMBSUM_STORAGE_URI (s3://BUCKET or a path on the shared PVC) in the overlay}"
+: "${EMBSUM_WORKDIR:?set EMBSUM_WORKDIR (a path on the shared PVC) in the overlay}"
+: "${EMBSUM_MLFLOW_URI:?set EMBSUM_MLFLOW_URI in the overlay}"
+
+CONFIG=/app/ray_config.yaml
+
+# Free-form extra overrides from the overlay, split on whitespace; read -a does not glob, so a
+# value like data.interactions=s3://b/logs/*.parquet reaches embsum as written.
+read -r -a EXTRA <<< "${EMBSUM_EXTRA_OVERRIDES:-}"
+
+OVERRIDES=(
+  # data/, embeddings/ and the teacher cache on the shared PVC: every node reads what prepare wrote.
+  "workdir=${EMBSUM_WORKDIR}"
+  # Checkpoints on shared storage (never a pod's disk): a resumed or multi-node run finds them.
+  "train.storage_path=${EMBSUM_STORAGE_URI%/}/checkpoints"
+  "train.use_gpu=${EMBSUM_USE_GPU:-false}"
+  "train.num_workers=${EMBSUM_TRAIN_WORKERS:-2}"
+  # '' = a fresh timestamped run; a fixed name makes a rerun resume from its latest checkpoint.
+  "train.run_name=${EMBSUM_RUN_NAME:-}"
+  "mlflow.tracking_uri=${EMBSUM_MLFLOW_URI}"
+  # Artifacts go through the tracking server (--serve-artifacts) to its S3 destination; the
+  # default (a local WORKDIR folder) would leave them on one pod.
+  "mlflow.artifact_location=mlflow-artifacts:/embsum"
+  "${EXTRA[@]}"
+)
+
+stage() {
+  echo "=== $(date -u +%Y-%m-%dT%H:%M:%SZ) embsum $1"
+}
+
+stage prepare
+embsum prepare --config "${CONFIG}" --address auto "${OVERRIDES[@]}"
+stage summarize
+embsum summarize --config "${CONFIG}" --address auto "${OVERRIDES[@]}"
+stage train
+embsum train --config "${CONFIG}" --address auto "${OVERRIDES[@]}"
+stage evaluate
+embsum evaluate --config "${CONFIG}" --address auto "${OVERRIDES[@]}"
+stage promote
+embsum promote --config "${CONFIG}" --address auto "${OVERRIDES[@]}"
+stage embed
+embsum embed --config "${CONFIG}" --address auto "${OVERRIDES[@]}"
+stage finished

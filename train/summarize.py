@@ -4,9 +4,9 @@
         data.teacher.base_url=http://vllm:8000/v1
 
 Reads WORKDIR/data/users/ (train split only: summaries supervise training, never evaluation) and
-items.parquet, runs a fixed pool of actors that each hold one teacher (HTTP client and response
-cache, or the offline teacher), one items lookup and one tokenizer, and writes (see
-embsum/data/layout.py): summaries/, summaries_failed/ and summarize_report.json.
+items.parquet, runs a pool of up to data.teacher.num_workers actors that each hold one teacher
+(HTTP client and response cache, or the offline teacher), one items lookup and one tokenizer,
+and writes (see embsum/data/layout.py): summaries/, summaries_failed/ and summarize_report.json.
 
 A user whose request failed after retries gets no summary: it is listed in summaries_failed/ and
 counted in the report. The job raises when every user failed, or when the failed share exceeds
@@ -151,14 +151,7 @@ def run_summarize(cfg: Config) -> dict[str, Any]:
     first = [f"{u}: {e}" for u, e in zip(failed_ids[:FIRST_ERRORS], failed_errors[:FIRST_ERRORS], strict=True)]
     n_in, n_failed = counts["users_in"], counts["failed"]
     fraction = n_failed / n_in if n_in else 0.0
-    problem = ""
-    if n_in == 0:
-        problem = f"no training users (split == 'train') in {users_dir}"
-    elif n_failed == n_in:
-        problem = f"every one of the {n_in} training users failed"
-    elif fraction > tcfg.max_failure_fraction:
-        problem = (f"{n_failed} of {n_in} training users ({fraction:.1%}) failed, more than "
-                   f"data.teacher.max_failure_fraction={tcfg.max_failure_fraction:g}")
+    problem = failure_verdict(n_in, n_failed, tcfg.max_failure_fraction)
     if not problem:
         summaries_dir = layout.path(data_dir, layout.SUMMARIES)
         staging = data_dir / f".{layout.SUMMARIES}.tmp-{uuid.uuid4().hex[:8]}"
@@ -178,6 +171,18 @@ def run_summarize(cfg: Config) -> dict[str, Any]:
         detail = f"; first errors: {first}; all failures in {where}" if first else ""
         raise SummarizeError(f"summarize: {problem}{detail}")
     return report
+
+
+def failure_verdict(users_in: int, failed: int, max_failure_fraction: float) -> str:
+    """'' when the run may publish its summaries, else what is wrong (for the report and error)."""
+    if users_in == 0:
+        return "no training users (split == 'train') in users/"
+    if failed == users_in:
+        return f"every one of the {users_in} training users failed"
+    if failed / users_in > max_failure_fraction:
+        return (f"{failed} of {users_in} training users ({failed / users_in:.1%}) failed, more than "
+                f"data.teacher.max_failure_fraction={max_failure_fraction:g}")
+    return ""
 
 
 def _write_failures(path: Path, user_ids: list[str], errors: list[str]) -> None:

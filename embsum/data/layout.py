@@ -21,6 +21,10 @@ quarantine/            malformed input rows (parquet dataset)
     source: str (file), line: int64 (1-based, header = line 1), reason: str, raw: str
 summaries/             one teacher summary per training user (parquet dataset)
     user_id: str, summary: str, teacher: str, prompt_version: str, summary_ids: (S,) int32
+summaries_failed/      training users the teacher could not summarize (parquet dataset; may be empty)
+    user_id: str, error: str (why, e.g. 'gave up after 5 attempts: HTTP 503 ...')
+summarize_report.json  users_in, summarized, cached_hits, failed, requests, teacher, prompt_version,
+    seconds, status ('ok'|'failed'), first_errors
 prepare_report.json    counts: rows in/out, quarantined by reason, examples per split, fingerprint
 """
 
@@ -38,6 +42,7 @@ QUARANTINE = "quarantine"
 SUMMARIES = "summaries"
 REPORT = "prepare_report.json"
 SUMMARY_REPORT = "summarize_report.json"
+SUMMARY_FAILURES = "summaries_failed"
 
 
 def path(data_dir: str | Path, name: str) -> Path:

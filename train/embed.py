@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from embsum.config import Config, load_config
+from embsum.config import Config
 from embsum.data import layout
 from embsum.embeddings import ITEMS, USERS, Manifest, version_dir, write_manifest
 from embsum.runtime import init_ray
@@ -116,15 +116,12 @@ def run_embed(cfg: Config, version: str | None = None) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
+    from embsum.stage import stage_main
 
-    p = argparse.ArgumentParser(prog="python -m train.embed", description=__doc__)
-    p.add_argument("--config", default="ray_config.yaml")
-    p.add_argument("--version", default=None, help="registered version (default: serve.model_version or the alias)")
-    p.add_argument("overrides", nargs="*")
-    a = p.parse_args(argv)
-    print(json.dumps(run_embed(load_config(a.config, a.overrides), a.version), indent=2))
-    return 0
+    def add(p: Any) -> None:
+        p.add_argument("--version", default=None, help="version (default: serve.model_version or the alias)")
+
+    return stage_main("python -m train.embed", __doc__, lambda cfg, a: run_embed(cfg, a.version), argv, add)
 
 
 if __name__ == "__main__":

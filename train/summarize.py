@@ -16,7 +16,6 @@ list are still written, and the cache keeps every success, so a rerun pays only 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -28,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from embsum.config import Config, load_config, replace
+from embsum.config import Config, replace
 from embsum.data import layout
 from embsum.data.teachers import load_item_records, load_prompt_template, make_teacher, resolve_cache_dir
 from embsum.runtime import init_ray
@@ -215,22 +214,9 @@ def _write_json(path: Path, obj: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m train.summarize",
-                                 description="Write one teacher summary per training user.")
-    ap.add_argument("--config", default=None, help="run config (ray_config.yaml); default: built-in defaults")
-    ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.teacher.kind=openai")
-    args = ap.parse_args(argv)
-    try:
-        run_summarize(load_config(args.config, args.overrides))
-    except (ValueError, SummarizeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    finally:
-        if "ray" in sys.modules:
-            import ray
+    from embsum.stage import stage_main
 
-            ray.shutdown()
-    return 0
+    return stage_main("python -m train.summarize", __doc__, lambda cfg, a: run_summarize(cfg), argv)
 
 
 if __name__ == "__main__":

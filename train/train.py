@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from embsum.arrow_tensors import table_tensor
-from embsum.config import Config, load_config
+from embsum.config import Config
 from embsum.data import layout
 from embsum.runtime import init_ray
 
@@ -117,7 +117,8 @@ def run_train(cfg: Config, *, register: bool = True) -> dict[str, Any]:
         train_loop_per_worker,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
-                                     resources_per_worker={"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}),
+                                     resources_per_worker={"CPU": t.cpus_per_worker,
+                                                           **({"GPU": 1} if t.use_gpu else {})}),
         run_config=RunConfig(
             name=run_name, storage_path=storage,
             failure_config=FailureConfig(max_failures=t.max_failures),
@@ -195,15 +196,9 @@ def verify_registered(registry: Any, version: str, probe_path: Path) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
+    from embsum.stage import stage_main
 
-    p = argparse.ArgumentParser(prog="python -m train.train", description=__doc__)
-    p.add_argument("--config", default="ray_config.yaml")
-    p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
-    a = p.parse_args(argv)
-    out = run_train(load_config(a.config, a.overrides))
-    print(json.dumps({k: str(v) for k, v in out.items()}, indent=2))
-    return 0
+    return stage_main("python -m train.train", __doc__, lambda cfg, a: run_train(cfg), argv)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,146 @@
+"""`embsum run`: the whole pipeline on one Ray cluster, ending with a served model and a report.
+
+The stages are the same programs a KubeRay RayJob runs; here they share one local cluster that
+this process starts (or the cluster at ``ray.address``), each stage attaching to it as a driver.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from embsum.config import Config
+from embsum.embeddings import read_manifest, version_dir
+from embsum.metrics import METRIC_NAMES
+
+
+def run_pipeline(cfg: Config, config_path: str, overrides: list[str], *, stage: Callable[..., dict[str, Any]],
+                 console: Console, serve_demo: bool = True, keep_serving: bool = False) -> dict[str, Any]:
+    import ray
+
+    from embsum.registry import Registry
+    from embsum.runtime import init_ray
+
+    t0 = time.perf_counter()
+    own_cluster = cfg.ray.address is None
+    init_ray(cfg.ray)
+    ov = list(overrides)
+    if own_cluster:
+        ov.append(f"ray.address={ray.get_runtime_context().gcs_address}")
+        console.print(f"local Ray cluster at {ray.get_runtime_context().gcs_address} "
+                      f"({int(ray.cluster_resources().get('CPU', 0))} logical CPUs)")
+    out: dict[str, Any] = {}
+    try:
+        out["prepare"] = stage("train.prepare", config_path, ov, title="1/7 prepare")
+        out["summarize"] = stage("train.summarize", config_path, ov, title="2/7 summarize")
+        out["train"] = stage("train.train", config_path, ov, title="3/7 train")
+        version = str(out["train"]["version"])
+        out["evaluate"] = stage("train.evaluate", config_path, ov, "--version", version, title="4/7 evaluate")
+        console.rule("[bold]5/7 promote")
+        registry = Registry(cfg)
+        promoted, why = registry.gate(version)
+        console.print(("[green]promoted[/green]: " if promoted else "[yellow]not promoted[/yellow]: ") + why)
+        champion = registry.champion()
+        if champion is None:
+            raise ValueError(f"no version holds the alias {cfg.mlflow.alias!r} ({why}); nothing to serve")
+        served = champion.version
+        out["promote"] = {"promoted": promoted, "reason": why, "serving": served}
+        if _has_embeddings(cfg, registry.name, served):
+            console.rule("[bold]6/7 embed")
+            console.print(f"embeddings for v{served} already exist at {version_dir(cfg.embeddings_dir, served)}")
+        else:
+            out["embed"] = stage("train.embed", config_path, ov, "--version", served, title="6/7 embed")
+        if serve_demo:
+            out["serve"] = _serve_and_ask(cfg, config_path, ov, stage, console, served)
+        out["seconds"] = time.perf_counter() - t0
+        _report(cfg, out, console)
+        if serve_demo and keep_serving:
+            console.print(f"serving on http://{cfg.serve.host}:{cfg.serve.port} - Ctrl-C to stop")
+            try:
+                while True:
+                    time.sleep(3600)
+            except KeyboardInterrupt:
+                pass
+        return out
+    finally:
+        if own_cluster:
+            try:
+                from ray import serve
+
+                serve.shutdown()
+            except Exception:  # noqa: BLE001 - best effort on the way out
+                pass
+            ray.shutdown()
+
+
+def _has_embeddings(cfg: Config, name: str, version: str) -> bool:
+    try:
+        m = read_manifest(version_dir(cfg.embeddings_dir, version))
+    except ValueError:
+        return False
+    return m.model_name == name and str(m.model_version) == str(version)
+
+
+def _serve_and_ask(cfg: Config, config_path: str, ov: list[str], stage: Callable[..., dict[str, Any]],
+                   console: Console, version: str) -> dict[str, Any]:
+    """Deploy onto the cluster, then real HTTP requests: the model, a user's summary and top 5."""
+    import pyarrow.dataset as pads
+
+    from embsum import client
+    from embsum.data import layout
+
+    stage("serve.app", config_path, ov, "deploy", title="7/7 serve")
+    base = f"http://{cfg.serve.host}:{cfg.serve.port}{cfg.serve.route_prefix.rstrip('/')}"
+    client.wait_ready(base, timeout_s=120)
+    users = pads.dataset(str(cfg.data_dir / layout.USERS), format="parquet").to_table(columns=["user_id", "split"])
+    ids = users.column("user_id").to_pylist()
+    splits = users.column("split").to_pylist()
+    user = next((u for u, s in zip(ids, splits, strict=True) if s == "test"), ids[0])
+    info = client.model(base)
+    summary = client.summary(base, user)
+    recs = client.recommend(base, user, 5)
+    return {"url": base, "model": info, "user": user, "summary": summary, "recommend": recs}
+
+
+def _report(cfg: Config, out: dict[str, Any], console: Console) -> None:
+    console.rule("[bold green]EmbSum pipeline report")
+    ev = out.get("evaluate", {})
+    t = Table(title=f"evaluation of {cfg.mlflow.registered_model} v{ev.get('version')}")
+    t.add_column("split")
+    for m in METRIC_NAMES:
+        t.add_column(m, justify="right")
+    t.add_column("impressions", justify="right")
+    for split in ("valid", "test"):
+        if isinstance(ev.get(split), dict):
+            r = ev[split]
+            t.add_row(split, *(f"{r[m]:.4f}" for m in METRIC_NAMES), str(r["impressions"]))
+    console.print(t)
+    tr = out.get("train", {})
+    console.print(f"trained: run {tr.get('run_name')} best step {tr.get('step')} val_auc={tr.get('val_auc')}; "
+                  f"registered v{tr.get('version')}; {out.get('promote', {}).get('reason', '')}")
+    sv = out.get("serve")
+    if sv:
+        console.print(f"\nuser [bold]{sv['user']}[/bold], generated interest summary: "
+                      f"[italic]{sv['summary'].get('summary', '')!r}[/italic]")
+        recs = Table(title=f"top 5 for {sv['user']} from {sv['url']} (model v{sv['recommend'].get('model_version')})")
+        recs.add_column("#")
+        recs.add_column("item")
+        recs.add_column("score", justify="right")
+        recs.add_column("text")
+        for i, it in enumerate(sv["recommend"].get("items", []), 1):
+            recs.add_row(str(i), str(it.get("item_id")), f"{it.get('score', 0):.4f}", str(it.get("text", ""))[:60])
+        console.print(recs)
+    w = cfg.workdir_path
+    console.print(f"\nwritten under {w}:\n"
+                  f"  data        {cfg.data_dir}\n"
+                  f"  checkpoints {cfg.storage_path}\n"
+                  f"  mlflow      {cfg.tracking_uri}  (artifacts {cfg.artifact_location})\n"
+                  f"  embeddings  {cfg.embeddings_dir}\n"
+                  f"  eval        {w / 'eval'}\n"
+                  f"open the MLflow UI: mlflow ui --backend-store-uri {cfg.tracking_uri}\n"
+                  f"serve again: embsum serve --config <this config>   (then: embsum recommend USER_ID)\n"
+                  f"total {out.get('seconds', 0):.0f}s")

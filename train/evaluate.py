@@ -1,0 +1,172 @@
+"""`embsum evaluate`: Ray Data batch inference over whole evaluation impressions for one registered
+version: each item's CPE once, each user's UPE once, scores with the one ``score()``, MIND metrics.
+
+Writes EVAL_ROOT/v<VERSION>/<split>/ (per-impression scores and metrics, parquet) and logs the
+means (``valid_auc``, ``test_mrr``, ...) to the version's MLflow run, where the promotion gate reads
+them. Works from the registry alone: no training run needs to be alive.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from embsum.config import Config
+from embsum.data import layout
+from embsum.metrics import METRIC_NAMES, impression_metrics, summarize
+from embsum.runtime import init_ray
+
+
+class ImpressionScorer:
+    """Actor: one model replica + a reference to the precomputed item bank."""
+
+    def __init__(self, model_dir: str, bank_ref: list[Any], batch_size: int) -> None:
+        import ray
+
+        from embsum.predictor import Predictor
+        from embsum.runtime import setup_env
+
+        setup_env()
+        self.predictor = Predictor.from_dir(model_dir, batch_size=batch_size)
+        ids, self.cpe, self.key = ray.get(bank_ref[0])
+        self.index = {k: i for i, k in enumerate(ids)}
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        sessions = np.asarray(batch["session_ids"])  # (B, G, L)
+        # Each distinct (user, history) is encoded once, however many impressions share it.
+        keys = [f"{u}\x00{hash(s.tobytes())}" for u, s in zip(batch["user_id"], sessions, strict=True)]
+        uniq = {k: i for i, k in reversed(list(enumerate(keys)))}
+        order = list(uniq.values())
+        upe = self.predictor.encode_users(sessions[order], with_text=False).upe  # (U, M, D)
+        row_of = {k: j for j, k in enumerate(uniq)}
+        scores, metrics = [], {m: [] for m in METRIC_NAMES}
+        for k, cands, labels in zip(keys, batch["candidate_item_ids"], batch["labels"], strict=True):
+            idx = np.fromiter((self.index[str(c)] for c in cands), dtype=np.int64)
+            s = self.predictor.score(upe[row_of[k]][None], self.cpe[idx], self.key[idx])[0]  # (C,)
+            scores.append(s.astype(np.float32))
+            m = impression_metrics(np.asarray(labels), s) or dict.fromkeys(METRIC_NAMES, float("nan"))
+            for name in METRIC_NAMES:
+                metrics[name].append(m[name])
+        return {"impression_id": batch["impression_id"], "user_id": batch["user_id"],
+                "candidate_item_ids": batch["candidate_item_ids"], "labels": batch["labels"],
+                "scores": np.array(scores, dtype=object), **{n: np.asarray(v) for n, v in metrics.items()}}
+
+
+def resolve_eval_version(registry: Any, version: str | None) -> str:
+    """An explicit number or alias, else the newest registered version."""
+    if version:
+        return registry.version(version).version
+    versions = registry.versions()
+    if not versions:
+        raise ValueError(f"no registered versions of {registry.name!r} at {registry.uri}: run `embsum train` first")
+    return versions[-1].version
+
+
+def _item_bank(cfg: Config, predictor_dir: Path, wanted: set[str]) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """CPE + key for every item an impression mentions, encoded once (Ray Data actor pool)."""
+    import ray.data
+
+    from train.embed import ItemEncoder
+
+    t = cfg.train
+    items = ray.data.read_parquet(str(cfg.data_dir / layout.ITEMS), columns=["item_id", "text", "token_ids"])
+    items = items.filter(lambda r: r["item_id"] in wanted)
+    enc = items.map_batches(ItemEncoder, compute=ray.data.ActorPoolStrategy(size=t.infer_actors),
+                            batch_size=t.infer_batch_size, num_cpus=t.infer_cpus, num_gpus=t.infer_gpus or None,
+                            batch_format="numpy",
+                            fn_constructor_kwargs={"cfg_dict": cfg.to_dict(), "version": "",
+                                                   "model_dir": str(predictor_dir)})
+    ids: list[str] = []
+    cpes, keys = [], []
+    for b in enc.iter_batches(batch_size=4096, batch_format="numpy"):
+        ids.extend(str(x) for x in b["item_id"])
+        cpes.append(np.asarray(b["cpe"], np.float32))
+        keys.append(np.asarray(b["cpe_key"], np.float32))
+    missing = wanted - set(ids)
+    if missing:
+        raise ValueError(f"{len(missing)} evaluation candidates are not in {layout.ITEMS}, e.g. {sorted(missing)[:5]}")
+    return ids, np.concatenate(cpes), np.concatenate(keys)
+
+
+def run_evaluate(cfg: Config, version: str | None = None, splits: tuple[str, ...] = ("valid", "test"),
+                 *, log: bool = True) -> dict[str, Any]:
+    import ray
+    import ray.data
+
+    from embsum.registry import Registry
+
+    t0 = time.perf_counter()
+    registry = Registry(cfg)
+    version = resolve_eval_version(registry, version)
+    splits = tuple(s for s in splits if (cfg.data_dir / s).exists())
+    if not splits:
+        raise ValueError(f"no evaluation splits under {cfg.data_dir}: run `embsum prepare` first")
+    init_ray(cfg.ray)
+    ray.data.DataContext.get_current().enable_progress_bars = True
+    model_dir = registry.download(version, cfg.workdir_path / "models" / f"v{version}")
+    datasets = {s: ray.data.read_parquet(str(cfg.data_dir / s)) for s in splits}
+    wanted: set[str] = set()
+    for ds in datasets.values():
+        for b in ds.select_columns(["candidate_item_ids"]).iter_batches(batch_size=4096, batch_format="numpy"):
+            for cands in b["candidate_item_ids"]:
+                wanted.update(str(c) for c in cands)
+    bank_ref = ray.put(_item_bank(cfg, model_dir, wanted))
+    t = cfg.train
+    results: dict[str, Any] = {"version": version}
+    out_root = cfg.workdir_path / "eval" / f"v{version}"
+    for split, ds in datasets.items():
+        scored = ds.map_batches(ImpressionScorer, compute=ray.data.ActorPoolStrategy(size=t.infer_actors),
+                                batch_size=t.infer_batch_size, num_cpus=t.infer_cpus,
+                                num_gpus=t.infer_gpus or None, batch_format="numpy",
+                                fn_constructor_kwargs={"model_dir": str(model_dir), "bank_ref": [bank_ref],
+                                                       "batch_size": t.infer_batch_size})
+        out = out_root / split
+        if out.exists():
+            shutil.rmtree(out)  # a rerun replaces, never mixes, the per-impression files
+        scored.write_parquet(str(out))
+        summary = summarize_parquet(out)
+        results[split] = summary
+        if log:
+            info = registry.version(version)
+            registry.log_metrics(info.run_id, {f"{split}_{k}": v for k, v in summary.items()
+                                               if isinstance(v, (int, float))})
+    results["seconds"] = time.perf_counter() - t0
+    print(format_table(results), flush=True)
+    if log:
+        registry.log_dict(registry.version(version).run_id, results, f"eval/v{version}.json")
+    return results
+
+
+def summarize_parquet(folder: Path) -> dict[str, float]:
+    """Means from the written per-impression scores (recomputed, so the file is the source of truth)."""
+    import pyarrow.dataset as pads
+
+    table = pads.dataset(str(folder), format="parquet").to_table(columns=["labels", "scores"])
+    pairs = zip(table.column("labels").to_pylist(), table.column("scores").to_pylist(), strict=True)
+    return summarize(pairs).as_dict()
+
+
+def format_table(results: dict[str, Any]) -> str:
+    splits = [s for s in results if isinstance(results[s], dict)]
+    head = f"{'split':<8}" + "".join(f"{m:>9}" for m in METRIC_NAMES) + f"{'impr':>8}{'skipped':>9}"
+    rows = [head] + [f"{s:<8}" + "".join(f"{results[s][m]:>9.4f}" for m in METRIC_NAMES)
+                     + f"{results[s]['impressions']:>8}{results[s]['skipped']:>9}" for s in splits]
+    return f"evaluation of v{results.get('version')}\n" + "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from embsum.stage import stage_main
+
+    def add(p: Any) -> None:
+        p.add_argument("--version", default=None, help="version number or alias (default: the newest)")
+
+    return stage_main("python -m train.evaluate", __doc__, lambda cfg, a: run_evaluate(cfg, a.version), argv, add)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -74,14 +74,21 @@ class Registry:
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)
 
-    def log_params(self, run_id: str, params: dict[str, Any]) -> None:
+    def log_params(self, run_id: str, params: dict[str, Any]) -> dict[str, tuple[str, str]]:
+        """Log params; MLflow params are immutable, so on a resumed run the ones that changed are
+        kept as they were and returned (key -> (old, new)) and recorded in the tag 'resume_changes'."""
         from mlflow.entities import Param
 
-        items = [Param(k, json.dumps(v) if isinstance(v, (list, dict)) else str(v))
+        items = [Param(k, (json.dumps(v) if isinstance(v, (list, dict)) else str(v))[:_PARAM_MAX])
                  for k, v in sorted(params.items())]
-        items = [Param(p.key, p.value[:_PARAM_MAX]) for p in items]
+        old = self.client.get_run(run_id).data.params
+        changed = {p.key: (old[p.key], p.value) for p in items if p.key in old and old[p.key] != p.value}
+        items = [p for p in items if p.key not in old]
+        if changed:
+            self.client.set_tag(run_id, "resume_changes", json.dumps(changed)[:5000])
         for i in range(0, len(items), 100):  # log_batch caps params per call
             self.client.log_batch(run_id, params=items[i:i + 100])
+        return changed
 
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int | None = None) -> None:
         import time

@@ -22,6 +22,7 @@ import os
 import signal
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -143,18 +144,20 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     def save_and_report(metrics: dict[str, Any]) -> None:
         tag = f"step_{step:08d}"
+        # Every rank runs the probe forward: under ZeRO-3 each module's forward gathers its
+        # parameters collectively, so a forward on rank 0 alone would hang.
+        probe_scores = _probe_scores(engine.module, probe)
         with tempfile.TemporaryDirectory() as tmp:
             engine.save_checkpoint(str(Path(tmp) / "ds"), tag=tag, client_state={"step": step})
             params = list(engine.module.parameters())
             # ZeRO-3 holds a shard of each parameter per rank: gather (collectively) before writing.
-            ctx_mgr = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if stage == 3 else _null()
-            with ctx_mgr:
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=None) if stage == 3 else nullcontext():
                 if rank == 0:
                     save_model(engine.module, tok, Path(tmp) / "model",
                                metadata={"step": step, "run_name": loop_config["run_name"],
                                          "model_fingerprint": cfg.fingerprint("model"), **metrics})
-                    _write_probe(engine.module, probe, Path(tmp) / "probe.npz")
             if rank == 0:
+                np.savez(Path(tmp) / "probe.npz", **probe, scores=probe_scores)
                 (Path(tmp) / "state.json").write_text(json.dumps({"step": step, "tag": tag, **metrics}))
             ray.train.report({**metrics, "step": step},
                              checkpoint=ray.train.Checkpoint.from_directory(tmp),
@@ -227,26 +230,17 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         ray.train.report({"step": step, "resumed_complete": 1})
 
 
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *a: Any) -> None:
-        return None
-
-
-def _write_probe(model: Any, probe: dict[str, np.ndarray], path: Path) -> None:
+def _probe_scores(model: Any, probe: dict[str, np.ndarray]) -> np.ndarray:
     """Scores of the fixed probe batch under this exact model (eval mode, teacher-forced)."""
     import torch
 
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        out = model(torch.as_tensor(probe["session_ids"], dtype=torch.long),
-                    torch.as_tensor(probe["candidate_ids"], dtype=torch.long),
-                    torch.as_tensor(probe["summary_ids"], dtype=torch.long))
+        out = model(*(torch.as_tensor(probe[k], dtype=torch.long, device=next(model.parameters()).device)
+                      for k in ("session_ids", "candidate_ids", "summary_ids")))
     model.train(was_training)
-    np.savez(path, **probe, scores=out.scores.float().cpu().numpy())
+    return out.scores.float().cpu().numpy()
 
 
 class _Tracker:

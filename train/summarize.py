@@ -63,6 +63,7 @@ class SummarizeWorker:
         user_ids = [str(u) for u in batch["user_id"]]
         n = len(user_ids)
         errors = [""] * n
+        skipped = np.zeros(n, dtype=bool)  # nothing to summarize: not a teacher failure
         known: list[int] = []  # positions of users with at least one item in the catalog
         histories = []
         for k, hist in enumerate(batch["history"]):
@@ -72,7 +73,7 @@ class SummarizeWorker:
                 known.append(k)
                 histories.append(recs)
             else:
-                errors[k] = f"none of the user's {len(ids)} history items are in items.parquet"
+                skipped[k] = True
         results = self.teacher.summarize([user_ids[k] for k in known], histories)
         summaries = [""] * n
         cached = np.zeros(n, dtype=bool)
@@ -90,6 +91,7 @@ class SummarizeWorker:
             "prompt_version": np.array([self.teacher.prompt_version] * n, dtype=object),
             "summary_ids": summary_ids,
             "error": np.array(errors, dtype=object),
+            "skipped": skipped,
             "cached": cached,
             "requests": requests,
         }
@@ -132,15 +134,20 @@ def run_summarize(cfg: Config) -> dict[str, Any]:
         num_cpus=tcfg.cpus_per_worker,
     ).materialize()  # once: the summaries and failures below must not call the teacher again
 
-    counts = {"users_in": 0, "summarized": 0, "cached_hits": 0, "failed": 0, "requests": 0}
+    counts = {"users_in": 0, "summarized": 0, "skipped_no_history": 0, "cached_hits": 0, "failed": 0,
+              "requests": 0}
     failed_ids: list[str] = []
     failed_errors: list[str] = []
-    for b in out.select_columns(["user_id", "error", "cached", "requests"]).iter_batches(
+    for b in out.select_columns(["user_id", "error", "skipped", "cached", "requests"]).iter_batches(
             batch_format="numpy", batch_size=65536):
         bad = np.array([bool(e) for e in b["error"]], dtype=bool)
-        counts["users_in"] += len(bad)
+        skip = np.asarray(b["skipped"], dtype=bool)
+        # Users with no catalogued history item have nothing to summarize; they train with an
+        # EOS-only summary and are neither failures nor part of the failure share.
+        counts["users_in"] += int((~skip).sum())
+        counts["skipped_no_history"] += int(skip.sum())
         counts["failed"] += int(bad.sum())
-        counts["summarized"] += int((~bad).sum())
+        counts["summarized"] += int((~bad & ~skip).sum())
         counts["cached_hits"] += int(b["cached"].sum())
         counts["requests"] += int(b["requests"].sum())
         failed_ids += [str(u) for u in b["user_id"][bad]]
@@ -154,14 +161,16 @@ def run_summarize(cfg: Config) -> dict[str, Any]:
     if not problem:
         summaries_dir = layout.path(data_dir, layout.SUMMARIES)
         staging = data_dir / f".{layout.SUMMARIES}.tmp-{uuid.uuid4().hex[:8]}"
-        out.filter(expr=col("error") == "").select_columns(SUMMARY_COLUMNS).write_parquet(str(staging))
+        ok = (col("error") == "") & ~col("skipped")
+        out.filter(expr=ok).select_columns(SUMMARY_COLUMNS).write_parquet(str(staging))
         _publish(staging, summaries_dir)
 
     report = {**counts, "teacher": teacher_name, "prompt_version": prompt_version,
               "seconds": round(time.perf_counter() - t0, 3), "status": "failed" if problem else "ok",
               "failure_fraction": round(fraction, 6), "first_errors": first}
     _write_json(layout.path(data_dir, layout.SUMMARY_REPORT), report)
-    print(f"summarize: {n_in} train users -> {counts['summarized']} summarized "
+    print(f"summarize: {n_in} train users (+{counts['skipped_no_history']} with no catalogued history, "
+          f"skipped) -> {counts['summarized']} summarized "
           f"({counts['cached_hits']} from cache), {n_failed} failed, {counts['requests']} requests; "
           f"teacher={teacher_name} prompt_version={prompt_version}; {report['seconds']:.1f}s"
           + (f"; FAILED: {problem}" if problem else ""), flush=True)

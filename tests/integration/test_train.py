@@ -1,0 +1,167 @@
+"""Training on a local Ray cluster with DeepSpeed over the real Book-Crossing data, tracked in a
+real MLflow store: fit (ZeRO 0/2/3), resume, a killed worker, the registered model's identity,
+and evaluation against embsum.metrics computed directly."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from embsum.config import Config, load_config
+from tests.conftest import REPO, shared_data
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
+
+TINY_TRAIN = [
+    "model.d_model=32", "model.d_kv=8", "model.d_ff=64", "model.num_heads=4", "model.num_layers=1",
+    "model.num_decoder_layers=1", "model.session_tokens=48", "model.content_tokens=20", "model.summary_tokens=16",
+    "model.num_sessions=2", "model.items_per_session=4",
+    "data.max_examples_per_user=4", "data.eval_negatives=19",
+    "train.num_workers=2", "train.cpus_per_worker=1", "train.batch_size=8", "train.lr=0.001", "train.warmup_steps=3",
+    "train.log_every=5", "train.eval_batches=2", "train.infer_actors=1", "train.infer_batch_size=64",
+]
+
+
+def bx_config(workdir: Path, *extra: str) -> Config:
+    shared_data("book-crossing", "ratings.tsv")
+    return load_config(REPO / "configs" / "book-crossing.yaml", [f"workdir={workdir}", *TINY_TRAIN, *extra])
+
+
+@pytest.fixture(scope="module")
+def bx_workdir(tmp_path_factory, ray_cluster) -> Path:
+    """Book-Crossing prepared and summarized (offline teacher) once for the module."""
+    from train.prepare import run_prepare
+    from train.summarize import run_summarize
+
+    workdir = tmp_path_factory.mktemp("bx")
+    cfg = bx_config(workdir)
+    run_prepare(cfg)
+    run_summarize(cfg)
+    return workdir
+
+
+def _history(cfg: Config, run_id: str, key: str) -> list[tuple[int, float]]:
+    from embsum.registry import Registry
+
+    hist = Registry(cfg).client.get_metric_history(run_id, key)
+    return sorted((m.step, m.value) for m in hist)
+
+
+def test_fit_zero2_tracks_registers_and_resumes(bx_workdir: Path) -> None:
+    from embsum.registry import Registry
+    from train.train import run_train
+
+    name = f"bx-zero2-{uuid.uuid4().hex[:6]}"
+    cfg = bx_config(bx_workdir, f"train.run_name={name}", "train.max_steps=30", "train.checkpoint_every=15")
+    out = run_train(cfg)
+    assert out["step"] in (15, 30) and out["version"]
+    # The loss goes down: mean of the first logged window vs the last.
+    losses = _history(cfg, out["mlflow_run_id"], "loss")
+    assert [s for s, _ in losses] == [5, 10, 15, 20, 25, 30]
+    assert losses[-1][1] < losses[0][1], losses
+    # Checkpoints exist in Ray storage; MLflow has params, tags, metrics and the model artifact.
+    ckpts = sorted(p.name for p in (Path(cfg.storage_path) / name).glob("checkpoint_*"))
+    assert "checkpoint_step_00000030" in ckpts
+    reg = Registry(cfg)
+    run = reg.client.get_run(out["mlflow_run_id"])
+    assert run.data.params["train.max_steps"] == "30" and run.data.params["model.d_model"] == "32"
+    assert run.data.tags["deepspeed_stage"] == "2" and run.data.tags["teacher"].startswith("offline")
+    assert run.data.tags["data_fingerprint"] not in ("", "unknown")
+    assert {"loss", "nce_loss", "summary_loss", "lr", "examples_per_s", "tokens_per_s", "val_auc"} <= set(run.data.metrics)
+    arts = {a.path for a in reg.client.list_artifacts(out["mlflow_run_id"], "model")}
+    assert {"model/model.safetensors", "model/embsum.json"} <= arts
+
+    # The registered version, loaded by alias, scores exactly like the model at the end of training.
+    reg.promote(out["version"])
+    _assert_champion_matches_probe(cfg, Path(out["checkpoint"]) / "probe.npz")
+
+    # Resume: the same run name continues from step 30, not from zero.
+    cfg2 = bx_config(bx_workdir, f"train.run_name={name}", "train.max_steps=40", "train.checkpoint_every=10")
+    out2 = run_train(cfg2, register=False)
+    assert out2["mlflow_run_id"] == out["mlflow_run_id"]
+    steps = [s for s, _ in _history(cfg2, out2["mlflow_run_id"], "loss")]
+    assert steps == [5, 10, 15, 20, 25, 30, 35, 40], steps  # each step once: no restart from 0
+    assert (Path(cfg.storage_path) / name / "checkpoint_step_00000040").is_dir()
+
+
+def _assert_champion_matches_probe(cfg: Config, probe_path: Path) -> None:
+    import mlflow
+    import torch
+
+    from embsum.checkpoint import load_model
+
+    mlflow.set_tracking_uri(cfg.tracking_uri)
+    local = mlflow.artifacts.download_artifacts(f"models:/{cfg.mlflow.registered_model}@{cfg.mlflow.alias}")
+    model, _ = load_model(local)
+    probe = np.load(probe_path, allow_pickle=False)
+    with torch.no_grad():
+        scores = model(*(torch.as_tensor(probe[k], dtype=torch.long)
+                         for k in ("session_ids", "candidate_ids", "summary_ids"))).scores.numpy()
+    np.testing.assert_allclose(scores, probe["scores"], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("stage", [0, 3])
+def test_fit_other_zero_stages(bx_workdir: Path, stage: int) -> None:
+    from train.train import run_train
+
+    cfg = bx_config(bx_workdir, f"train.zero_stage={stage}", f"train.run_name=bx-zero{stage}-{uuid.uuid4().hex[:6]}",
+                    "train.max_steps=30", "train.checkpoint_every=30")
+    out = run_train(cfg)
+    losses = [v for _, v in _history(cfg, out["mlflow_run_id"], "loss")]
+    print("losses", losses, "nce", _history(cfg, out["mlflow_run_id"], "nce_loss"))
+    assert np.mean(losses[-2:]) < np.mean(losses[:2]), losses
+    from embsum.registry import Registry
+
+    assert Registry(cfg).client.get_run(out["mlflow_run_id"]).data.tags["deepspeed_stage"] == str(stage)
+    assert out["probe_max_abs_diff"] <= 1e-5  # ZeRO-3 shards were gathered into the served model
+
+
+def test_killed_worker_recovers(bx_workdir: Path) -> None:
+    from train.train import run_train
+
+    name = f"bx-fail-{uuid.uuid4().hex[:6]}"
+    cfg = bx_config(bx_workdir, f"train.run_name={name}", "train.max_steps=20", "train.checkpoint_every=10",
+                    "train.fail_at_step=15", "train.max_failures=1")
+    out = run_train(cfg, register=False)
+    assert out["step"] == 20 or (Path(cfg.storage_path) / name / "checkpoint_step_00000020").is_dir()
+    marker = Path(__import__("tempfile").gettempdir()) / f"embsum-fail-{name}"
+    assert marker.is_file(), "the worker was never killed: the test proved nothing"
+    steps = [s for s, _ in _history(cfg, out["mlflow_run_id"], "loss")]
+    assert steps[-1] == 20 and 15 in steps
+
+
+def test_evaluation_matches_direct_metrics(bx_workdir: Path) -> None:
+    """The Ray Data evaluation job equals scoring the same impressions directly with embsum."""
+    import pyarrow.dataset as pads
+
+    from embsum.arrow_tensors import table_tensor
+    from embsum.metrics import summarize
+    from embsum.predictor import Predictor
+    from embsum.registry import Registry
+    from train.evaluate import run_evaluate
+    from train.train import run_train
+
+    cfg = bx_config(bx_workdir, f"train.run_name=bx-eval-{uuid.uuid4().hex[:6]}", "train.max_steps=10",
+                    "train.checkpoint_every=10")
+    version = run_train(cfg)["version"]
+    res = run_evaluate(cfg, version, splits=("valid",))
+    reg = Registry(cfg)
+    assert reg.version(version).metric("valid_auc") == pytest.approx(res["valid"]["auc"])
+
+    pred = Predictor.from_dir(reg.download(version))
+    items = pads.dataset(str(cfg.data_dir / "items.parquet")).to_table(columns=["item_id", "token_ids"])
+    tokens = dict(zip(items.column("item_id").to_pylist(), items.column("token_ids").to_pylist(), strict=True))
+    valid = pads.dataset(str(cfg.data_dir / "valid")).to_table()
+    upe = pred.encode_users(table_tensor(valid, "session_ids"), with_text=False).upe
+    pairs = []
+    for i, (cands, labels) in enumerate(zip(valid.column("candidate_item_ids").to_pylist(),
+                                            valid.column("labels").to_pylist(), strict=True)):
+        emb = pred.encode_item_tokens([tokens[c] for c in cands])
+        pairs.append((labels, pred.score(upe[i:i + 1], emb.cpe, emb.key)[0]))
+    direct = summarize(pairs)
+    assert direct.impressions == res["valid"]["impressions"] > 0
+    for m in ("auc", "mrr", "ndcg5", "ndcg10"):
+        assert res["valid"][m] == pytest.approx(getattr(direct, m), abs=1e-5), m

@@ -1,0 +1,303 @@
+"""The Serve application: ``build_app(args)`` for ``serve run``/``serve deploy``/KubeRay, and the
+plain-Python ``deploy`` / ``rollout`` / ``status`` / ``shutdown`` the CLI calls.
+
+``build_app`` resolves the model version once (serve.model_version, else the version the alias
+points to) and hands it to the scorer as ``user_config``. Rollouts change only that user_config,
+so Serve reconfigures the running scorer replicas in place (serve/scorer.py): no restart, no
+dropped request. That in-place path exists only for declaratively deployed applications (an app
+config with an import path, as ``serve deploy`` and a RayService's serveConfigV2 send): an
+imperative ``serve.run`` gives every redeploy a new code version and replaces the replicas. So
+``deploy`` and ``rollout`` here submit the same kind of app config as ``serve deploy`` does.
+
+Args of ``build_app``: ``{"config": "ray_config.yaml", "overrides": ["serve.port=8100", ...]}``
+(``overrides`` may also be one whitespace-separated string, as ``serve run ... overrides=...``
+passes it), or ``{"values": {...}}``, a whole config mapping (what ``deploy`` sends, so the
+cluster builds exactly the config the caller validated).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import threading
+import time
+from typing import Any
+
+from ray import serve
+from ray.serve import Application
+
+from embsum.config import Config, config_from_dict, load_config, replace
+from embsum.runtime import setup_env, worker_env
+from serve.bundle import resolve_version
+from serve.ingress import INGRESS_NAME, EmbSumIngress
+from serve.scorer import SCORER_NAME, EmbSumScorer
+
+APP_NAME = "embsum"
+IMPORT_PATH = "serve.app:build_app"
+INGRESS_CPUS = 0.25  # the ingress validates and forwards; cluster/base/rayservice.yaml reserves the same
+_ARGS = ("config", "overrides", "values")
+
+
+# ---- the application ---------------------------------------------------------------------------------
+def config_from_args(args: dict[str, Any]) -> Config:
+    """The run config from build_app's args, with workdir (and so every derived path) absolute:
+    replicas and the build task run in other working directories than the caller."""
+    unknown = sorted(set(args) - set(_ARGS))
+    if unknown:
+        raise ValueError(f"build_app: unknown argument {unknown[0]!r}; allowed: {list(_ARGS)}")
+    overrides = args.get("overrides") or []
+    if isinstance(overrides, str):
+        overrides = overrides.split()
+    if args.get("values") is not None:
+        cfg = config_from_dict(args["values"], list(overrides))
+    else:
+        cfg = load_config(args.get("config"), list(overrides))
+    cfg = replace(cfg, "workdir", str(cfg.workdir_path))
+    if cfg.serve.embeddings_dir:
+        cfg = replace(cfg, "serve.embeddings_dir", str(cfg.embeddings_dir))
+    return cfg
+
+
+def application(cfg: Config, version: str) -> Application:
+    """Ingress -> scorer, with the deployment options of the config's serve section."""
+    s = cfg.serve
+    autoscaling = {"min_replicas": s.min_replicas, "max_replicas": s.max_replicas,
+                   "target_ongoing_requests": s.target_ongoing_requests}
+    values = cfg.to_dict()
+    scorer = EmbSumScorer.options(
+        user_config={"model_version": version}, max_ongoing_requests=s.max_ongoing_requests,
+        autoscaling_config=autoscaling, ray_actor_options={"num_cpus": s.num_cpus, "num_gpus": s.num_gpus},
+    ).bind(values)
+    return EmbSumIngress.options(
+        max_ongoing_requests=s.max_ongoing_requests, autoscaling_config=autoscaling,
+        ray_actor_options={"num_cpus": INGRESS_CPUS},
+    ).bind(scorer, values)
+
+
+def build_app(args: dict[str, Any]) -> Application:
+    """Serve's application builder (``serve run serve.app:build_app config=ray_config.yaml``)."""
+    setup_env()
+    cfg = config_from_args(args)
+    return application(cfg, resolve_version(cfg))
+
+
+# ---- deploy / rollout / status / shutdown (the CLI's verbs) ------------------------------------------
+def _controller() -> Any:
+    # Ray has no public Python call for a declarative deploy (the `serve deploy` CLI goes through the
+    # dashboard's REST API, which local clusters here run without): use the controller client that
+    # `serve run config.yaml` uses.
+    from ray.serve.context import _get_global_client
+
+    return _get_global_client()
+
+
+def _deployed_configs(client: Any) -> dict[str, dict[str, Any]]:
+    from ray.serve.schema import ServeInstanceDetails
+
+    details = ServeInstanceDetails(**client.get_serve_details())
+    return {name: app.deployed_app_config.model_dump(exclude_unset=True)
+            for name, app in details.applications.items() if app.deployed_app_config is not None}
+
+
+def _apply(client: Any, app: dict[str, Any]) -> None:
+    """Submit ``app``, keeping every other declaratively deployed application as it is."""
+    from ray.serve.schema import ServeDeploySchema
+
+    others = [c for n, c in _deployed_configs(client).items() if n != app["name"]]
+    client.deploy_apps(ServeDeploySchema.model_validate({"applications": [*others, app]}))
+
+
+def _with_version(app: dict[str, Any], version: str) -> dict[str, Any]:
+    deployments = [d for d in app.get("deployments", []) if d.get("name") != SCORER_NAME]
+    scorer = next((d for d in app.get("deployments", []) if d.get("name") == SCORER_NAME), {"name": SCORER_NAME})
+    return {**app, "deployments": [*deployments, {**scorer, "user_config": {"model_version": version}}]}
+
+
+def _app_config(cfg: Config, name: str, version: str) -> dict[str, Any]:
+    return _with_version({"name": name, "route_prefix": cfg.serve.route_prefix, "import_path": IMPORT_PATH,
+                          "args": {"values": config_from_args({"values": cfg.to_dict()}).to_dict()},
+                          "runtime_env": {"env_vars": worker_env()}}, version)
+
+
+def _wait_app(name: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        app = serve.status().applications.get(name)
+        state = app.status.value if app else "NOT_STARTED"
+        if state == "RUNNING":
+            return
+        if state in ("DEPLOY_FAILED", "UNHEALTHY") or time.monotonic() > deadline:
+            detail = app.message if app else ""
+            if app:
+                detail += " " + " ".join(f"{d}: {s.message}" for d, s in app.deployments.items() if s.message)
+            raise RuntimeError(f"Serve application {name!r} is {state}" +
+                               (" (timed out)" if state not in ("DEPLOY_FAILED", "UNHEALTHY") else "") +
+                               (f": {detail.strip()}" if detail.strip() else ""))
+        time.sleep(0.5)
+
+
+def deploy(cfg: Config, blocking: bool = False, *, name: str = APP_NAME, timeout_s: float = 300.0) -> dict[str, Any]:
+    """Start Serve (HTTP on serve.host:serve.port) and deploy the app at serve.route_prefix.
+
+    Returns ``status()`` once the app is RUNNING; raises ``RuntimeError`` with Serve's message if
+    it fails (e.g. the scorer could not load its version). ``blocking``: then serve until Ctrl-C
+    or SIGTERM and shut Serve down.
+    """
+    from embsum.runtime import init_ray
+
+    init_ray(cfg.ray)
+    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
+    version = resolve_version(cfg)
+    _apply(_controller(), _app_config(cfg, name, version))
+    _wait_app(name, timeout_s)
+    result = status(name)
+    if blocking:
+        _serve_forever()
+    return result
+
+
+def _serve_forever() -> None:
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def stop(*_: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)  # `serve run` in the background ignores SIGINT: honour SIGTERM
+    try:
+        while True:
+            time.sleep(1.0)
+    except KeyboardInterrupt:
+        shutdown()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+_loop: asyncio.AbstractEventLoop | None = None
+_handles: dict[str, Any] = {}  # app name -> scorer handle, used only on _loop
+
+
+def _scorer_call(name: str, method: str, timeout_s: float = 10.0) -> Any:
+    """Call a scorer method from this (synchronous) driver through a handle used on one private
+    event loop: handles are async-first, and with RAY_SERVE_THROUGHPUT_OPTIMIZED=1 a handle refuses
+    to be used outside an event loop at all."""
+    global _loop
+    if _loop is None or _loop.is_closed():
+        _loop = asyncio.new_event_loop()
+        _handles.clear()
+        threading.Thread(target=_loop.run_forever, name="embsum-serve-driver", daemon=True).start()
+
+    async def call() -> Any:
+        if name not in _handles:
+            _handles[name] = serve.get_deployment_handle(SCORER_NAME, app_name=name)
+        return await asyncio.wait_for(getattr(_handles[name], method).remote(), timeout_s)
+
+    return asyncio.run_coroutine_threadsafe(call(), _loop).result(timeout_s + 5)
+
+
+def _replica_reports(name: str, want: int, tries: int) -> list[dict[str, Any]]:
+    """rollout_status of up to ``want`` distinct scorer replicas (the handle picks replicas itself)."""
+    seen: dict[str, dict[str, Any]] = {}
+    for _ in range(tries):
+        try:
+            report = _scorer_call(name, "rollout_status")
+        except Exception:  # noqa: BLE001 - replica busy updating: ask again
+            time.sleep(0.2)
+            continue
+        seen[report["replica"]] = report
+        if len(seen) >= want:
+            break
+    return list(seen.values())
+
+
+def rollout(cfg: Config, version: str | None = None, *, name: str = APP_NAME,
+            timeout_s: float = 300.0) -> dict[str, Any]:
+    """Serve ``version`` (default: serve.model_version, else the alias's version) in place.
+
+    Returns ``{"ok": True, "version", "previous", "seconds"}`` once every scorer replica serves it;
+    or ``{"ok": False, "version", "serving", "error", "seconds"}`` when it could not load: the old
+    version kept serving throughout, and Serve's config is set back to it (so replicas that
+    autoscaling adds later load the version that works).
+    """
+    from embsum.runtime import init_ray
+
+    init_ray(cfg.ray)
+    t0 = time.monotonic()
+    target = resolve_version(cfg, version or "")
+    client = _controller()
+    deployed = _deployed_configs(client).get(name)
+    if deployed is None:
+        raise RuntimeError(f"no declaratively deployed Serve application {name!r}: deploy it first")
+    before = _replica_reports(name, 1, 5)
+    previous = before[0]["serving"] if before else None
+    if previous == target and all(r["serving"] == target for r in before):
+        return {"ok": True, "version": target, "previous": previous, "changed": False,
+                "seconds": time.monotonic() - t0}
+    _apply(client, _with_version(deployed, target))
+    deadline = t0 + timeout_s
+    if not _await_reconfigure(name, target, deadline):
+        return {"ok": False, "version": target, "serving": previous, "seconds": time.monotonic() - t0,
+                "error": f"timed out after {timeout_s}s waiting for the scorer to reconfigure"}
+    running = serve.status().applications[name].deployments[SCORER_NAME].replica_states
+    n = sum(v for k, v in running.items() if str(getattr(k, "value", k)) == "RUNNING") or 1
+    reports = _replica_reports(name, n, 20 * n)
+    failed = [r for r in reports if r["serving"] != target]
+    if not failed:
+        return {"ok": True, "version": target, "previous": previous, "changed": True,
+                "seconds": time.monotonic() - t0}
+    error = next((r["error"]["error"] for r in failed if r["error"]), f"a replica still serves v{failed[0]['serving']}")
+    if previous is not None:  # Serve's target back to what serves, so new replicas load a working version
+        _apply(client, _with_version(deployed, previous))
+        _await_reconfigure(name, previous, time.monotonic() + timeout_s)
+    return {"ok": False, "version": target, "serving": previous, "error": error, "seconds": time.monotonic() - t0}
+
+
+def _await_reconfigure(name: str, version: str, deadline: float) -> bool:
+    """Until a scorer replica has finished reconfiguring to ``version`` (loaded or failed) and the
+    application is RUNNING again; False on timeout."""
+    while time.monotonic() < deadline:
+        reports = _replica_reports(name, 1, 1)
+        if reports and reports[0]["requested"] == version:
+            break
+        time.sleep(0.3)
+    else:
+        return False
+    _wait_app(name, max(1.0, deadline - time.monotonic()))
+    return True
+
+
+def status(name: str = APP_NAME, cfg: Config | None = None) -> dict[str, Any]:
+    """Application and deployment states, replica counts, and the served model (when running)."""
+    if cfg is not None:
+        from embsum.runtime import init_ray
+
+        init_ray(cfg.ray)
+    app = serve.status().applications.get(name)
+    if app is None:
+        return {"app": name, "status": "NOT_DEPLOYED"}
+    out: dict[str, Any] = {
+        "app": name, "status": app.status.value, "message": app.message,
+        "deployments": {d: {"status": s.status.value, "message": s.message,
+                            "replicas": {str(getattr(k, "value", k)): v for k, v in s.replica_states.items()}}
+                        for d, s in app.deployments.items()},
+    }
+    if app.status.value == "RUNNING":
+        try:
+            info = _scorer_call(name, "model_info")
+            out["model"] = info.model_dump() if hasattr(info, "model_dump") else {"error": getattr(info, "detail", "")}
+        except Exception as e:  # noqa: BLE001 - status must report, not fail
+            out["model"] = {"error": f"{type(e).__name__}: {e}"}
+    return out
+
+
+def shutdown(name: str | None = None) -> None:
+    """Delete one application (``name``) or shut Serve down entirely (None)."""
+    if name is None:
+        _handles.clear()
+        serve.shutdown()
+    else:
+        _handles.pop(name, None)
+        serve.delete(name)
+
+
+__all__ = ["APP_NAME", "INGRESS_NAME", "SCORER_NAME", "application", "build_app", "config_from_args", "deploy",
+           "rollout", "shutdown", "status"]

@@ -1,0 +1,142 @@
+"""EmbSumScorer: the Ray Serve deployment that holds one bundle (model + embeddings of a version).
+
+Rollouts are in place: Serve calls ``reconfigure(user_config)`` with ``{"model_version": "N"}``
+(set by build_app, ``serve.app.rollout`` or a RayService's serveConfigV2). The new version's model
+and embeddings are loaded completely in a worker thread while the old bundle keeps serving; then
+one reference assignment swaps them. Every batch reads that reference once, so no response mixes
+a model of one version with embeddings of another, and batches already running finish on the
+old bundle. If the new version cannot load, the old bundle keeps serving and the error is kept
+for /v1/model and ``rollout_status``; only on first start does a load failure fail the replica
+(there is nothing to fall back to).
+
+Score and recommend requests go through @serve.batch: concurrent requests are scored together
+by one vectorized call (serve/engine.py); batch size and wait come from the run config.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from ray import serve
+
+from embsum.config import config_from_dict
+from embsum.runtime import setup_env
+from serve import engine
+from serve.bundle import Bundle, load_bundle, resolve_version
+from serve.engine import RecommendQuery, RecommendResult, Rejection, ScoreQuery, ScoreResult
+from serve.metrics import ScorerMetrics
+from serve.schemas import ModelResponse, RolloutError, Status, SummaryResponse
+
+logger = logging.getLogger("ray.serve")
+
+SCORER_NAME = "EmbSumScorer"
+_NOT_LOADED = Rejection(503, "no model version is loaded yet")
+
+
+@serve.deployment(name=SCORER_NAME, max_constructor_retry_count=3)
+class EmbSumScorer:
+    def __init__(self, config: dict[str, Any]) -> None:
+        import torch
+
+        setup_env()
+        self.cfg = config_from_dict(config)
+        s = self.cfg.serve
+        # One intra-op thread per reserved CPU: replicas sharing a node must not oversubscribe it.
+        torch.set_num_threads(max(1, int(s.num_cpus)))
+        self._bundle: Bundle | None = None
+        self._requested = ""  # what the last finished reconfigure asked for
+        self._error: RolloutError | None = None
+        self._reconfigure_lock = asyncio.Lock()
+        self._metrics = ScorerMetrics()
+        try:
+            self._replica = serve.get_replica_context().replica_id.unique_id
+        except Exception:  # noqa: BLE001 - outside a replica (unit tests)
+            self._replica = "local"
+        # Batch queues per instance, sized from the config (and no queue state on the class, which
+        # Serve pickles when the app is deployed).
+        batch = serve.batch(max_batch_size=s.max_batch_size, batch_wait_timeout_s=s.batch_wait_timeout_s)
+        self._score_batch = batch(self._score_many)
+        self._recommend_batch = batch(self._recommend_many)
+
+    # ---- rollout -----------------------------------------------------------------------------------
+    async def reconfigure(self, user_config: dict[str, Any] | None) -> None:
+        """Load ``user_config['model_version']`` ('' = the alias) and its embeddings, then swap."""
+        requested = str((user_config or {}).get("model_version", "") or "").strip()
+        async with self._reconfigure_lock:
+            current = self._bundle
+            try:
+                target = requested or await asyncio.to_thread(resolve_version, self.cfg, "")
+                if current is not None and target == current.version:
+                    self._requested = requested
+                    self._metrics.rollout("same")
+                    return
+                t0 = time.perf_counter()
+                bundle = await asyncio.to_thread(load_bundle, self.cfg, target)
+            except Exception as e:  # noqa: BLE001 - any load failure is reported, never half-applied
+                alias = self.cfg.mlflow.alias
+                what = f"model version {requested}" if requested else f"the version alias {alias!r} points to"
+                message = f"cannot load {what}: {e}"
+                if current is None:
+                    raise RuntimeError(f"EmbSum scorer cannot start: {message}") from e
+                self._error = RolloutError(version=requested or self.cfg.mlflow.alias, error=message, at=time.time())
+                self._requested = requested
+                self._metrics.rollout("failed")
+                logger.error("rollout failed; still serving v%s: %s", current.version, message)
+                return
+            self._bundle = bundle  # the swap: one reference, read once per batch
+            self._requested = requested
+            self._error = None
+            self._metrics.rollout("loaded")
+            self._metrics.serving(bundle.version, bundle.store.num_items)
+            logger.info("serving %s v%s (%d items, %d users), loaded in %.1fs%s", bundle.model_name, bundle.version,
+                        bundle.store.num_items, len(bundle.store.user_ids), time.perf_counter() - t0,
+                        f"; was v{current.version}" if current else "")
+
+    async def rollout_status(self) -> dict[str, Any]:
+        """What this replica serves and what the last rollout asked for (serve.app.rollout polls it)."""
+        b = self._bundle
+        return {"replica": self._replica, "requested": self._requested, "serving": b.version if b else None,
+                "error": self._error.model_dump() if self._error else None}
+
+    # ---- requests ------------------------------------------------------------------------------------
+    async def score(self, query: ScoreQuery) -> ScoreResult | Rejection:
+        return await self._score_batch(query)
+
+    async def recommend(self, query: RecommendQuery) -> RecommendResult | Rejection:
+        return await self._recommend_batch(query)
+
+    async def _score_many(self, requests: list[ScoreQuery]) -> list[ScoreResult | Rejection]:
+        bundle = self._bundle  # read once: the whole batch is answered by one version
+        if bundle is None:
+            return [_NOT_LOADED] * len(requests)
+        # In a thread, so the event loop keeps queueing the next batch while this one computes.
+        results, stats = await asyncio.to_thread(engine.score_batch, bundle, requests)
+        self._metrics.batch("score", stats.size, stats.cold_users, stats.cold_items)
+        return results
+
+    async def _recommend_many(self, requests: list[RecommendQuery]) -> list[RecommendResult | Rejection]:
+        bundle = self._bundle
+        if bundle is None:
+            return [_NOT_LOADED] * len(requests)
+        results, stats = await asyncio.to_thread(engine.recommend_batch, bundle, requests)
+        self._metrics.batch("recommend", stats.size, stats.cold_users, stats.cold_items)
+        return results
+
+    async def summary(self, user_id: str) -> SummaryResponse | Rejection:
+        bundle = self._bundle
+        return engine.user_summary(bundle, user_id) if bundle is not None else _NOT_LOADED
+
+    async def model_info(self) -> ModelResponse | Rejection:
+        bundle = self._bundle
+        if bundle is None:
+            return _NOT_LOADED
+        return engine.describe(bundle, alias=self.cfg.mlflow.alias, requested=self._requested, error=self._error)
+
+    async def ready(self) -> Status:
+        bundle = self._bundle
+        if bundle is None:
+            return Status(status="loading")
+        return Status(status="ok", model_version=bundle.version)

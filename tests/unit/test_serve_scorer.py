@@ -1,0 +1,131 @@
+"""The scorer deployment's rollout logic as plain Python (the class under @serve.deployment, no
+Ray cluster): atomic bundle swap, requests in flight finish on the old bundle, a failed rollout
+keeps serving and reports, a failure on first start fails loudly. Plus build_app's config and
+deployment options."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from embsum.config import config_from_dict
+from serve import scorer as scorer_mod
+from serve.engine import ScoreQuery
+from tests.unit.test_serve_store import make_bundle, tiny_predictor
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory, tiny_cfg, tokenizer):
+    root = tmp_path_factory.mktemp("emb")
+    return {v: make_bundle(root, tiny_predictor(tiny_cfg, tokenizer, seed=10 + int(v)), v) for v in ("1", "2")}
+
+
+@pytest.fixture(autouse=True)
+def no_replica_warning(monkeypatch):
+    from ray.serve import batching
+
+    # @serve.batch reads the replica's max_ongoing_requests for a warning; there is no replica here.
+    monkeypatch.setattr(batching._BatchQueue, "_warn_if_max_batch_size_exceeds_max_ongoing_requests",
+                        lambda self: None)
+
+
+def new_scorer(tmp_path):
+    cfg = config_from_dict({"workdir": str(tmp_path), "serve": {"max_batch_size": 4, "batch_wait_timeout_s": 0.001}})
+    return scorer_mod.EmbSumScorer.func_or_class(cfg.to_dict())
+
+
+REQ = ScoreQuery(user_id="U1", history=None, candidates=[("n1", None), ("n2", None)])
+
+
+def test_first_start_failure_fails_the_replica_with_the_cause(tmp_path):
+    s = new_scorer(tmp_path)  # the real loader: no embeddings were written under this workdir
+    with pytest.raises(RuntimeError, match=r"EmbSum scorer cannot start: cannot load model version 4: no "
+                                           r"embeddings at .*v4: manifest.json is missing"):
+        asyncio.run(s.reconfigure({"model_version": "4"}))
+
+
+def test_rollout_swaps_atomically_and_keeps_serving_on_failure(tmp_path, monkeypatch, bundles):
+    gate = threading.Event()
+    loads: list[str] = []
+
+    def fake_load(cfg, version):
+        loads.append(version)
+        if version == "2":
+            assert gate.wait(30)  # a slow load: requests keep being answered meanwhile
+        if version == "3":
+            raise ValueError("no embeddings at /x/v3: manifest.json is missing (run `embsum embed`)")
+        return bundles[version]
+
+    monkeypatch.setattr(scorer_mod, "load_bundle", fake_load)
+    s = new_scorer(tmp_path)
+
+    async def scenario():
+        assert (await s.ready()).status == "loading"
+        assert (await s.score(REQ)).status == 503
+        await s.reconfigure({"model_version": "1"})
+        assert (await s.ready()).model_version == "1"
+        first = await s.score(REQ)
+        assert first.model_version == "1"
+
+        rolling = asyncio.create_task(s.reconfigure({"model_version": "2"}))
+        await asyncio.sleep(0.05)
+        during = await asyncio.gather(*(s.score(REQ) for _ in range(5)))  # batched while v2 loads
+        assert {r.model_version for r in during} == {"1"}
+        assert during[0].scores == first.scores
+        gate.set()
+        await rolling
+        after = await s.score(REQ)
+        assert after.model_version == "2" and after.scores[0] != first.scores[0]
+        status = await s.rollout_status()
+        assert status == {"replica": "local", "requested": "2", "serving": "2", "error": None}
+
+        await s.reconfigure({"model_version": "2"})  # unchanged: nothing reloaded
+        assert loads == ["1", "2"]
+
+        await s.reconfigure({"model_version": "3"})  # fails: v2 keeps serving, the error is reported
+        assert (await s.score(REQ)).model_version == "2"
+        info = await s.model_info()
+        assert info.model_version == "2" and info.requested_version == "3"
+        assert info.last_rollout_error.version == "3"
+        assert "cannot load model version 3: no embeddings at /x/v3" in info.last_rollout_error.error
+        status = await s.rollout_status()
+        assert status["serving"] == "2" and status["requested"] == "3" and "v3" in status["error"]["error"]
+
+        await s.reconfigure({"model_version": "1"})  # a later good rollout clears the error
+        assert (await s.model_info()).last_rollout_error is None and (await s.ready()).model_version == "1"
+
+    asyncio.run(scenario())
+
+
+def test_empty_version_follows_the_alias(tmp_path, monkeypatch, bundles):
+    monkeypatch.setattr(scorer_mod, "resolve_version", lambda cfg, requested: "2")
+    monkeypatch.setattr(scorer_mod, "load_bundle", lambda cfg, version: bundles[version])
+    s = new_scorer(tmp_path)
+    asyncio.run(s.reconfigure({"model_version": ""}))
+    assert asyncio.run(s.ready()).model_version == "2"
+
+
+def test_build_app_args_and_deployment_options(tmp_path, monkeypatch):
+    from serve import app as app_mod
+
+    path = tmp_path / "ray_config.yaml"
+    path.write_text("workdir: runs\nserve:\n  max_batch_size: 8\n  max_ongoing_requests: 32\n")
+    monkeypatch.chdir(tmp_path)
+    cfg = app_mod.config_from_args({"config": str(path), "overrides": "serve.num_cpus=2 serve.max_replicas=3"})
+    assert cfg.workdir == str(tmp_path / "runs") and cfg.serve.num_cpus == 2.0 and cfg.serve.max_replicas == 3
+    assert app_mod.config_from_args({"values": cfg.to_dict()}) == cfg
+    with pytest.raises(ValueError, match="unknown argument 'cfg'"):
+        app_mod.config_from_args({"cfg": "x"})
+
+    monkeypatch.setattr(app_mod, "resolve_version", lambda cfg: "5")
+    ingress = app_mod.build_app({"config": str(path)})
+    i = ingress._bound_deployment
+    d = i._replica_config.init_args[0]._bound_deployment  # the scorer, bound as the ingress's first arg
+    assert d.name == "EmbSumScorer" and d.user_config == {"model_version": "5"}
+    assert d.max_ongoing_requests == 32 >= 8
+    assert d.ray_actor_options == {"num_cpus": 1.0, "num_gpus": 0.0}
+    auto = d._deployment_config.autoscaling_config
+    assert (auto.min_replicas, auto.max_replicas, auto.target_ongoing_requests) == (1, 2, 8.0)
+    assert i.name == "EmbSumIngress" and i.max_ongoing_requests == 32 and i.ray_actor_options["num_cpus"] == 0.25

@@ -20,10 +20,15 @@ class LossParts:
     summary: torch.Tensor
 
 
-def nce_loss(scores: torch.Tensor) -> torch.Tensor:
-    """scores (B, 1 + K), positive first -> mean of -log(exp(s+) / sum_j exp(s_j))."""
+def nce_loss(scores: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """scores (B, 1 + K), positive first -> mean of -log(exp(s+/t) / sum_j exp(s_j/t)).
+
+    The temperature only rescales the training objective: rankings, metrics and served scores use
+    the exact score. Scores grow like sqrt(d_model) (dot products of unit-RMS T5 states), so with
+    t = 1 a t5-small-sized model starts at an NCE of ~14 (saturated softmax); t = sqrt(d_model)
+    starts it near ln(1 + K)."""
     target = torch.zeros(scores.shape[0], dtype=torch.long, device=scores.device)  # (B,)
-    return F.cross_entropy(scores.float(), target)
+    return F.cross_entropy(scores.float() / temperature, target)
 
 
 def summary_loss(logits: torch.Tensor, summary_ids: torch.Tensor, pad_id: int = 0) -> torch.Tensor:
@@ -35,7 +40,7 @@ def summary_loss(logits: torch.Tensor, summary_ids: torch.Tensor, pad_id: int = 
 
 
 def embsum_loss(scores: torch.Tensor, logits: torch.Tensor, summary_ids: torch.Tensor,
-                summary_weight: float = 0.05, pad_id: int = 0) -> LossParts:
-    nce = nce_loss(scores)
+                summary_weight: float = 0.05, pad_id: int = 0, temperature: float = 1.0) -> LossParts:
+    nce = nce_loss(scores, temperature)
     summ = summary_loss(logits, summary_ids, pad_id)
     return LossParts(total=nce + summary_weight * summ, nce=nce, summary=summ)

@@ -98,6 +98,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                            config=ds_config, dist_init_required=False)
     dtype = torch.bfloat16 if resolve_precision(cfg) == "bf16" else torch.float32
+    temperature = t.nce_temperature or math.sqrt(model.d_model)
 
     step = 0
     ckpt = ray.train.get_checkpoint()
@@ -177,7 +178,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                                                 local_shuffle_seed=t.seed * 100003 + step + epoch):
             with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
                 out = engine(b["session_ids"], b["candidate_ids"], b["summary_ids"])
-            parts = embsum_loss(out.scores, out.summary_logits, b["summary_ids"], t.summary_weight, tok.pad_id)
+            parts = embsum_loss(out.scores, out.summary_logits, b["summary_ids"], t.summary_weight, tok.pad_id,
+                                temperature)
             engine.backward(parts.total)
             engine.step()  # DeepSpeed accumulates; it steps optimizer + schedule on the boundary
             ex_since += b["session_ids"].shape[0]

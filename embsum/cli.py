@@ -90,7 +90,8 @@ def _stage(module: str, config: str, overrides: list[str], *extra: str, title: s
 # ---- data ---------------------------------------------------------------------------------------------
 @data_app.command("synth")
 def data_synth(
-    out: Path = typer.Option(None, "--out", help="Folder for behaviors.tsv + news.tsv (default WORKDIR/data/synthetic)."),
+    out: Path = typer.Option(None, "--out", help="Folder for behaviors.tsv + news.tsv "
+                                                 "(default WORKDIR/data/synthetic)."),
     config: str = ConfigOpt, overrides: list[str] = OverridesArg,
 ) -> None:
     """Generate the synthetic MIND-format dataset (users with latent interests; sizes from data.synth_*;
@@ -267,13 +268,18 @@ def _fmt(v: float | None) -> str:
 
 # ---- client ------------------------------------------------------------------------------------------------
 def _base_url(cfg: Config, url: str | None) -> str:
-    return url or f"http://{cfg.serve.host}:{cfg.serve.port}{cfg.serve.route_prefix.rstrip('/')}"
+    from embsum import client
+
+    return url or client.base_url(cfg)
 
 
 def _token(cfg: Config) -> str | None:
-    if cfg.serve.auth_token_file and Path(cfg.serve.auth_token_file).is_file():
-        return Path(cfg.serve.auth_token_file).read_text().strip()
-    return os.environ.get(cfg.serve.auth_token_env) or None
+    from embsum import client
+
+    try:
+        return client.read_token(cfg.serve)
+    except ValueError as e:
+        raise CliError(str(e)) from None
 
 
 @app.command()
@@ -287,7 +293,7 @@ def recommend(user_id: str = typer.Argument(..., help="A known user id."),
     cfg = _config(config, overrides)
     try:
         out = client.recommend(_base_url(cfg, url), user_id, k, token=_token(cfg))
-    except client.ClientError as e:
+    except client.ApiError as e:
         raise CliError(str(e)) from None
     _print_recs(out)
 
@@ -302,8 +308,8 @@ def score(user_id: str = typer.Argument(..., help="A known user id."),
 
     cfg = _config(config, [])
     try:
-        out = client.score(_base_url(cfg, url), user_id=user_id, item_ids=items, token=_token(cfg))
-    except client.ClientError as e:
+        out = client.score(_base_url(cfg, url), items, user_id=user_id, token=_token(cfg))
+    except client.ApiError as e:
         raise CliError(str(e)) from None
     console.print_json(json.dumps(out, default=str))
 
@@ -357,7 +363,7 @@ def main() -> None:
     try:
         app(args=argv, prog_name="embsum", standalone_mode=False)
     except CliError as e:
-        err.print(f"[red]error:[/red] {e}", highlight=False)
+        err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
         sys.exit(1)
     except SystemExit:
         raise
@@ -367,11 +373,11 @@ def main() -> None:
         if isinstance(e, click.exceptions.Abort):
             sys.exit(130)
         if isinstance(e, click.ClickException):
-            err.print(f"[red]error:[/red] {e.format_message()}", highlight=False)
+            err.print(f"[red]error:[/red] {e.format_message()}", highlight=False, soft_wrap=True)
             sys.exit(e.exit_code)
         if _STATE["debug"]:
             traceback.print_exc()
         msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         err.print(f"[red]error:[/red] {msg}" + ("" if _STATE["debug"] else " (--debug for the traceback)"),
-                  highlight=False)
+                  highlight=False, soft_wrap=True)
         sys.exit(1)

@@ -113,3 +113,19 @@ def summary(url: str, user_id: str, token: str | None = None, *,
 def model(url: str, token: str | None = None, *, timeout: float = DEFAULT_TIMEOUT_S) -> dict[str, Any]:
     """GET /v1/model -> name, version, aliases, embeddings manifest, last rollout error."""
     return _call("GET", url, "/v1/model", token=token, timeout=timeout)
+
+
+def wait_ready(url: str, timeout_s: float = 120.0, token: str | None = None) -> dict[str, Any]:
+    """Poll GET /readyz until the app answers 200 (the HTTP proxy accepts connections before the
+    app is ready, so any error means 'not yet'); ApiError after ``timeout_s``."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    last = ""
+    while time.monotonic() < deadline:
+        try:
+            return _call("GET", url, "/readyz", token=token, timeout=5.0)
+        except ApiError as e:
+            last = str(e)
+        time.sleep(0.5)
+    raise ApiError(f"the EmbSum API at {url} was not ready within {timeout_s:.0f}s: {last}")

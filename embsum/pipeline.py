@@ -94,15 +94,16 @@ def _serve_and_ask(cfg: Config, config_path: str, ov: list[str], stage: Callable
     from embsum.data import layout
 
     stage("serve.app", config_path, ov, "deploy", title="7/7 serve")
-    base = f"http://{cfg.serve.host}:{cfg.serve.port}{cfg.serve.route_prefix.rstrip('/')}"
-    client.wait_ready(base, timeout_s=120)
+    base = client.base_url(cfg)
+    token = client.read_token(cfg.serve)
+    client.wait_ready(base, timeout_s=120, token=token)
     users = pads.dataset(str(cfg.data_dir / layout.USERS), format="parquet").to_table(columns=["user_id", "split"])
     ids = users.column("user_id").to_pylist()
     splits = users.column("split").to_pylist()
     user = next((u for u, s in zip(ids, splits, strict=True) if s == "test"), ids[0])
-    info = client.model(base)
-    summary = client.summary(base, user)
-    recs = client.recommend(base, user, 5)
+    info = client.model(base, token)
+    summary = client.summary(base, user, token)
+    recs = client.recommend(base, user, 5, token)
     return {"url": base, "model": info, "user": user, "summary": summary, "recommend": recs}
 
 

@@ -301,3 +301,49 @@ def shutdown(name: str | None = None) -> None:
 
 __all__ = ["APP_NAME", "INGRESS_NAME", "SCORER_NAME", "application", "build_app", "config_from_args", "deploy",
            "rollout", "shutdown", "status"]
+
+
+# ---- command line (what `embsum serve ...` runs) ----------------------------------------------------------
+def _cli(cfg: Config, a: Any) -> dict[str, Any]:
+    if a.action == "run":  # foreground: serve until Ctrl-C / SIGTERM
+        out = deploy(cfg, blocking=False)
+        print(f"[serve] v{out.get('model', {}).get('version')} on http://{cfg.serve.host}:{cfg.serve.port}"
+              f"{cfg.serve.route_prefix} - Ctrl-C to stop", flush=True)
+        _serve_forever()
+        return out
+    if a.action == "deploy":
+        out = deploy(cfg, blocking=False)
+        print(f"[serve] deployed v{out.get('model', {}).get('version')} on http://{cfg.serve.host}:"
+              f"{cfg.serve.port}{cfg.serve.route_prefix}", flush=True)
+        return out
+    if a.action == "rollout":
+        out = rollout(cfg, a.version)
+        if not out["ok"]:
+            raise RuntimeError(f"rollout to v{out['version']} failed, v{out.get('serving')} keeps serving: "
+                               f"{out['error']}")
+        return out
+    if a.action == "status":
+        return status(cfg=cfg)
+    if a.action == "shutdown":
+        from embsum.runtime import init_ray
+
+        init_ray(cfg.ray)
+        shutdown()
+        return {"shutdown": True}
+    raise ValueError(f"unknown action {a.action!r}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from embsum.stage import stage_main
+
+    def add(p: Any) -> None:
+        p.add_argument("action", choices=["run", "deploy", "rollout", "status", "shutdown"])
+        p.add_argument("--version", default=None, help="rollout: version (default: the alias's)")
+
+    return stage_main("python -m serve.app", __doc__, _cli, argv, add)
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

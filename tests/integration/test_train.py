@@ -20,7 +20,7 @@ TINY_TRAIN = [
     "model.num_decoder_layers=1", "model.session_tokens=48", "model.content_tokens=20", "model.summary_tokens=16",
     "model.num_sessions=2", "model.items_per_session=4",
     "data.max_examples_per_user=4", "data.eval_negatives=19",
-    "train.num_workers=2", "train.cpus_per_worker=1", "train.batch_size=8", "train.lr=0.001", "train.warmup_steps=3",
+    "train.num_workers=2", "train.cpus_per_worker=1", "train.batch_size=8", "train.lr=0.003", "train.warmup_steps=3",
     "train.log_every=5", "train.eval_batches=2", "train.infer_actors=1", "train.infer_batch_size=64",
 ]
 
@@ -50,27 +50,36 @@ def _history(cfg: Config, run_id: str, key: str) -> list[tuple[int, float]]:
     return sorted((m.step, m.value) for m in hist)
 
 
-def test_fit_zero2_tracks_registers_and_resumes(bx_workdir: Path) -> None:
-    from embsum.registry import Registry
+@pytest.fixture(scope="module")
+def zero2_run(bx_workdir: Path) -> tuple[Config, dict]:
+    """One 2-worker ZeRO-2 fit shared by the tests below (a fit is the expensive part)."""
     from train.train import run_train
 
     name = f"bx-zero2-{uuid.uuid4().hex[:6]}"
     cfg = bx_config(bx_workdir, f"train.run_name={name}", "train.max_steps=30", "train.checkpoint_every=15")
-    out = run_train(cfg)
+    return cfg, run_train(cfg)
+
+
+def test_fit_zero2_tracks_and_registers(zero2_run: tuple[Config, dict]) -> None:
+    from embsum.registry import Registry
+
+    cfg, out = zero2_run
     assert out["step"] in (15, 30) and out["version"]
-    # The loss goes down: mean of the first logged window vs the last.
+    # The loss goes down: the first logged windows vs the last.
     losses = _history(cfg, out["mlflow_run_id"], "loss")
     assert [s for s, _ in losses] == [5, 10, 15, 20, 25, 30]
-    assert losses[-1][1] < losses[0][1], losses
+    vals = [v for _, v in losses]
+    assert np.mean(vals[-2:]) < np.mean(vals[:2]), losses
     # Checkpoints exist in Ray storage; MLflow has params, tags, metrics and the model artifact.
-    ckpts = sorted(p.name for p in (Path(cfg.storage_path) / name).glob("checkpoint_*"))
+    ckpts = sorted(p.name for p in (Path(cfg.storage_path) / cfg.train.run_name).glob("checkpoint_*"))
     assert "checkpoint_step_00000030" in ckpts
     reg = Registry(cfg)
     run = reg.client.get_run(out["mlflow_run_id"])
     assert run.data.params["train.max_steps"] == "30" and run.data.params["model.d_model"] == "32"
     assert run.data.tags["deepspeed_stage"] == "2" and run.data.tags["teacher"].startswith("offline")
     assert run.data.tags["data_fingerprint"] not in ("", "unknown")
-    assert {"loss", "nce_loss", "summary_loss", "lr", "examples_per_s", "tokens_per_s", "val_auc"} <= set(run.data.metrics)
+    assert {"loss", "nce_loss", "summary_loss", "lr", "examples_per_s", "tokens_per_s", "val_auc"} <= set(
+        run.data.metrics)
     arts = {a.path for a in reg.client.list_artifacts(out["mlflow_run_id"], "model")}
     assert {"model/model.safetensors", "model/embsum.json"} <= arts
 
@@ -78,13 +87,18 @@ def test_fit_zero2_tracks_registers_and_resumes(bx_workdir: Path) -> None:
     reg.promote(out["version"])
     _assert_champion_matches_probe(cfg, Path(out["checkpoint"]) / "probe.npz")
 
-    # Resume: the same run name continues from step 30, not from zero.
-    cfg2 = bx_config(bx_workdir, f"train.run_name={name}", "train.max_steps=40", "train.checkpoint_every=10")
+
+def test_resume_continues_from_the_saved_step(zero2_run: tuple[Config, dict], bx_workdir: Path) -> None:
+    from train.train import run_train
+
+    cfg, out = zero2_run
+    cfg2 = bx_config(bx_workdir, f"train.run_name={cfg.train.run_name}", "train.max_steps=40",
+                     "train.checkpoint_every=10")
     out2 = run_train(cfg2, register=False)
     assert out2["mlflow_run_id"] == out["mlflow_run_id"]
     steps = [s for s, _ in _history(cfg2, out2["mlflow_run_id"], "loss")]
     assert steps == [5, 10, 15, 20, 25, 30, 35, 40], steps  # each step once: no restart from 0
-    assert (Path(cfg.storage_path) / name / "checkpoint_step_00000040").is_dir()
+    assert (Path(cfg.storage_path) / cfg.train.run_name / "checkpoint_step_00000040").is_dir()
 
 
 def _assert_champion_matches_probe(cfg: Config, probe_path: Path) -> None:
@@ -108,10 +122,9 @@ def test_fit_other_zero_stages(bx_workdir: Path, stage: int) -> None:
     from train.train import run_train
 
     cfg = bx_config(bx_workdir, f"train.zero_stage={stage}", f"train.run_name=bx-zero{stage}-{uuid.uuid4().hex[:6]}",
-                    "train.max_steps=30", "train.checkpoint_every=30")
+                    "train.max_steps=20", "train.checkpoint_every=20")
     out = run_train(cfg)
     losses = [v for _, v in _history(cfg, out["mlflow_run_id"], "loss")]
-    print("losses", losses, "nce", _history(cfg, out["mlflow_run_id"], "nce_loss"))
     assert np.mean(losses[-2:]) < np.mean(losses[:2]), losses
     from embsum.registry import Registry
 
@@ -133,7 +146,7 @@ def test_killed_worker_recovers(bx_workdir: Path) -> None:
     assert steps[-1] == 20 and 15 in steps
 
 
-def test_evaluation_matches_direct_metrics(bx_workdir: Path) -> None:
+def test_evaluation_matches_direct_metrics(zero2_run: tuple[Config, dict]) -> None:
     """The Ray Data evaluation job equals scoring the same impressions directly with embsum."""
     import pyarrow.dataset as pads
 
@@ -142,11 +155,8 @@ def test_evaluation_matches_direct_metrics(bx_workdir: Path) -> None:
     from embsum.predictor import Predictor
     from embsum.registry import Registry
     from train.evaluate import run_evaluate
-    from train.train import run_train
-
-    cfg = bx_config(bx_workdir, f"train.run_name=bx-eval-{uuid.uuid4().hex[:6]}", "train.max_steps=10",
-                    "train.checkpoint_every=10")
-    version = run_train(cfg)["version"]
+    cfg, out = zero2_run
+    version = out["version"]
     res = run_evaluate(cfg, version, splits=("valid",))
     reg = Registry(cfg)
     assert reg.version(version).metric("valid_auc") == pytest.approx(res["valid"]["auc"])

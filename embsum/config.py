@@ -170,6 +170,8 @@ class TrainConfig:
     max_steps: int = _f(600, "Optimizer steps in total.", lo=1, hi=100_000_000)
     grad_clip: float = _f(1.0, "Gradient-norm clip (0 = off).", lo=0.0, hi=1e6)
     summary_weight: float = _f(0.05, "lambda in L = L_NCE + lambda * L_sum.", lo=0.0, hi=100.0)
+    nce_temperature: float = _f(0.0, "NCE logits are score / t (training only; ranking is unchanged); "
+                                "0 = sqrt(d_model).", lo=0.0, hi=1e6)
     checkpoint_every: int = _f(200, "Save (collectively) every N steps; also at the end.", lo=1, hi=100_000_000)
     keep_checkpoints: int = _f(2, "Checkpoints kept, best by validation AUC.", lo=1, hi=1000)
     eval_batches: int = _f(20, "Validation batches per checkpoint (0 = no validation).", lo=0, hi=1_000_000)
@@ -444,8 +446,9 @@ def config_from_dict(values: dict[str, Any] | None, overrides: list[str] | None 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Read ``ray_config.yaml`` (or defaults when ``path`` is None) and apply dotted overrides.
 
-    Relative ``workdir`` and ``train.deepspeed_config`` resolve against the current directory and
-    the config file's folder respectively, so a run behaves the same from anywhere.
+    Relative paths become absolute here: ``train.deepspeed_config`` against the config file's
+    folder (or the installed package), ``workdir``, ``train.storage_path`` and
+    ``serve.embeddings_dir`` against the current directory.
     """
     values: dict[str, Any] = {}
     if path is not None:
@@ -463,9 +466,19 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if isinstance(ds, str) and ds and not Path(ds).is_absolute() and "://" not in ds:
             values.setdefault("train", {})["deepspeed_config"] = str((p.resolve().parent / ds))
     cfg = config_from_dict(values, overrides)
-    ds_path = cfg.train.deepspeed_config
-    if not Path(ds_path).is_absolute() and "://" not in ds_path:  # a URI is not a local path
-        cfg = replace(cfg, "train.deepspeed_config", str(Path(ds_path).resolve()))
+    # Relative paths resolve here, once, against the caller's working directory: Ray workers,
+    # actors and Serve replicas run in other directories and must see the same absolute paths.
+    ds = cfg.train.deepspeed_config
+    if ds and "://" not in ds and not Path(ds).is_absolute() and not Path(ds).exists():
+        # The packaged default (train/deepspeed/*.json) when run from outside the repository.
+        packaged = Path(__file__).resolve().parents[1] / ds
+        if packaged.exists():
+            cfg = replace(cfg, "train.deepspeed_config", str(packaged))
+    for key in ("train.deepspeed_config", "workdir", "train.storage_path", "serve.embeddings_dir"):
+        section, _, name = key.rpartition(".")
+        value = getattr(getattr(cfg, section) if section else cfg, name)
+        if value and "://" not in value and not Path(value).is_absolute():
+            cfg = replace(cfg, key, str(Path(value).expanduser().resolve()))
     return cfg
 
 

@@ -18,11 +18,18 @@ embsum/data/; this module is the glue that runs them on Ray Data:
    ``map_groups`` relies on) -> per-user histories, examples, impressions -> materialize.
 6. write: per output, filter -> tensorize (tasks) -> write_parquet, into a staging folder that
    replaces the old outputs only when everything succeeded: a rerun never mixes in stale shards.
+
+Outputs are written under WORKDIR (a local path of the driver and the workers): on a multi-node
+cluster WORKDIR must be shared storage, as ``train.storage_path`` must. Inputs may be any URI.
+
+Cost on small machines (bench/prepare_bench.py, 2 cores): the Ray job spends roughly 1.6-2x the
+CPU of the same transforms in one process, mostly in Ray worker start-ups (each hash-shuffle
+starts one aggregator actor per partition, and the pool refills after they exit) and in the
+executor; hence few, large partitions here (ROWS_PER_PARTITION) and one write at a time.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -39,7 +46,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from embsum.config import Config, load_config
+from embsum.config import Config
 from embsum.data import layout, synth
 from embsum.data.catalog import QUARANTINE_SCHEMA, CatalogIndex, build_catalog, cached_tokenizer
 from embsum.data.examples import KINDS, PLAN_INPUT_COLUMNS, PlanSpec, plan_batch
@@ -56,15 +63,16 @@ from embsum.data.records import (
     parse_logs,
     preflight,
 )
-from embsum.data.sources import Source, detect_format, explode_batch, fingerprint, resolve
+from embsum.data.sources import Source, detect_format, estimate_rows, explode_batch, fingerprint, resolve
 from embsum.data.tensorize import output_schema, tensorize
 from embsum.runtime import init_ray
 
-ROWS_PER_BLOCK = 20_000  # parse tasks get blocks of this many lines
-ROWS_PER_PARTITION = 50_000  # user partitions for the plan stage
+BLOCKS_PER_CPU = 2  # parse blocks per cluster CPU, so a single big file is parsed by all of them
+ROWS_PER_BLOCK = (10_000, 50_000)  # ... within these bounds (smaller blocks cost more than they give)
+ROWS_PER_PARTITION = 50_000  # records per user partition of the plan stage (at most one per CPU)
 OUTPUTS = {"train": layout.TRAIN, "valid_examples": layout.VALID_EXAMPLES, "valid": layout.VALID,
            "test": layout.TEST, "users": layout.USERS}
-COUNTER_COLUMNS = ["n_candidates", "n_clicks", "n_missing_candidates", "n_history", "n_missing_history"]
+COUNTER_COLUMNS = ["n_candidates", "n_clicks", "n_missing_candidates", "n_history", "n_missing_history", "n_ignored"]
 
 _OBJECTS: dict[str, Any] = {}  # per worker process: object-store values already fetched
 
@@ -99,7 +107,7 @@ def _parse_interactions_task(batch: pa.Table, mind: bool, spec: LogSpec | None, 
 def _mark_duplicates_task(batch: pa.Table, dups_ref: Any) -> pa.Table:
     dups: set[tuple[str, int]] = _fetch(dups_ref)
     reasons = batch.column("reason").to_pylist()
-    for k, (s, n) in enumerate(zip(batch.column("source").to_pylist(), batch.column("line").to_pylist())):
+    for k, (s, n) in enumerate(zip(batch.column("source").to_pylist(), batch.column("line").to_pylist(), strict=True)):
         if (s, n) in dups:
             reasons[k] = DUPLICATE_IMPRESSION
     return batch.set_column(batch.schema.get_field_index("reason"), "reason", pa.array(reasons, pa.string()))
@@ -109,8 +117,8 @@ def _plan_task(batch: pa.Table, spec: PlanSpec, index_ref: Any) -> pa.Table:
     return plan_batch(batch, spec, _fetch(index_ref))
 
 
-def _tensorize_task(batch: pa.Table, kind: str, index_ref: Any, model: Any, negatives: int) -> pa.Table:
-    return tensorize(batch, kind, _fetch(index_ref), cached_tokenizer(model), negatives)
+def _tensorize_task(batch: pa.Table, kind: str, index_ref: Any, negatives: int) -> pa.Table:
+    return tensorize(batch, kind, _fetch(index_ref), negatives)
 
 
 # ---- driver ---------------------------------------------------------------------------------
@@ -130,12 +138,18 @@ def resolve_inputs(cfg: Config) -> tuple[bool, Source, str, Source, str]:
 
 
 def _lines(src: Source, fmt: str, headed: bool) -> Any:
+    """Numbered lines of every file, in blocks sized so that all CPUs parse (one file is one read)."""
+    import ray
     import ray.data
 
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    lo, hi = ROWS_PER_BLOCK
+    rows = min(hi, max(lo, math.ceil(estimate_rows(src) / (BLOCKS_PER_CPU * cpus))))
     ds = ray.data.read_binary_files(src.paths, include_paths=True, filesystem=src.filesystem)
     ds = ds.map_batches(explode_batch, fn_kwargs=dict(fmt=fmt, headed=headed, prefix=src.prefix),
                         batch_size=1, batch_format="pyarrow")
-    return ds.repartition(target_num_rows_per_block=ROWS_PER_BLOCK)
+    # strict: otherwise 2.60 fuses explode -> repartition -> parse into one task per file
+    return ds.repartition(target_num_rows_per_block=rows, strict=True)
 
 
 def _collect(ds: Any, schema: pa.Schema) -> pa.Table:
@@ -152,7 +166,8 @@ def _duplicates(small: pa.Table, mind: bool) -> set[tuple[str, int]]:
     good = good.sort_by([("source", "ascending"), ("line", "ascending")])
     first: dict[str, str] = {}
     dups: set[tuple[str, int]] = set()
-    for s, n, imp, user in zip(*(good.column(c).to_pylist() for c in ("source", "line", "impression_id", "user_id"))):
+    columns = (good.column(c).to_pylist() for c in ("source", "line", "impression_id", "user_id"))
+    for s, n, imp, user in zip(*columns, strict=True):
         if imp not in first:
             first[imp] = user
         elif mind or first[imp] != user:
@@ -187,11 +202,18 @@ def run_prepare(cfg: Config) -> dict[str, Any]:
         inter_headers = preflight(inter, inter_fmt, lspec.required, "data.interactions")
     model_keys = ("tokenizer", "backbone", "sos_token", "num_sessions", "items_per_session", "session_tokens",
                   "content_tokens")
-    fp = fingerprint([inter, items], {"data": asdict(d), "model": {k: getattr(cfg.model, k) for k in model_keys}})
+    shaping = {k: v for k, v in asdict(d).items() if k != "teacher"}  # the teacher does not shape these outputs
+    fp = fingerprint([inter, items], {"data": shaping, "model": {k: getattr(cfg.model, k) for k in model_keys}},
+                     mtimes=d.format != "synthetic")  # synthetic files are a pure function of the config
 
     init_ray(cfg.ray)
     ray.data.DataContext.get_current().enable_progress_bars = True
     t0 = time.perf_counter()
+    stages: dict[str, float] = {}
+
+    def lap(name: str) -> None:
+        stages[name] = round(time.perf_counter() - t0 - sum(stages.values()), 3)
+
     data_dir = cfg.data_dir
     data_dir.mkdir(parents=True, exist_ok=True)
     staging = data_dir / f".prepare-{uuid.uuid4().hex[:8]}"
@@ -209,11 +231,13 @@ def run_prepare(cfg: Config) -> dict[str, Any]:
                              f"{dict(Counter(catalog.quarantine.column('reason').to_pylist()))})")
         pq.write_table(catalog.items, staging / layout.ITEMS)
         index_ref = ray.put(catalog.index)
+        lap("catalog")
 
         # 3. interactions
         parsed = _lines(inter, inter_fmt, headed=not mind and inter_fmt in ("csv", "tsv")).map_batches(
             _parse_interactions_task, fn_kwargs=dict(mind=mind, spec=lspec, headers=inter_headers, index_ref=index_ref),
             batch_format="pyarrow", batch_size=None).materialize()
+        lap("parse")
 
         # 4. global checks on small columns
         small_cols = ["source", "line", "reason", "user_id", "impression_id", *COUNTER_COLUMNS]
@@ -223,10 +247,13 @@ def run_prepare(cfg: Config) -> dict[str, Any]:
             parsed = parsed.map_batches(_mark_duplicates_task, fn_kwargs=dict(dups_ref=ray.put(dups)),
                                         batch_format="pyarrow", batch_size=None).materialize()
         reasons = Counter(r for r in small.column("reason").to_pylist() if r)
-        reasons[DUPLICATE_IMPRESSION] += len(dups)
+        if dups:
+            reasons[DUPLICATE_IMPRESSION] += len(dups)
         good = small.filter(pc.equal(small.column("reason"), ""))
-        n_users = len({u for u, s, n in zip(*(good.column(c).to_pylist() for c in ("user_id", "source", "line")))
-                       if (s, n) not in dups})
+        columns = (good.column(c).to_pylist() for c in ("user_id", "source", "line"))
+        n_users = len({u for u, s, n in zip(*columns, strict=True) if (s, n) not in dups})
+
+        lap("checks")
 
         # 5. plan
         spec = PlanSpec.from_config(cfg, mind)
@@ -244,19 +271,25 @@ def run_prepare(cfg: Config) -> dict[str, Any]:
             raise AssertionError(f"plan saw {users_out} users, the records hold {n_users}: a user was split "
                                  f"across blocks by the repartition")
 
-        # 6. write
-        for kind in KINDS:
-            schema = output_schema(kind, cfg.model, d.negatives)
-            _write(plan.filter(expr=col("kind") == kind).map_batches(
-                _tensorize_task, fn_kwargs=dict(kind=kind, index_ref=index_ref, model=cfg.model, negatives=d.negatives),
-                batch_format="pyarrow"), staging / OUTPUTS[kind], schema)
+        lap("plan")
+
+        # 6. write (one execution at a time: side by side in threads they contend and were 3-6x slower)
+        writes = [(plan.filter(expr=col("kind") == kind).map_batches(
+            _tensorize_task, fn_kwargs=dict(kind=kind, index_ref=index_ref, negatives=d.negatives),
+            batch_format="pyarrow"), staging / OUTPUTS[kind], output_schema(kind, cfg.model, d.negatives))
+            for kind in KINDS]
         quarantine = parsed.filter(expr=col("reason") != "").select_columns(QUARANTINE_SCHEMA.names)
         if catalog.quarantine.num_rows:
             quarantine = quarantine.union(ray.data.from_arrow(catalog.quarantine))
-        _write(quarantine, staging / layout.QUARANTINE, QUARANTINE_SCHEMA)
+        writes.append((quarantine, staging / layout.QUARANTINE, QUARANTINE_SCHEMA))
+        for w in writes:
+            _write(*w)
+        lap("write")
         seconds = time.perf_counter() - t0
 
         report = _report(cfg, fp, mind, inter, items, small, catalog, reasons, stats, seconds)
+        report["stage_seconds"] = stages
+        report["cluster_cpus"] = ray.cluster_resources().get("CPU")
         (staging / layout.REPORT).write_text(json.dumps(report, indent=2, sort_keys=True))
         for name in (layout.ITEMS, layout.QUARANTINE, layout.REPORT, *OUTPUTS.values()):
             _replace(staging / name, data_dir / name)
@@ -277,7 +310,7 @@ def _replace(new: Path, old: Path) -> None:
 def _report(cfg: Config, fp: str, mind: bool, inter: Source, items: Source, small: pa.Table, catalog: Any,
             reasons: Counter, stats: Counter, seconds: float) -> dict[str, Any]:
     good = small.filter(pc.equal(small.column("reason"), ""))
-    sums = {c: int(pc.sum(good.column(c)).as_py() or 0) for c in COUNTER_COLUMNS}
+    sums = {c: int(pc.sum(small.column(c)).as_py() or 0) for c in COUNTER_COLUMNS}  # over every parsed row
     cat_reasons = Counter(catalog.quarantine.column("reason").to_pylist())
     examples = {k: stats.get(f"examples.{k}", 0) for k in ("train", "valid_examples")}
     n_examples = sum(examples.values())
@@ -300,8 +333,9 @@ def _report(cfg: Config, fp: str, mind: bool, inter: Source, items: Source, smal
         "candidates": {"in": sums["n_candidates"], "clicked": sums["n_clicks"],
                        "dropped_not_in_catalog": sums["n_missing_candidates"]},
         "history_items": {"in": sums["n_history"], "dropped_not_in_catalog": sums["n_missing_history"]},
+        "labels": {"positive": sums["n_clicks"], "ignored": sums["n_ignored"]},
         "dropped": {"item not in catalog": sums["n_missing_candidates"],
-                    "history item not in catalog": sums["n_missing_history"]},
+                    "history item not in catalog": sums["n_missing_history"], "ignored label": sums["n_ignored"]},
         "examples": examples,
         "eval_impressions": {k: stats.get(f"eval.{k}", 0) for k in ("valid", "test")},
         "users": {**{k: stats.get(f"users.{k}", 0) for k in ("train", "valid", "test")},
@@ -323,22 +357,10 @@ def _summary_line(r: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m train.prepare", description="Validate, sessionize and tokenize "
-                                 "engagement logs into the training/evaluation parquet datasets.")
-    ap.add_argument("--config", default=None, help="run config (ray_config.yaml); default: built-in defaults")
-    ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.format=mind data.negatives=4")
-    args = ap.parse_args(argv)
-    try:
-        run_prepare(load_config(args.config, args.overrides))
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    finally:
-        if "ray" in sys.modules:
-            import ray
+    """``python -m train.prepare --config ray_config.yaml [--result out.json] key=value ...``"""
+    from embsum.stage import stage_main
 
-            ray.shutdown()
-    return 0
+    return stage_main("python -m train.prepare", __doc__, lambda cfg, a: run_prepare(cfg), argv)
 
 
 if __name__ == "__main__":

@@ -57,6 +57,9 @@ def test_ray_config_yaml_loads_with_its_values() -> None:
         if key == "train.deepspeed_config":
             # Relative to the config file's folder, made absolute.
             assert flat[key] == str((RAY_CONFIG.parent / value).resolve())
+        elif key == "workdir":
+            # Relative to the current directory, made absolute (workers run elsewhere).
+            assert flat[key] == str(Path(value).resolve())
         elif isinstance(value, float) or isinstance(flat[key], float):
             assert flat[key] == pytest.approx(float(value)), key
         else:

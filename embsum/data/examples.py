@@ -1,0 +1,253 @@
+"""Per user: training examples (1 positive + K negatives), evaluation impressions, the user row.
+
+Everything here works on one user's records at a time and is a pure function of them, the
+config and the catalog, so it gives the same rows on one worker or forty, in Ray or in pandas.
+
+Splits are by user (``timeline.split_of``): train users give ``train`` examples; valid users give
+``valid_examples`` (the same format, for the trainer's in-loop AUC) and ``valid`` impressions;
+test users give ``test`` impressions only. Every user gets a ``users`` row (full history).
+
+Negatives. With impressions (MIND, or logs with ``impression_col``) a positive's negatives are
+its impression's non-clicks, less anything the user clicked anywhere (sampled with replacement
+when there are fewer than K; an impression without any falls back to the catalog). Otherwise they
+come from the catalog, excluding every item the user engaged with: positives, ignored labels
+(Book-Crossing's implicit 0: the user had the book) and, without impressions, explicit negatives.
+The positive comes first. Sampling uses a generator seeded by (seed, user_id): reruns are
+identical and independent of how users land in blocks.
+
+Evaluation. MIND impressions are kept whole (the candidates that have text, in their order),
+if at least one is clicked and one is not (else AUC is undefined). Logs are evaluated
+leave-last-out: the user's last positive against ``eval_negatives`` catalog items they never
+engaged with, shuffled. Examples and impressions whose history is shorter than ``min_history``
+are skipped; each skip is counted in the stats row every batch emits (kind 'stats').
+
+Histories. Examples and impressions carry the leakage-free history as of their event, cut to
+the most recent H = G * P items (what ``session_ids`` encodes; valid/test keep it as ``history``).
+The ``users`` row carries the user's full history, every split's events included: it is what
+precompute and serving know about the user, not an evaluation input.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+from embsum.config import Config
+from embsum.data.catalog import CatalogIndex
+from embsum.data.timeline import (
+    IGNORED,
+    NEGATIVE,
+    Event,
+    Row,
+    build_events,
+    full_history,
+    histories,
+    split_of,
+    stable_hash64,
+)
+
+KINDS = ("train", "valid_examples", "valid", "test", "users")
+PLAN_SCHEMA = pa.schema([
+    ("kind", pa.string()), ("example_id", pa.string()), ("user_id", pa.string()), ("impression_id", pa.string()),
+    ("split", pa.string()), ("history", pa.list_(pa.string())), ("candidates", pa.list_(pa.string())),
+    ("labels", pa.list_(pa.int8())), ("stats", pa.string()),
+])
+# (kind, example_id, user_id, impression_id, split, history, candidates, labels, stats)
+PlanRow = tuple[str, str, str, str, str, list[str], list[str], list[int], str]
+Impression = tuple[str, list[str], list[str], list[int]]  # (impression_id, history, candidates, labels)
+PLAN_INPUT_COLUMNS = ["user_id", "impression_id", "ts", "source", "line", "history", "items", "labels"]
+
+
+@dataclass(frozen=True)
+class PlanSpec:
+    """The config fields that shape examples, resolved for one input format."""
+
+    seed: int
+    negatives: int
+    eval_negatives: int
+    valid_fraction: float
+    test_fraction: float
+    min_history: int
+    max_examples_per_user: int
+    history_len: int  # H = G * P
+    from_log: bool  # histories include earlier positives from the log
+    impressions: bool  # negatives from impressions; MIND-style whole-impression evaluation
+    whole_impressions: bool  # evaluate impressions whole (MIND) rather than leave-last-out
+    timestamps: bool
+
+    @classmethod
+    def from_config(cls, cfg: Config, mind: bool) -> PlanSpec:
+        d, m = cfg.data, cfg.model
+        return cls(seed=d.seed, negatives=d.negatives, eval_negatives=d.eval_negatives,
+                   valid_fraction=d.valid_fraction, test_fraction=d.test_fraction, min_history=d.min_history,
+                   max_examples_per_user=d.max_examples_per_user,
+                   history_len=m.num_sessions * m.items_per_session,
+                   from_log=(not mind) or d.history_source == "log", impressions=mind or bool(d.impression_col),
+                   whole_impressions=mind, timestamps=mind or bool(d.timestamp_col))
+
+
+def sample_excluding(rng: random.Random, n: int, excluded: set[int], k: int, *,
+                     allow_fewer: bool = False) -> list[int] | None:
+    """k positions in range(n) outside ``excluded``: distinct when there are enough, else with
+    replacement (or, with ``allow_fewer``, all there are). None when nothing is left."""
+    avail = n - len(excluded)
+    if avail <= 0 or k <= 0:
+        return None
+    distinct = allow_fewer or avail >= k
+    k = min(k, avail) if allow_fewer else k
+    out: list[int] = []
+    chosen: set[int] = set()
+    for _ in range(8 * k + 16):  # rejection sampling: cheap while the user's items are a small share
+        x = rng.randrange(n)
+        if x in excluded or (distinct and x in chosen):
+            continue
+        out.append(x)
+        chosen.add(x)
+        if len(out) == k:
+            return out
+    allowed = [x for x in range(n) if x not in excluded and not (distinct and x in chosen)]
+    rest = rng.sample(allowed, k - len(out)) if distinct else rng.choices(allowed, k=k - len(out))
+    return out + rest
+
+
+def plan_user(user_id: str, rows: Sequence[Row], spec: PlanSpec, index: CatalogIndex,
+              stats: Counter) -> list[PlanRow]:
+    """One user's records (sorted; see ``timeline.Row``) -> plan rows."""
+    split = split_of(user_id, spec.seed, spec.valid_fraction, spec.test_fraction)
+    group = spec.impressions and not spec.whole_impressions  # logs with an impression column
+    events = build_events(rows, spec.timestamps, group)
+    # Python's generator, not numpy's: draws of 1-50 items cost ~1 us here and ~10 us in numpy.
+    rng = random.Random(stable_hash64("negatives", spec.seed, user_id))
+    positives = {p for ev in events for p in ev.positives} | {h for ev in events for h in ev.column_history}
+    own = set(positives)
+    for ev in events:
+        own.update(i for i, lab in zip(ev.items, ev.labels, strict=True)
+                   if lab == IGNORED or (lab == NEGATIVE and not spec.impressions))
+    own_pos = {index.position[i] for i in own if i in index.position}
+    out: list[PlanRow] = []
+    out.append(("users", "", user_id, "", split, full_history(events), [], [], ""))
+    stats[f"users.{split}"] += 1
+    if not events:
+        return out
+    hists = histories(events, spec.from_log, spec.history_len, all_events=spec.whole_impressions)
+    if split in ("train", "valid"):
+        out += _examples(user_id, split, events, hists, spec, index, rng, positives, own_pos, stats)
+    if split in ("valid", "test"):
+        evals = _whole(user_id, events, hists, spec, stats) if spec.whole_impressions else \
+            _leave_last_out(user_id, events, hists, spec, index, rng, own_pos, stats)
+        out += [(split, "", user_id, imp, split, hist, cands, labels, "") for imp, hist, cands, labels in evals]
+        stats[f"eval.{split}"] += len(evals)
+    return out
+
+
+def _examples(user_id: str, split: str, events: list[Event], hists: list[list[str]], spec: PlanSpec,
+              index: CatalogIndex, rng: random.Random, positives: set[str], own_pos: set[int],
+              stats: Counter) -> list[PlanRow]:
+    todo = []
+    ordinal = 0
+    for ev, hist in zip(events, hists, strict=True):
+        for p in ev.positives:
+            ordinal += 1
+            if len(hist) < spec.min_history:
+                stats["skipped.short history"] += 1
+                continue
+            todo.append((ordinal, ev, p, hist))
+    if len(todo) > spec.max_examples_per_user:  # the most recent ones are kept
+        stats["skipped.over max_examples_per_user"] += len(todo) - spec.max_examples_per_user
+        todo = todo[-spec.max_examples_per_user:]
+    kind = "train" if split == "train" else "valid_examples"
+    out = []
+    pools: dict[int, list[str]] = {}  # per event: its non-clicks the user never clicked anywhere
+    for ordinal, ev, p, hist in todo:
+        negs: list[str] | None = None
+        if spec.impressions:
+            pool = pools.get(id(ev))
+            if pool is None:
+                pool = pools[id(ev)] = list(dict.fromkeys(i for i, lab in zip(ev.items, ev.labels, strict=True)
+                                                          if lab == NEGATIVE and i not in positives))
+            if pool:
+                k = spec.negatives
+                negs = rng.sample(pool, k) if len(pool) >= k else rng.choices(pool, k=k)
+        if negs is None:
+            sampled = sample_excluding(rng, len(index), own_pos, spec.negatives)  # p is one of own_pos
+            if sampled is None:
+                stats["skipped.no negatives"] += 1
+                continue
+            negs = [index.ids[k] for k in sampled]
+        out.append((kind, f"{user_id}:{ordinal}", user_id, ev.impression_id, split, hist, [p, *negs],
+                    [1] + [0] * len(negs), ""))
+    stats[f"examples.{kind}"] += len(out)
+    return out
+
+
+def _whole(user_id: str, events: list[Event], hists: list[list[str]], spec: PlanSpec,
+           stats: Counter) -> list[Impression]:
+    out = []
+    for ev, hist in zip(events, hists, strict=True):
+        if not ev.items:
+            continue  # a row whose candidates all lack text still fed the history
+        n_pos = sum(1 for lab in ev.labels if lab == 1)
+        if n_pos == 0 or n_pos == len(ev.labels):
+            stats["eval_skipped.without both labels"] += 1
+        elif len(hist) < spec.min_history:
+            stats["eval_skipped.short history"] += 1
+        else:
+            out.append((ev.impression_id, hist, list(ev.items), list(ev.labels)))
+    return out
+
+
+def _leave_last_out(user_id: str, events: list[Event], hists: list[list[str]], spec: PlanSpec,
+                    index: CatalogIndex, rng: random.Random, own_pos: set[int],
+                    stats: Counter) -> list[Impression]:
+    last = max((k for k, ev in enumerate(events) if ev.positives), default=None)
+    if last is None:
+        stats["eval_skipped.no positive"] += 1
+        return []
+    target, hist = events[last].positives[-1], hists[last]
+    if len(hist) < spec.min_history:
+        stats["eval_skipped.short history"] += 1
+        return []
+    sampled = sample_excluding(rng, len(index), own_pos, spec.eval_negatives, allow_fewer=True)
+    if sampled is None:
+        stats["eval_skipped.no negatives"] += 1
+        return []
+    cands = [target, *(index.ids[k] for k in sampled)]
+    labels = [1] + [0] * len(sampled)
+    order = list(range(len(cands)))
+    rng.shuffle(order)  # a constant scorer must not get credit for position
+    return [(f"{user_id}:last", hist, [cands[k] for k in order], [labels[k] for k in order])]
+
+
+def lists(column: pa.ChunkedArray | pa.Array) -> list[list]:
+    """A list column -> Python lists; flattening first is several times faster than to_pylist()."""
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    flat = arr.flatten().to_pylist()
+    off = arr.offsets.to_pylist()
+    if arr.offset or arr.null_count:  # a sliced or nullable array: take the slow, always-right road
+        return [x or [] for x in arr.to_pylist()]
+    return [flat[off[k] - off[0]:off[k + 1] - off[0]] for k in range(len(arr))]
+
+
+def plan_batch(records: pa.Table, spec: PlanSpec, index: CatalogIndex) -> pa.Table:
+    """Good records of whole users (all of a user's rows in this batch) -> plan rows + 1 stats row."""
+    keys = [("user_id", "ascending")] + ([("ts", "ascending")] if spec.timestamps else []) + \
+        [("source", "ascending"), ("line", "ascending")]
+    table = records.select(PLAN_INPUT_COLUMNS).sort_by(keys)
+    users = table.column("user_id").to_pylist()
+    rows: list[Row] = list(zip(table.column("ts").to_pylist(), table.column("impression_id").to_pylist(),
+                               *(lists(table.column(c)) for c in ("history", "items", "labels")), strict=True))
+    stats: Counter = Counter()
+    out: list[PlanRow] = []
+    start = 0
+    for k in range(1, len(rows) + 1):
+        if k == len(rows) or users[k] != users[start]:
+            out += plan_user(users[start], rows[start:k], spec, index, stats)
+            start = k
+    out.append(("stats", "", "", "", "", [], [], [], json.dumps(dict(stats), sort_keys=True)))
+    columns = zip(*out, strict=True)  # rows -> columns
+    return pa.table([pa.array(list(c), f.type) for c, f in zip(columns, PLAN_SCHEMA, strict=True)], schema=PLAN_SCHEMA)

@@ -1,0 +1,210 @@
+"""Input files: where they are, what format they hold, and their lines with 1-based numbers.
+
+Paths may be local (relative to the current directory), ``file://``, or any URI pyarrow's
+filesystems understand (``s3://``, ``gs://``, ``hdfs://``); other fsspec protocols are wrapped
+with pyarrow's ``FSSpecHandler``. A path may name a file, a directory (every file below it,
+hidden and ``_``-prefixed ones skipped) or a glob in its last component (``logs/part-*.csv``).
+
+The file list is resolved once, on the driver, and handed to Ray Data as an explicit list: the
+fingerprint, the preflight checks and the job then agree on exactly which files were read.
+
+Line numbers are the reason this module exists: Ray Data's text readers do not keep them, so the
+job reads whole files (``read_binary_files``) and ``explode_file`` turns each into rows of
+(source, line, raw bytes). Decoding happens later, per line, so a bad byte sequence costs one
+quarantined row, not the file. Parquet has no lines: its rows become JSON objects numbered 1..n,
+and flow through the JSON-lines parser.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import io
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+FORMATS = ("csv", "tsv", "jsonl", "parquet")
+_EXTENSIONS = {".csv": "csv", ".tsv": "tsv", ".tab": "tsv", ".txt": "tsv", ".jsonl": "jsonl",
+               ".ndjson": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".pq": "parquet"}
+HEAD_BYTES = 1 << 16  # preflight reads this much of each file
+
+EXPLODED_SCHEMA = pa.schema([("source", pa.string()), ("line", pa.int64()), ("raw", pa.binary())])
+
+
+@dataclass(frozen=True)
+class FileRef:
+    """One input file: ``path`` as its filesystem names it, ``uri`` as reports show it."""
+
+    path: str
+    uri: str
+    size: int
+    mtime_ns: int
+
+
+@dataclass(frozen=True)
+class Source:
+    """The resolved files behind one config field (``data.interactions`` or ``data.items``)."""
+
+    field: str
+    filesystem: pafs.FileSystem
+    files: tuple[FileRef, ...]
+    prefix: str  # prepended to a filesystem path to make the uri ('' for local, 's3://' ...)
+
+    @property
+    def paths(self) -> list[str]:
+        return [f.path for f in self.files]
+
+
+def _filesystem(uri: str) -> tuple[pafs.FileSystem, str, str]:
+    """(filesystem, path inside it, uri prefix). Local paths become absolute (workers' cwd differs)."""
+    if "://" not in uri:
+        return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri)), ""
+    scheme = uri.split("://", 1)[0]
+    if scheme == "file":
+        return pafs.LocalFileSystem(), os.path.abspath(uri[len("file://"):]), ""
+    try:
+        fs, path = pafs.FileSystem.from_uri(uri)
+        return fs, path, f"{scheme}://"
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError):
+        pass
+    try:
+        import fsspec.core
+
+        ffs, path = fsspec.core.url_to_fs(uri)
+    except (ImportError, ValueError) as e:
+        raise ValueError(f"cannot open {uri!r}: no pyarrow or fsspec filesystem for scheme {scheme!r} ({e})") from None
+    return pafs.PyFileSystem(pafs.FSSpecHandler(ffs)), path, f"{scheme}://"
+
+
+def resolve(uri: str, field: str) -> Source:
+    """Expand a file / directory / glob into its files. Raises ``ValueError`` naming ``field``."""
+    if not uri:
+        raise ValueError(f"{field} is empty; give a file, directory or glob (local path or URI)")
+    fs, path, prefix = _filesystem(uri)
+    infos: list[pafs.FileInfo]
+    base = path.rstrip("/").rsplit("/", 1)[-1]
+    if any(c in base for c in "*?["):
+        parent = path.rstrip("/").rsplit("/", 1)[0] if "/" in path.rstrip("/") else "."
+        listing = fs.get_file_info(pafs.FileSelector(parent, allow_not_found=True))
+        infos = [i for i in listing if i.type == pafs.FileType.File and fnmatch.fnmatch(i.base_name, base)
+                 and not i.base_name.startswith((".", "_"))]
+    else:
+        info = fs.get_file_info(path)
+        if info.type == pafs.FileType.NotFound:
+            raise ValueError(f"{field}={uri!r}: no such file or directory")
+        if info.type == pafs.FileType.Directory:
+            infos = [i for i in fs.get_file_info(pafs.FileSelector(path, recursive=True))
+                     if i.type == pafs.FileType.File
+                     and not any(p.startswith((".", "_")) for p in i.path[len(path):].split("/") if p)]
+        else:
+            infos = [info]
+    if not infos:
+        raise ValueError(f"{field}={uri!r}: matched no files")
+    files = tuple(FileRef(i.path, prefix + i.path, int(i.size or 0), int(i.mtime_ns or 0))
+                  for i in sorted(infos, key=lambda i: i.path))
+    return Source(field, fs, files, prefix)
+
+
+def detect_format(declared: str, source: Source, field: str) -> str:
+    """'auto' -> the format the file extension names (all files must agree)."""
+    if declared != "auto":
+        return declared
+    found = set()
+    for f in source.files:
+        ext = os.path.splitext(f.path)[1].lower()
+        if ext not in _EXTENSIONS:
+            raise ValueError(f"{field}: cannot tell the format of {f.uri!r} from its extension {ext!r}; set "
+                             f"{field}_format to one of {list(FORMATS)}")
+        found.add(_EXTENSIONS[ext])
+    if len(found) > 1:
+        raise ValueError(f"{field}: files of several formats {sorted(found)}; point at one format or set "
+                         f"{field}_format")
+    return found.pop()
+
+
+def read_head(source: Source, ref: FileRef, n: int = HEAD_BYTES) -> bytes:
+    with source.filesystem.open_input_stream(ref.path) as f:
+        return f.read(n)
+
+
+def read_parquet_schema(source: Source, ref: FileRef) -> pa.Schema:
+    import pyarrow.parquet as pq
+
+    with source.filesystem.open_input_file(ref.path) as f:
+        return pq.read_schema(f)
+
+
+def estimate_rows(source: Source) -> int:
+    """Rows in all files, estimated from the first file's head (lines per byte) and total size:
+    enough to size blocks so that every CPU gets work, without reading everything twice."""
+    total = sum(f.size for f in source.files)
+    head = read_head(source, source.files[0])
+    lines = head.count(b"\n")
+    return max(1, int(total * lines / len(head))) if head and lines else max(1, len(source.files))
+
+
+def fingerprint(sources: list[Source], extra: dict[str, Any], *, mtimes: bool = True) -> str:
+    """sha256 over every input file's uri, size and mtime plus ``extra`` (the data config):
+    cheap on any storage, and it changes whenever an input or a setting that shapes the output does.
+    ``mtimes=False`` for generated inputs, whose content is a pure function of ``extra``."""
+    h = hashlib.sha256()
+    for s in sources:
+        for f in s.files:
+            h.update(f"{s.field}\x1f{f.uri}\x1f{f.size}\x1f{f.mtime_ns if mtimes else ''}\n".encode())
+    h.update(json.dumps(extra, sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+# ---- whole files -> numbered lines (runs inside Ray Data tasks; pure) ----------------------
+
+def iter_lines(data: bytes) -> Iterator[tuple[int, bytes]]:
+    """(1-based line number, line without its line ending). A UTF-8 BOM is dropped; blank lines
+    (whitespace only) are skipped: they are not rows, and they keep their numbers out of use."""
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    for i, line in enumerate(data.split(b"\n"), start=1):
+        if line.endswith(b"\r"):
+            line = line[:-1]
+        if line.strip():
+            yield i, line
+
+
+def explode_file(uri: str, data: bytes, fmt: str, headed: bool) -> tuple[list[str], list[int], list[bytes]]:
+    """One file's bytes -> (sources, lines, raws). ``headed`` skips the header line (numbers stay
+    1-based and count it, so the first data row of a csv is line 2). Parquet rows become JSON
+    objects (line = row number)."""
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        rows = pq.read_table(io.BytesIO(data)).to_pylist()
+        raws = [json.dumps(r, default=str, ensure_ascii=False).encode() for r in rows]
+        return [uri] * len(raws), list(range(1, len(raws) + 1)), raws
+    lines, raws = [], []
+    header_pending = headed
+    for no, raw in iter_lines(data):
+        if header_pending:  # the header is the first non-blank line
+            header_pending = False
+            continue
+        lines.append(no)
+        raws.append(raw)
+    return [uri] * len(raws), lines, raws
+
+
+def explode_batch(batch: pa.Table, fmt: str, headed: bool, prefix: str) -> pa.Table:
+    """Ray Data ``map_batches`` body over ``read_binary_files(include_paths=True)`` rows."""
+    sources: list[str] = []
+    lines: list[int] = []
+    raws: list[bytes] = []
+    for path, data in zip(batch.column("path").to_pylist(), batch.column("bytes").to_pylist(), strict=True):
+        s, n, r = explode_file(prefix + path, data, fmt, headed)
+        sources += s
+        lines += n
+        raws += r
+    return pa.table({"source": pa.array(sources, pa.string()), "line": pa.array(lines, pa.int64()),
+                     "raw": pa.array(raws, pa.binary())}, schema=EXPLODED_SCHEMA)

@@ -307,13 +307,13 @@ __all__ = ["APP_NAME", "INGRESS_NAME", "SCORER_NAME", "application", "build_app"
 def _cli(cfg: Config, a: Any) -> dict[str, Any]:
     if a.action == "run":  # foreground: serve until Ctrl-C / SIGTERM
         out = deploy(cfg, blocking=False)
-        print(f"[serve] v{out.get('model', {}).get('version')} on http://{cfg.serve.host}:{cfg.serve.port}"
+        print(f"[serve] v{out.get('model', {}).get('model_version')} on http://{cfg.serve.host}:{cfg.serve.port}"
               f"{cfg.serve.route_prefix} - Ctrl-C to stop", flush=True)
         _serve_forever()
         return out
     if a.action == "deploy":
         out = deploy(cfg, blocking=False)
-        print(f"[serve] deployed v{out.get('model', {}).get('version')} on http://{cfg.serve.host}:"
+        print(f"[serve] deployed v{out.get('model', {}).get('model_version')} on http://{cfg.serve.host}:"
               f"{cfg.serve.port}{cfg.serve.route_prefix}", flush=True)
         return out
     if a.action == "rollout":

@@ -85,15 +85,16 @@ def run_embed(cfg: Config, version: str | None = None) -> dict[str, Any]:
     tmp.mkdir(parents=True, exist_ok=True)
     try:
         t_items = time.perf_counter()
-        items = ray.data.read_parquet(str(data_dir / layout.ITEMS), columns=["item_id", "text", "token_ids"])
+        items = ray.data.read_parquet(str(data_dir / layout.ITEMS)).select_columns(["item_id", "text", "token_ids"])
         items.map_batches(ItemEncoder, **pool).write_parquet(str(tmp / ITEMS))
         t_items = time.perf_counter() - t_items
         t_users = time.perf_counter()
-        users = ray.data.read_parquet(str(data_dir / layout.USERS), columns=["user_id", "history", "session_ids"])
+        users = ray.data.read_parquet(str(data_dir / layout.USERS)).select_columns(
+            ["user_id", "history", "session_ids"])
         users.map_batches(UserEncoder, **pool).write_parquet(str(tmp / USERS))
         t_users = time.perf_counter() - t_users
-        n_items = ray.data.read_parquet(str(tmp / ITEMS), columns=["item_id"]).count()
-        n_users = ray.data.read_parquet(str(tmp / USERS), columns=["user_id"]).count()
+        n_items = ray.data.read_parquet(str(tmp / ITEMS)).select_columns(["item_id"]).count()
+        n_users = ray.data.read_parquet(str(tmp / USERS)).select_columns(["user_id"]).count()
         manifest = Manifest(
             model_name=registry.name, model_version=str(version),
             model_fingerprint=str(meta.get("metadata", {}).get("model_fingerprint", "")),

@@ -74,7 +74,7 @@ def _item_bank(cfg: Config, predictor_dir: Path, wanted: set[str]) -> tuple[list
     from train.embed import ItemEncoder
 
     t = cfg.train
-    items = ray.data.read_parquet(str(cfg.data_dir / layout.ITEMS), columns=["item_id", "text", "token_ids"])
+    items = ray.data.read_parquet(str(cfg.data_dir / layout.ITEMS)).select_columns(["item_id", "text", "token_ids"])
     items = items.filter(lambda r: r["item_id"] in wanted)
     enc = items.map_batches(ItemEncoder, compute=ray.data.ActorPoolStrategy(size=t.infer_actors),
                             batch_size=t.infer_batch_size, num_cpus=t.infer_cpus, num_gpus=t.infer_gpus or None,

@@ -17,6 +17,7 @@ differently shuffled pass, which for step-based training is statistically the sa
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import signal
@@ -27,6 +28,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+
+# Ray Train routes worker logging (and re-routes print) to the driver; logging directly avoids
+# the doubled lines that print gets when Ray has also wrapped stdout.
+log = logging.getLogger("embsum.train")
 
 
 def _collate(summaries: dict[str, np.ndarray], empty_summary: np.ndarray, device: Any):
@@ -109,7 +115,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                                    load_lr_scheduler_states=True)
             step = int(state["step"])
         if rank == 0:
-            print(f"[train] resumed from step {step} ({ckpt.path})", flush=True)
+            log.info(f"[train] resumed from step {step} ({ckpt.path})")
 
     summaries: dict[str, np.ndarray] = loop_config.get("summaries") or {}
     empty = np.zeros((cfg.model.summary_tokens,), np.int32)
@@ -196,7 +202,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     and not fail_marker.exists():
                 fail_marker.parent.mkdir(parents=True, exist_ok=True)
                 fail_marker.write_text(str(os.getpid()))
-                print(f"[train] fail_at_step={step}: rank {rank} kills itself (pid {os.getpid()})", flush=True)
+                log.warning(f"[train] fail_at_step={step}: rank {rank} kills itself (pid {os.getpid()})")
                 os.kill(os.getpid(), signal.SIGKILL)
             last = step >= t.max_steps
             if step % t.log_every == 0 or last or step % t.checkpoint_every == 0:
@@ -212,15 +218,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     metrics.update(validate())
                     if tracker:
                         tracker.log(metrics, step)
-                        print(f"[train] step {step}/{t.max_steps} " + " ".join(
-                            f"{k}={v:.4g}" for k, v in metrics.items()), flush=True)
+                        log.info(f"[train] step {step}/{t.max_steps} " + " ".join(
+                            f"{k}={v:.4g}" for k, v in metrics.items()))
                     save_and_report(metrics)
                 else:
                     if tracker:
                         tracker.log(metrics, step)
-                        print(f"[train] step {step}/{t.max_steps} loss={metrics['loss']:.4f} "
-                              f"nce={metrics['nce_loss']:.4f} sum={metrics['summary_loss']:.4f} "
-                              f"ex/s={metrics['examples_per_s']:.1f}", flush=True)
+                        log.info(f"[train] step {step}/{t.max_steps} loss={metrics['loss']:.4f} "
+                                 f"nce={metrics['nce_loss']:.4f} sum={metrics['summary_loss']:.4f} "
+                                 f"ex/s={metrics['examples_per_s']:.1f}")
                     ray.train.report({**metrics, "step": step})
             if last:
                 done = True

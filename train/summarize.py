@@ -121,7 +121,7 @@ def run_summarize(cfg: Config) -> dict[str, Any]:
     from ray.data import ActorPoolStrategy
     from ray.data.expressions import col
 
-    users = ray.data.read_parquet(str(users_dir), columns=["user_id", "split", "history"])
+    users = ray.data.read_parquet(str(users_dir)).select_columns(["user_id", "split", "history"])
     out = users.filter(expr=col("split") == "train").map_batches(
         SummarizeWorker,
         fn_constructor_kwargs={"cfg": cfg, "items_path": str(items_path), "template": template,

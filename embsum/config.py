@@ -464,7 +464,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         values = loaded or {}
         ds = (values.get("train") or {}).get("deepspeed_config")
         if isinstance(ds, str) and ds and not Path(ds).is_absolute() and "://" not in ds:
-            values.setdefault("train", {})["deepspeed_config"] = str((p.resolve().parent / ds))
+            values.setdefault("train", {})["deepspeed_config"] = str(p.resolve().parent / ds)
     cfg = config_from_dict(values, overrides)
     # Relative paths resolve here, once, against the caller's working directory: Ray workers,
     # actors and Serve replicas run in other directories and must see the same absolute paths.

@@ -29,7 +29,6 @@ from typing import Any
 
 import numpy as np
 
-
 # Ray Train routes worker logging (and re-routes print) to the driver; logging directly avoids
 # the doubled lines that print gets when Ray has also wrapped stdout.
 log = logging.getLogger("embsum.train")

@@ -32,7 +32,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=N
                        "(default ray_config.yaml) and trailing KEY=VALUE overrides.")
 data_app = typer.Typer(no_args_is_help=True, help="Datasets: generate the synthetic demo set.")
 models_app = typer.Typer(no_args_is_help=True, help="Registry lookups (MLflow): versions, aliases, metrics.")
-serve_app = typer.Typer(help="Run the Ray Serve scorer (foreground by default), or manage a running one.")
+serve_app = typer.Typer(no_args_is_help=True, help="The Ray Serve app: start it (foreground or --detach), "
+                                                     "status, rollout, stop.")
 app.add_typer(data_app, name="data")
 app.add_typer(models_app, name="models")
 app.add_typer(serve_app, name="serve")
@@ -40,6 +41,14 @@ app.add_typer(serve_app, name="serve")
 
 class CliError(Exception):
     """A user-facing failure: printed as one line, exit code 1."""
+
+
+class StageFailed(Exception):
+    """A stage program failed and already printed its one-line error."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(code)
+        self.code = code
 
 
 _STATE: dict[str, Any] = {"debug": False}
@@ -79,8 +88,10 @@ def _stage(module: str, config: str, overrides: list[str], *extra: str, title: s
     repo = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = repo + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     proc = subprocess.run(cmd, env=env)
+    if proc.returncode == 1:  # the stage printed its own one-line error
+        raise StageFailed(1)
     if proc.returncode != 0:
-        raise CliError(f"{title or module} failed (exit {proc.returncode}); see the message above")
+        raise CliError(f"{title or module} stopped with exit code {proc.returncode} (killed or crashed)")
     out = json.loads(result.read_text()) if result.is_file() else {}
     result.unlink(missing_ok=True)
     console.print(f"[green]✓[/green] {title or module} done in {time.perf_counter() - t0:.1f}s")
@@ -174,17 +185,21 @@ def promote(version: str = typer.Argument(None, help="Version to promote (defaul
 
 
 # ---- serve ------------------------------------------------------------------------------------------------
-@serve_app.callback(invoke_without_command=True)
-def serve(ctx: typer.Context, detach: bool = typer.Option(False, "--detach", help="Deploy and return (needs a running "
-                                                                                   "cluster: --address)."),
-          config: str = ConfigOpt, address: str = AddressOpt, overrides: list[str] = OverridesArg) -> None:
+@serve_app.command("start")
+def serve_start(detach: bool = typer.Option(False, "--detach", help="Deploy and return (needs a running cluster: "
+                                                                     "--address)."),
+                config: str = ConfigOpt, address: str = AddressOpt, overrides: list[str] = OverridesArg) -> None:
     """Start the Serve app (serve.app:build_app) for models:/NAME@ALIAS on serve.host:serve.port, in the
     foreground until Ctrl-C, or --detach onto an existing cluster."""
-    if ctx.invoked_subcommand is not None:
-        return
     if detach and not address:
         raise CliError("--detach needs --address of a running Ray cluster (a local one would stop with this command)")
     _stage("serve.app", config, _ov(overrides, address), "deploy" if detach else "run", title="serve")
+
+
+@serve_app.command("stop")
+def serve_stop(config: str = ConfigOpt, address: str = AddressOpt, overrides: list[str] = OverridesArg) -> None:
+    """Shut Serve down on a running cluster."""
+    _stage("serve.app", config, _ov(overrides, address or "auto"), "shutdown", title="serve stop")
 
 
 @serve_app.command("status")
@@ -343,6 +358,7 @@ def config_cmd(docs: bool = typer.Option(False, "--docs", help="Print the refere
 def run(config: str = ConfigOpt, address: str = AddressOpt,
         serve_demo: bool = typer.Option(True, "--serve/--no-serve", help="Start the Serve app and send requests."),
         keep_serving: bool = typer.Option(False, "--keep-serving", help="Keep the service up until Ctrl-C."),
+        report: Path = typer.Option(None, "--report", help="Also write the final report as JSON here."),
         overrides: list[str] = OverridesArg) -> None:
     """The whole pipeline: prepare -> summarize -> train -> evaluate -> promote (gate) -> embed -> serve, then a
     report (metrics, a user's generated summary, top-5 recommendations, where everything is). On the embedded
@@ -350,8 +366,12 @@ def run(config: str = ConfigOpt, address: str = AddressOpt,
     from embsum.pipeline import run_pipeline
 
     cfg = _config(config, _ov(overrides, address))
-    run_pipeline(cfg, config, _ov(overrides, address), stage=_stage, console=console,
-                 serve_demo=serve_demo, keep_serving=keep_serving)
+    out = run_pipeline(cfg, config, _ov(overrides, address), stage=_stage, console=console,
+                       serve_demo=serve_demo, keep_serving=keep_serving)
+    if report:
+        from embsum.stage import write_result
+
+        write_result(report, out)
 
 
 def main() -> None:
@@ -365,6 +385,8 @@ def main() -> None:
     except CliError as e:
         err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
         sys.exit(1)
+    except StageFailed as e:
+        sys.exit(e.code)
     except SystemExit:
         raise
     except Exception as e:  # click usage errors, ValueErrors from config, anything else: one line
@@ -381,3 +403,7 @@ def main() -> None:
         err.print(f"[red]error:[/red] {msg}" + ("" if _STATE["debug"] else " (--debug for the traceback)"),
                   highlight=False, soft_wrap=True)
         sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

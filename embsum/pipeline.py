@@ -143,5 +143,5 @@ def _report(cfg: Config, out: dict[str, Any], console: Console) -> None:
                   f"  embeddings  {cfg.embeddings_dir}\n"
                   f"  eval        {w / 'eval'}\n"
                   f"open the MLflow UI: mlflow ui --backend-store-uri {cfg.tracking_uri}\n"
-                  f"serve again: embsum serve --config <this config>   (then: embsum recommend USER_ID)\n"
+                  f"serve again: embsum serve start --config <this config>   (then: embsum recommend USER_ID)\n"
                   f"total {out.get('seconds', 0):.0f}s")

@@ -53,6 +53,7 @@ def init_ray(cfg: RayConfig, *, log_to_driver: bool = True) -> Any:
         return ray
     runtime_env = {"env_vars": worker_env()}
     if cfg.address:
+        _check_reachable(cfg.address)
         try:
             ray.init(address=cfg.address, namespace=cfg.namespace, runtime_env=runtime_env,
                      log_to_driver=log_to_driver)
@@ -65,3 +66,18 @@ def init_ray(cfg: RayConfig, *, log_to_driver: bool = True) -> Any:
     ray.init(num_cpus=local_num_cpus(cfg), namespace=cfg.namespace, include_dashboard=cfg.include_dashboard,
              runtime_env=runtime_env, log_to_driver=log_to_driver, **kwargs)
     return ray
+
+
+def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail in seconds, naming the address, instead of Ray's minute-long GCS retries."""
+    import socket
+
+    target = address.split("://", 1)[-1].rstrip("/")
+    if address in ("auto", "local") or ":" not in target:
+        return
+    host, _, port = target.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            pass
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot reach the Ray cluster at ray.address={address!r}: {e}") from None

@@ -18,8 +18,9 @@ from typing import Any
 
 import torch
 
-from embsum.config import EmbSumConfig, _build
+from embsum.config import EmbSumConfig
 from embsum.tokenization import EmbSumTokenizer, load_tokenizer
+from embsum.typed_config import build
 
 WEIGHTS = "model.safetensors"
 META = "embsum.json"
@@ -112,7 +113,7 @@ def load_model(path: str | Path, expect: EmbSumConfig | None = None,
         raise ValueError(f"{path}: {WEIGHTS} is missing")
     if _sha256(weights) != meta.get("weights_sha256"):
         raise ValueError(f"{weights} is corrupted: its sha256 does not match the one recorded in {META}")
-    cfg = _build(EmbSumConfig, meta["embsum"], "model.")
+    cfg = build(EmbSumConfig, meta["embsum"], "model.")
     if expect is not None:
         diff = [d for d in _config_diff(cfg, expect) if d.split(":")[0].split(".")[1] in _SHAPE_FIELDS]
         if diff:

@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-unit test-integration bench bench-quick lint clean
+.PHONY: install demo test test-unit test-integration bench bench-quick lint clean readme-config
 
 $(STAMP): pyproject.toml requirements/lock-cpu.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -40,3 +40,6 @@ lint: $(STAMP)
 
 clean:
 	rm -rf runs .pytest_cache
+
+readme-config:  ## regenerate the README's config reference from the dataclass docs
+	$(PY) -c "import re,pathlib; from embsum.config import config_reference as c; p=pathlib.Path('README.md'); t=p.read_text(); p.write_text(re.sub(r'(<!-- config-reference:start -->\n).*?(\n<!-- config-reference:end -->)', lambda m: m.group(1)+c().strip()+m.group(2), t, flags=re.S))"

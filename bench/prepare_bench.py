@@ -52,8 +52,8 @@ from embsum.data.records import (
     preflight,
 )
 from embsum.data.sources import EXPLODED_SCHEMA, explode_file
-from embsum.data.tensorize import tensorize
-from train.prepare import OUTPUTS, resolve_inputs, run_prepare
+from embsum.data.tensorize import output_schema, tensorize, write_options
+from train.prepare import OUTPUTS, TENSORIZE_ROWS, resolve_inputs, run_prepare
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results" / "prepare.json"
@@ -144,12 +144,13 @@ def run_baseline(cfg: Config) -> dict[str, Any]:
     good = parsed.filter(pc.and_(keep, pc.equal(parsed.column("reason"), "")))
     plan = plan_batch(good, PlanSpec.from_config(cfg, mind), catalog.index)
     counts: Counter = Counter(plan.column("kind").to_pylist())
-    for kind in KINDS:
+    for kind in KINDS:  # as the job's plan tasks write: row groups of TENSORIZE_ROWS, the same options
         rows = plan.filter(pc.equal(plan.column("kind"), kind))
-        parts = [tensorize(rows.slice(k, 4096), kind, catalog.index, d.negatives)
-                 for k in range(0, max(rows.num_rows, 1), 4096)]
         (out / OUTPUTS[kind]).mkdir()
-        pq.write_table(pa.concat_tables(parts), out / OUTPUTS[kind] / "part-0.parquet")
+        schema = output_schema(kind, cfg.model, d.negatives)
+        with pq.ParquetWriter(out / OUTPUTS[kind] / "part-0.parquet", schema, **write_options(schema)) as w:
+            for k in range(0, rows.num_rows, TENSORIZE_ROWS):
+                w.write_table(tensorize(rows.slice(k, TENSORIZE_ROWS), kind, catalog.index, d.negatives))
     q = parsed.filter(pc.not_equal(parsed.column("reason"), "")).select(["source", "line", "reason", "raw"])
     (out / layout.QUARANTINE).mkdir()
     pq.write_table(pa.concat_tables([q, catalog.quarantine]), out / layout.QUARANTINE / "part-0.parquet")

@@ -1,25 +1,33 @@
-"""Benchmark: the Ray Serve app vs a bare FastAPI app vs the in-process score() call.
+"""Benchmark: the Ray Serve app vs a bare FastAPI app vs the in-process score() call, with the
+floor of each HTTP path measured beside it.
 
-    python -m bench.serve_bench            # 30 s per point (about 7 minutes in all)
+    python -m bench.serve_bench            # 30 s per point (about 12 minutes in all)
     python -m bench.serve_bench --quick    # 5 s per point, a smoke test
 
 Workload: POST /v1/score for 1 known user x 100 precomputed candidates, closed loop on loopback
 for a bounded time at 1, 4 and 16 concurrent clients. Embeddings are random (scoring-only figures
 do not depend on their values) with t5-small's width: d_model = 512, M = 8 user codes, N = 4
 content codes; the registered model is a random-init T5 of that width but one layer deep (only the
-cold path would run it, and this workload has none). Side by side, on the same inputs:
+cold path would run it, and this workload has none). One after another, in one invocation, on the
+same inputs:
 
-- in-process: ``score()`` on the user's UPE and the 100 candidates' CPE (and ``engine.score_batch``,
-  which adds the id lookups, the gather and the response objects), one caller;
+- in-process: ``score()`` on the user's UPE and the 100 candidates' CPE, and ``engine.score_batch``
+  (adds the id lookups, the gather and the response objects), one caller;
 - bare app: the same API code (serve/api.py) over the same bundle in one uvicorn process, no Ray;
-- Serve: ``serve.app.deploy`` (proxy -> EmbSumIngress -> EmbSumScorer with @serve.batch), once with
-  the config's serve.batch_wait_timeout_s and once with 0 (batch only what is already queued).
+- Serve: ``serve.app.deploy`` (one deployment, EmbSumScorer: HTTP ingress + @serve.batch scorer)
+  behind each HTTP ingress of ``--ingress`` (default: 'haproxy', the config's default, then
+  'proxy', Serve's Python proxy), with each ``--waits`` batch wait;
+- floors: a no-op route (reads the same request body, answers the same response bytes, does
+  nothing else) under bare uvicorn and as a one-replica Serve deployment behind each ingress: what
+  the HTTP path itself costs, Serve's own overhead included, with no scoring at all.
 
-The load generator is a minimal keep-alive HTTP/1.1 client on asyncio (one process, cheap per
-request). Also: ``score()`` over a 10k-item catalog vs a plain GEMM of the same FLOPs. torch runs
-one intra-op thread everywhere (as a serve.num_cpus=1 replica does). Prints a table and writes
-bench/results/serve.json. On a shared 2-core machine the absolute figures are noisy; the ratios
-are the point.
+Load generator: ``wrk`` when it is on PATH (a C client: one thread, epoll, next to no CPU, so it
+does not starve the server on a 2-core machine), else a minimal keep-alive HTTP/1.1 client on
+asyncio in this process. The same one is used for every point. torch runs one intra-op thread
+everywhere (as a serve.num_cpus=1 replica does). The 1-minute load average is recorded before
+each point: on a shared machine absolute figures move with it; the side-by-side ratios are the
+point. Also: ``score()`` over a 10k-item catalog vs a plain GEMM of the same FLOPs. Prints a table
+and writes bench/results/serve.json.
 """
 
 from __future__ import annotations
@@ -29,6 +37,8 @@ import asyncio
 import json
 import os
 import platform
+import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -38,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from fastapi import FastAPI, Request, Response
 
 from embsum.config import Config, config_from_dict
 from embsum.runtime import setup_env
@@ -48,19 +59,17 @@ N_ITEMS, N_USERS, N_CANDIDATES = 2000, 100, 100
 CATALOG = 10_000
 MODEL = dict(random_init=True, tokenizer="bundled", d_model=512, d_kv=64, d_ff=1024, num_layers=1,
              num_decoder_layers=1, num_heads=8, user_codes=8, content_codes=4, dropout=0.0)
+FLOOR_PREFIX = "/floor"
+TARGET_ADDED_P50_MS = 2.0
 
 
 # ---- setup: a registered model and random embeddings in the embed job's format ---------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def bench_config(work: Path, port: int, batch_wait: float | None = None) -> Config:
+def bench_config(work: Path, port: int, batch_wait: float | None = None, ingress: str | None = None) -> Config:
     serve: dict[str, Any] = {"port": port, "min_replicas": 1, "max_replicas": 1, "num_cpus": 1}
     if batch_wait is not None:
         serve["batch_wait_timeout_s"] = batch_wait
+    if ingress is not None:
+        serve["ingress"] = ingress
     return config_from_dict({"workdir": str(work), "model": MODEL, "serve": serve})
 
 
@@ -119,6 +128,12 @@ def request_body() -> dict[str, Any]:
 
 
 # ---- measurement ----------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def summarize(latencies_s: list[float], seconds: float, errors: int = 0) -> dict[str, float]:
     ms = np.asarray(latencies_s) * 1000.0
     return {"p50_ms": float(np.percentile(ms, 50)) if len(ms) else float("nan"),
@@ -129,37 +144,77 @@ def summarize(latencies_s: list[float], seconds: float, errors: int = 0) -> dict
 def timed_loop(fn: Any, seconds: float) -> dict[str, float]:
     for _ in range(20):  # warm-up
         fn()
+    load1 = os.getloadavg()[0]
     lat, end = [], time.perf_counter() + seconds
     t_start = time.perf_counter()
     while time.perf_counter() < end:
         t0 = time.perf_counter()
         fn()
         lat.append(time.perf_counter() - t0)
-    return summarize(lat, time.perf_counter() - t_start)
+    return {**summarize(lat, time.perf_counter() - t_start), "load1": load1}
 
 
-async def _http_load(host: str, port: int, path: str, body: bytes | None, token: str | None, clients: int,
-                     seconds: float, warmup: float) -> dict[str, float]:
-    """Closed loop: ``clients`` keep-alive connections, each sending the next request on the answer."""
-    auth = f"Authorization: Bearer {token}\r\n" if token else ""
-    if body is None:
-        request = f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\n{auth}\r\n".encode()
-    else:
-        request = (f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n{auth}"
-                   f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+def load_client(choice: str) -> str:
+    if choice in ("auto", "wrk") and shutil.which("wrk"):
+        return "wrk"
+    if choice == "wrk":
+        raise SystemExit("wrk is not on PATH (apt-get install wrk), or use --client python")
+    return "python"
+
+
+def http_load(client: str, url: str, body: dict[str, Any], clients: int, seconds: float) -> dict[str, float]:
+    """POST ``body`` to ``url`` from ``clients`` keep-alive connections in a closed loop (each sends
+    its next request on the answer) for ``seconds``, after a warm-up of the same shape."""
+    payload = json.dumps(body).encode()
+    warmup = min(1.0, seconds / 5)
+    if client == "wrk":
+        _wrk(url, payload, clients, warmup)
+        load1 = os.getloadavg()[0]
+        return {**_wrk(url, payload, clients, seconds), "load1": load1}
+    return asyncio.run(_py_load(url, payload, clients, seconds, warmup))
+
+
+_WRK_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 6e4}
+
+
+def _wrk(url: str, payload: bytes, clients: int, seconds: float) -> dict[str, float]:
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "body.json").write_bytes(payload)
+        script = Path(tmp) / "post.lua"
+        script.write_text(f'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
+                          f'local f = io.open("{tmp}/body.json", "rb")\nwrk.body = f:read("*all")\nf:close()\n')
+        out = subprocess.run(["wrk", "-t1", f"-c{clients}", f"-d{max(1, round(seconds))}s", "--timeout", "30s",
+                              "--latency", "-s", str(script), url], capture_output=True, text=True, check=True).stdout
+
+    def ms(pct: str) -> float:
+        m = re.search(rf"^\s*{pct}%\s+([\d.]+)(us|ms|s|m)\s*$", out, re.M)
+        return float(m.group(1)) * _WRK_UNITS[m.group(2)] if m else float("nan")
+
+    rps = re.search(r"^Requests/sec:\s+([\d.]+)", out, re.M)
+    count = re.search(r"^\s*(\d+) requests in", out, re.M)
+    bad = sum(int(x) for x in re.findall(r"Non-2xx or 3xx responses: (\d+)", out))
+    bad += sum(int(x) for x in re.findall(r"(?:connect|read|write|timeout) (\d+)", out))
+    return {"p50_ms": ms("50"), "p99_ms": ms("99"), "rps": float(rps.group(1)) if rps else 0.0,
+            "requests": int(count.group(1)) if count else 0, "errors": bad}
+
+
+async def _py_load(url: str, payload: bytes, clients: int, seconds: float, warmup: float) -> dict[str, float]:
+    """The fallback load generator: minimal keep-alive HTTP/1.1 clients on one asyncio loop."""
+    host, rest = url.removeprefix("http://").split(":", 1)
+    port, _, path = rest.partition("/")
+    request = (f"POST /{path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+               f"Content-Length: {len(payload)}\r\n\r\n").encode() + payload
     latencies: list[float] = []
     errors = 0
     t_measure = time.perf_counter() + warmup
     t_end = t_measure + seconds
+    load1 = 0.0
 
-    async def client() -> None:
-        nonlocal errors
-        reader, writer = await asyncio.open_connection(host, port)
+    async def one() -> None:
+        nonlocal errors, load1
+        reader, writer = await asyncio.open_connection(host, int(port))
         try:
-            while True:
-                t0 = time.perf_counter()
-                if t0 >= t_end:
-                    return
+            while (t0 := time.perf_counter()) < t_end:
                 writer.write(request)
                 head = await reader.readuntil(b"\r\n\r\n")
                 status = int(head.split(b" ", 2)[1])
@@ -167,6 +222,7 @@ async def _http_load(host: str, port: int, path: str, body: bytes | None, token:
                               if line.lower().startswith(b"content-length:"))
                 await reader.readexactly(length)
                 if t0 >= t_measure:
+                    load1 = load1 or os.getloadavg()[0]
                     if status == 200:
                         latencies.append(time.perf_counter() - t0)
                     else:
@@ -174,17 +230,8 @@ async def _http_load(host: str, port: int, path: str, body: bytes | None, token:
         finally:
             writer.close()
 
-    await asyncio.gather(*(client() for _ in range(clients)))
-    return summarize(latencies, seconds, errors)
-
-
-def http_load(url: str, body: dict[str, Any] | None, clients: int, seconds: float, token: str | None = None,
-              path: str = "/v1/score") -> dict[str, float]:
-    """POST ``body`` to ``path`` (GET when body is None) in a closed loop."""
-    host, port = url.removeprefix("http://").split(":")
-    payload = None if body is None else json.dumps(body).encode()
-    return asyncio.run(_http_load(host, int(port), path, payload, token, clients, seconds,
-                                  warmup=min(2.0, seconds / 5)))
+    await asyncio.gather(*(one() for _ in range(clients)))
+    return {**summarize(latencies, seconds, errors), "load1": load1}
 
 
 def wait_ready(url: str, timeout_s: float = 120.0) -> None:
@@ -201,11 +248,13 @@ def wait_ready(url: str, timeout_s: float = 120.0) -> None:
     raise RuntimeError(f"{url} never became ready")
 
 
-def check_scores(url: str, body: dict[str, Any], want: np.ndarray) -> None:
+def check_scores(url: str, body: dict[str, Any], want: np.ndarray) -> bytes:
+    """The served scores equal the offline ones; returns the response body (the floors answer it)."""
     import httpx
 
-    got = httpx.post(url + "/v1/score", json=body, timeout=30).json()
-    np.testing.assert_allclose([s["score"] for s in got["scores"]], want, rtol=0, atol=1e-4)
+    r = httpx.post(url + "/v1/score", json=body, timeout=30)
+    np.testing.assert_allclose([s["score"] for s in r.json()["scores"]], want, rtol=0, atol=1e-4)
+    return r.content
 
 
 def catalog_vs_gemm(seconds: float) -> dict[str, Any]:
@@ -234,8 +283,24 @@ def catalog_vs_gemm(seconds: float) -> dict[str, Any]:
     return out
 
 
-# ---- the bare app (a subprocess: one uvicorn process, no Ray) -----------------------------------------
-def run_bare_app(cfg_path: str, version: str, port: int) -> None:
+# ---- the no-op floor app and the bare app (a subprocess: one uvicorn process, no Ray) --------------
+def floor_api(response: bytes) -> FastAPI:
+    """POST /v1/score that reads the request body and answers ``response``: the HTTP path, no work."""
+    app = FastAPI()
+
+    @app.post("/v1/score")
+    async def score(request: Request) -> Response:
+        await request.body()
+        return Response(response, media_type="application/json")
+
+    @app.get("/readyz")
+    async def readyz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    return app
+
+
+def run_bare_app(mode: str, cfg_path: str, arg: str, port: int) -> None:
     import torch
     import uvicorn
 
@@ -243,39 +308,100 @@ def run_bare_app(cfg_path: str, version: str, port: int) -> None:
     from serve.bundle import load_bundle
 
     torch.set_num_threads(1)
-    cfg = config_from_dict(json.loads(Path(cfg_path).read_text()))
-    app = build_api(InProcessScorer(load_bundle(cfg, version)), ApiSettings.from_config(cfg.serve))
+    if mode == "floor":
+        app = floor_api(Path(arg).read_bytes())
+    else:
+        cfg = config_from_dict(json.loads(Path(cfg_path).read_text()))
+        app = build_api(InProcessScorer(load_bundle(cfg, arg)), ApiSettings.from_config(cfg.serve))
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
 
 
+def bare(mode: str, cfg_path: Path, arg: str, procs: list[subprocess.Popen]) -> str:
+    """Start the bare app ('api') or the bare floor ('floor') in a subprocess (added to ``procs``)."""
+    port = free_port()
+    procs.append(subprocess.Popen([sys.executable, "-m", "bench.serve_bench", "--bare-app", mode, str(cfg_path), arg,
+                                   str(port)], cwd=REPO))
+    url = f"http://127.0.0.1:{port}"
+    wait_ready(url)
+    return url
+
+
+def deploy_floor(response: bytes) -> None:
+    """The floor as a Serve app: one replica of a no-op FastAPI ingress at /floor (Serve must be
+    running already: ``serve_app.deploy`` started it with the ingress under test)."""
+    from ray import serve
+
+    @serve.deployment(name="Floor", num_replicas=1, ray_actor_options={"num_cpus": 1})
+    @serve.ingress(floor_api(response))
+    class Floor:
+        pass
+
+    serve.run(Floor.bind(), name="floor", route_prefix=FLOOR_PREFIX, blocking=False)
+
+
 # ---- main -------------------------------------------------------------------------------------------------
+def combine(rounds: list[dict[str, float]]) -> dict[str, Any]:
+    """One point from its interleaved rounds: median p50 / p99 / load average, mean requests/s."""
+    def med(k: str) -> float:
+        return float(np.median([r[k] for r in rounds]))
+
+    return {"p50_ms": med("p50_ms"), "p99_ms": med("p99_ms"), "rps": float(np.mean([r["rps"] for r in rounds])),
+            "requests": int(sum(r["requests"] for r in rounds)), "errors": int(sum(r["errors"] for r in rounds)),
+            "load1": med("load1"), "rounds": rounds}
+
+
+def interleaved(client: str, body: dict[str, Any], targets: dict[str, str], clients: list[int], seconds: float,
+                rounds: int) -> dict[str, dict[int, dict[str, Any]]]:
+    """Every target at every client count, ``rounds`` times round-robin (seconds / rounds each): the
+    systems compared share the same minutes of a machine whose load drifts."""
+    got: dict[str, dict[int, list[dict[str, float]]]] = {t: {c: [] for c in clients} for t in targets}
+    for _ in range(rounds):
+        for c in clients:
+            for name, url in targets.items():
+                got[name][c].append(http_load(client, url, body, c, seconds / rounds))
+    return {name: {c: combine(rs) for c, rs in by_c.items()} for name, by_c in got.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.serve_bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="5 s per point instead of 30")
     p.add_argument("--clients", default="1,4,16")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds per point (each seconds/rounds long)")
+    p.add_argument("--ingress", default="haproxy,proxy", help="Serve HTTP ingresses to measure, the first is primary")
+    p.add_argument("--waits", default="", help="batch waits (s) of the primary ingress; default: the config's")
+    p.add_argument("--client", default="auto", choices=["auto", "wrk", "python"], help="load generator")
     p.add_argument("--out", default=str(RESULTS))
-    p.add_argument("--bare-app", nargs=3, metavar=("CONFIG_JSON", "VERSION", "PORT"), help=argparse.SUPPRESS)
+    p.add_argument("--bare-app", nargs=4, metavar=("MODE", "CONFIG_JSON", "ARG", "PORT"), help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     setup_env()
     if a.bare_app:
-        run_bare_app(a.bare_app[0], a.bare_app[1], int(a.bare_app[2]))
+        run_bare_app(a.bare_app[0], a.bare_app[1], a.bare_app[2], int(a.bare_app[3]))
         return 0
 
     import ray
     import torch
 
+    from embsum.config import replace
     from embsum.predictor import Predictor
     from serve import app as serve_app
     from serve import engine
     from serve.bundle import load_bundle
     from serve.engine import ScoreQuery
 
+    # Stopping replicas keep answering this long so HAProxy can drain them (30 s by default):
+    # nothing here routes to a replica the bench stops.
+    os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")
     torch.set_num_threads(1)
     seconds = 5.0 if a.quick else 30.0
+    rounds = 1 if a.quick else max(1, a.rounds)
     clients = [int(c) for c in a.clients.split(",")]
+    ends = sorted({clients[0], clients[-1]})
+    ingresses = [x for x in a.ingress.split(",") if x]
+    client = load_client(a.client)
     work = Path(tempfile.mkdtemp(prefix="embsum-serve-bench-"))
-    cfg = bench_config(work, _free_port())
+    cfg = bench_config(work, free_port())
+    waits = [float(w) for w in a.waits.split(",") if w] or [cfg.serve.batch_wait_timeout_s]
     t0 = time.perf_counter()
     version = register_model(cfg)
     write_random_embeddings(cfg, version)
@@ -286,57 +412,70 @@ def main(argv: list[str] | None = None) -> int:
     u = s.user_index[body["user_id"]]
     upe, cpe, key = s.upe[u:u + 1].copy(), s.cpe[rows].copy(), s.cpe_key[rows].copy()
     want = Predictor.score(upe, cpe, key)[0]
-    print(f"[bench] setup {time.perf_counter() - t0:.1f}s; {seconds:.0f}s per point; clients {clients}", flush=True)
+    print(f"[bench] setup {time.perf_counter() - t0:.1f}s; {seconds:.0f}s per point in {rounds} interleaved "
+          f"round(s); clients {clients}; ingress {ingresses}; batch waits {waits}; load generator {client}; "
+          f"load avg {os.getloadavg()[0]:.1f}", flush=True)
 
-    results: dict[str, Any] = {"config": {"seconds_per_point": seconds, "clients": clients, "items": N_ITEMS,
-                                          "candidates": N_CANDIDATES, "model": MODEL, "torch_threads": 1,
-                                          "batch_wait_timeout_s": cfg.serve.batch_wait_timeout_s,
-                                          "max_batch_size": cfg.serve.max_batch_size},
+    results: dict[str, Any] = {"config": {"seconds_per_point": seconds, "rounds": rounds, "clients": clients,
+                                          "items": N_ITEMS, "candidates": N_CANDIDATES, "model": MODEL,
+                                          "torch_threads": 1, "batch_wait_timeout_s": cfg.serve.batch_wait_timeout_s,
+                                          "waits": waits, "max_batch_size": cfg.serve.max_batch_size,
+                                          "ingress": ingresses, "load_generator": client, "replicas": 1},
                                "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                                            "python": platform.python_version(), "ray": ray.__version__,
-                                           "torch": torch.__version__}}
+                                           "torch": torch.__version__, "load_avg_start": os.getloadavg()}}
     with torch.inference_mode():
         results["inprocess_score"] = timed_loop(lambda: Predictor.score(upe, cpe, key), seconds)
     query = ScoreQuery(user_id=body["user_id"], history=None,
                        candidates=[(c["item_id"], None) for c in body["candidates"]])
     results["inprocess_engine"] = timed_loop(lambda: engine.score_batch(bundle, [query]), seconds)
-    print(f"[bench] in-process score() p50 {results['inprocess_score']['p50_ms']:.3f} ms", flush=True)
+    print(f"[bench] in-process score() p50 {results['inprocess_score']['p50_ms']:.3f} ms, engine.score_batch p50 "
+          f"{results['inprocess_engine']['p50_ms']:.3f} ms", flush=True)
 
     cfg_path = work / "config.json"
     cfg_path.write_text(json.dumps(cfg.to_dict()))
-    bare_port = _free_port()
-    bare = subprocess.Popen([sys.executable, "-m", "bench.serve_bench", "--bare-app", str(cfg_path), version,
-                             str(bare_port)], cwd=REPO)
+    procs: list[subprocess.Popen] = []
+    ray_started = False
     try:
-        bare_url = f"http://127.0.0.1:{bare_port}"
-        wait_ready(bare_url)
-        check_scores(bare_url, body, want)
-        results["bare"] = {c: http_load(bare_url, body, c, seconds) for c in clients}
-        results["bare_healthz"] = http_load(bare_url, None, 1, min(seconds, 10.0), path="/healthz")
-        print(f"[bench] bare app done: {results['bare']}", flush=True)
+        bare_url = bare("api", cfg_path, version, procs)
+        response = check_scores(bare_url, body, want)
+        (work / "response.json").write_bytes(response)
+        bare_floor_url = bare("floor", cfg_path, str(work / "response.json"), procs)
+        ray.init(num_cpus=4, include_dashboard=False)
+        ray_started = True
+        base = f"http://127.0.0.1:{cfg.serve.port}"
+        for phase, ingress in enumerate(ingresses):
+            prefix, during = ("serve", "") if phase == 0 else (f"serve_{ingress}", f"_during_{ingress}")
+            targets = {f"bare{during}": bare_url + "/v1/score"}
+            for i, wait in enumerate(waits if phase == 0 else waits[:1]):
+                route = "/" if i == 0 else f"/wait{i}"
+                run_cfg = replace(bench_config(work, cfg.serve.port, batch_wait=wait, ingress=ingress),
+                                  "serve.route_prefix", route)
+                serve_app.deploy(run_cfg, name=serve_app.APP_NAME if i == 0 else f"embsum-wait{i}")
+                url = base + route.rstrip("/")
+                wait_ready(url)
+                check_scores(url, body, want)
+                targets[f"{prefix}_wait_{wait:g}"] = url + "/v1/score"
+            deploy_floor(response)  # last: an imperative app beside the declarative ones
+            wait_ready(base + FLOOR_PREFIX)
+            results.update(interleaved(client, body, targets, clients, seconds, rounds))
+            floors = {f"bare_floor{during}": bare_floor_url + "/v1/score",
+                      f"{prefix}_floor": base + FLOOR_PREFIX + "/v1/score"}
+            results.update(interleaved(client, body, floors, ends, seconds, rounds))
+            for name in (*targets, *floors):
+                print(f"[bench] {name}: {_brief(results[name])}", flush=True)
+            serve_app.shutdown()  # the ingress is chosen when Serve starts
     finally:
-        bare.terminate()
-        bare.wait(30)
-
-    ray.init(num_cpus=4, include_dashboard=False)
-    try:
-        waits = [cfg.serve.batch_wait_timeout_s, 0.0]
-        for wait in waits:
-            run_cfg = bench_config(work, cfg.serve.port, batch_wait=wait)
-            serve_app.deploy(run_cfg)
-            url = f"http://127.0.0.1:{run_cfg.serve.port}"
-            wait_ready(url)
-            check_scores(url, body, want)
-            results[f"serve_wait_{wait:g}"] = {c: http_load(url, body, c, seconds) for c in clients}
-            if wait == waits[0]:  # Serve's floor: proxy -> ingress and back, no scorer call
-                results["serve_healthz"] = http_load(url, None, 1, min(seconds, 10.0), path="/healthz")
-            print(f"[bench] serve (batch wait {wait:g}s) done: {results[f'serve_wait_{wait:g}']}", flush=True)
-    finally:
-        serve_app.shutdown()
-        ray.shutdown()
+        if ray_started:
+            serve_app.shutdown()
+            ray.shutdown()
+        for proc in procs:
+            proc.terminate()
+            proc.wait(30)
 
     results["catalog_vs_gemm"] = catalog_vs_gemm(min(seconds, 10.0))
-    report(results, clients, waits)
+    results["machine"]["load_avg_end"] = os.getloadavg()
+    report(results, clients, ingresses, waits)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2, default=str))
@@ -344,26 +483,47 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def report(r: dict[str, Any], clients: list[int], waits: list[float]) -> None:
+def _brief(points: dict[int, dict[str, Any]]) -> str:
+    return ", ".join(f"{c}: p50 {r['p50_ms']:.2f} ms {r['rps']:.0f}/s" + (f" ({r['errors']} errors)" if r["errors"]
+                                                                          else "") for c, r in points.items())
+
+
+def report(r: dict[str, Any], clients: list[int], ingresses: list[str], waits: list[float]) -> None:
     base = r["inprocess_score"]
     print(f"\nin-process score() (1 user x {N_CANDIDATES} candidates, d_model 512): p50 {base['p50_ms']:.3f} ms, "
-          f"p99 {base['p99_ms']:.3f} ms, {base['rps']:.0f}/s; engine.score_batch (+ lookups, gather, response "
-          f"objects): p50 {r['inprocess_engine']['p50_ms']:.3f} ms")
-    head = f"{'clients':>7} | {'bare p50/p99 ms':>16} {'bare req/s':>10}"
-    for w in waits:
-        head += f" | {f'serve(wait {w:g}s) p50/p99':>24} {'req/s':>7} {'+p50 vs in-proc':>15} {'rps/bare':>8}"
+          f"p99 {base['p99_ms']:.3f} ms; engine.score_batch (+ lookups, gather, response objects): p50 "
+          f"{r['inprocess_engine']['p50_ms']:.3f} ms. Load generator {r['config']['load_generator']}; each point: "
+          f"median of {r['config']['rounds']} interleaved rounds; [1-min load average].")
+    columns = [("bare" if i == 0 else f"bare_during_{ing}",
+                f"{'serve' if i == 0 else f'serve_{ing}'}_wait_{w:g}", f"Serve {ing}, wait {w:g}s")
+               for i, ing in enumerate(ingresses) for w in (waits if i == 0 else waits[:1])]
+    head = f"{'clients':>7}"
+    for _, _, title in columns:
+        head += f" | {title + ': p50/p99 ms, req/s':<44} {'bare p50, req/s':>17} {'+p50':>6} {'x bare':>6}"
     print(head)
     for c in clients:
-        b = r["bare"][c]
-        line = f"{c:>7} | {b['p50_ms']:>7.2f}/{b['p99_ms']:<8.2f} {b['rps']:>10.0f}"
-        for w in waits:
-            s = r[f"serve_wait_{w:g}"][c]
-            line += (f" | {s['p50_ms']:>11.2f}/{s['p99_ms']:<12.2f} {s['rps']:>7.0f} "
-                     f"{s['p50_ms'] - base['p50_ms']:>+14.2f}ms {s['rps'] / max(b['rps'], 1e-9):>8.2f}")
+        line = f"{c:>7}"
+        for bare_key, key, _ in columns:
+            s, b = r[key][c], r[bare_key][c]
+            line += (f" | {s['p50_ms']:>7.2f}/{s['p99_ms']:<8.2f} {s['rps']:>6.0f} [{s['load1']:>4.1f}]"
+                     f"{'':>14} {b['p50_ms']:>7.2f} {b['rps']:>7.0f}  {s['p50_ms'] - base['p50_ms']:>+6.2f} "
+                     f"{s['rps'] / max(b['rps'], 1e-9):>6.2f}")
         print(line)
-    print(f"GET /healthz, 1 client (no scoring: the HTTP path alone): bare p50 {r['bare_healthz']['p50_ms']:.2f} ms, "
-          f"Serve (proxy -> ingress) p50 {r['serve_healthz']['p50_ms']:.2f} ms")
-    print("targets: Serve adds <= 2 ms at p50 over in-process; Serve req/s >= bare app at 16 clients")
+    floor_keys = [("bare uvicorn", "bare_floor")] + [
+        (f"Serve {ing}", f"{'serve' if i == 0 else f'serve_{ing}'}_floor") for i, ing in enumerate(ingresses)]
+    print("floor (no-op route, same request and response bytes: the HTTP path alone): " + "; ".join(
+        f"{name}: " + ", ".join(f"{c} client{'s' if c > 1 else ''} p50 {x['p50_ms']:.2f} ms {x['rps']:.0f}/s"
+                                for c, x in r[key].items()) for name, key in floor_keys))
+    first, last = clients[0], clients[-1]
+    key = columns[0][1]
+    added = r[key][first]["p50_ms"] - base["p50_ms"]
+    ratio = r[key][last]["rps"] / max(r["bare"][last]["rps"], 1e-9)
+    floor = r["serve_floor"][first]["p50_ms"]
+    print(f"targets ({ingresses[0]}, wait {waits[0]:g}s): Serve adds <= {TARGET_ADDED_P50_MS:g} ms at p50 over "
+          f"in-process score(): {added:+.2f} ms ({'met' if added <= TARGET_ADDED_P50_MS else 'NOT met'}); Serve "
+          f"req/s >= bare app at {last} clients: {ratio:.2f}x ({'met' if ratio >= 1.0 else 'NOT met'}); Serve's "
+          f"own floor (no-op deployment, {first} client): p50 {floor:.2f} ms vs bare uvicorn "
+          f"{r['bare_floor'][first]['p50_ms']:.2f} ms")
     for k, g in r["catalog_vs_gemm"].items():
         print(f"score() over {CATALOG} items, {k.replace('_', ' ')}: {g['score_ms']:.2f} ms vs plain GEMM of the "
               f"same FLOPs {g['gemm_ms']:.2f} ms -> ratio {g['ratio']:.2f} (target >= 0.5)")

@@ -212,7 +212,9 @@ class ServeConfig:
     embeddings_dir: str = _f("", "Precomputed embeddings root; '' = WORKDIR/embeddings. The subfolder "
                              "v<VERSION> must hold a manifest naming the served version.")
     max_batch_size: int = _f(16, "@serve.batch max batch size.", lo=1, hi=4096)
-    batch_wait_timeout_s: float = _f(0.004, "@serve.batch wait for a fuller batch, seconds.", lo=0.0, hi=10.0)
+    batch_wait_timeout_s: float = _f(0.0, "@serve.batch wait for a fuller batch, seconds; 0 = batch what queued "
+                                     "while the previous batch ran (lowest latency; measured in bench/serve_bench).",
+                                     lo=0.0, hi=10.0)
     max_ongoing_requests: int = _f(64, "Per replica; must be >= max_batch_size.", lo=1, hi=100000)
     min_replicas: int = _f(1, "Autoscaling: fewest scorer replicas.", lo=0, hi=10000)
     max_replicas: int = _f(2, "Autoscaling: most scorer replicas.", lo=1, hi=10000)

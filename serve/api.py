@@ -91,11 +91,10 @@ class _BodyLimit:
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        too_big = _error(413, f"request body is larger than serve.max_body_bytes={self.limit}")
         length = dict(scope.get("headers") or []).get(b"content-length")
         if length is not None:
             if not length.isdigit() or int(length) > self.limit:
-                return await too_big(scope, receive, send)
+                return await self._too_big(scope, receive, send)
             return await self.app(scope, receive, send)
         chunks, size, more = [], 0, True
         while more:  # no length given: read it all (bounded) before the app sees any of it
@@ -106,7 +105,7 @@ class _BodyLimit:
             size += len(chunks[-1])
             more = msg.get("more_body", False)
             if size > self.limit:
-                return await too_big(scope, receive, send)
+                return await self._too_big(scope, receive, send)
         body, sent = b"".join(chunks), False
 
         async def replay() -> dict:
@@ -117,6 +116,9 @@ class _BodyLimit:
             return await receive()
 
         return await self.app(scope, replay, send)
+
+    async def _too_big(self, scope: dict, receive: Callable, send: Callable) -> None:
+        await _error(413, f"request body is larger than serve.max_body_bytes={self.limit}")(scope, receive, send)
 
 
 class _BearerAuth:
@@ -226,7 +228,9 @@ def build_api(scorer: ScorerClient, settings: ApiSettings, observer: Observer | 
         if isinstance(result, Rejection):
             return _error(result.status, result.detail)
         version = {MODEL_VERSION_HEADER: str(result.model_version)}
-        if isinstance(result, (ScoreResult, RecommendResult)):  # already the documented shape: no re-validation
+        if isinstance(result, ScoreResult):  # already the documented shape: no re-validation
+            return Response(result.json_bytes(), media_type="application/json", headers=version)
+        if isinstance(result, RecommendResult):
             return AsciiJSONResponse(result.to_json(), headers=version)
         response.headers.update(version)
         return result

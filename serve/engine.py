@@ -17,8 +17,11 @@ the unit tests call them directly.
 
 from __future__ import annotations
 
+import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from json.encoder import encode_basestring_ascii  # type: ignore[attr-defined]  # the C escaper
 from typing import Any
 
 import numpy as np
@@ -36,6 +39,10 @@ CHUNK_BYTES = 256 << 20
 
 
 Item = tuple[str | None, str | None]  # (item_id, text): a catalog id, a text, or both
+
+
+def _jstr(s: str | None) -> str:
+    return "null" if s is None else encode_basestring_ascii(s)
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +75,18 @@ class ScoreResult:
         return {"model_version": self.model_version, "user_id": self.user_id, "user_encoded": self.user_encoded,
                 "scores": [{"item_id": i, "score": s, "encoded": e}
                            for i, s, e in zip(self.item_ids, self.scores, self.encoded, strict=True)]}
+
+    def json_bytes(self) -> bytes:
+        """``to_json()`` as compact ASCII JSON, byte for byte what ``json.dumps(..., ensure_ascii=True,
+        separators=(",", ":"))`` writes, in half its time (no per-item dicts; strings through the
+        json module's C escaper, floats through the same repr). Non-finite scores take json.dumps
+        itself, which refuses them as it always did."""
+        if not all(math.isfinite(x) for x in self.scores):
+            return json.dumps(self.to_json(), ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode()
+        items = ",".join([f'{{"item_id":{_jstr(i)},"score":{x!r},"encoded":{"true" if e else "false"}}}'
+                          for i, x, e in zip(self.item_ids, self.scores, self.encoded, strict=True)])
+        return (f'{{"model_version":{_jstr(self.model_version)},"user_id":{_jstr(self.user_id)},'
+                f'"user_encoded":{"true" if self.user_encoded else "false"},"scores":[{items}]}}').encode("ascii")
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,65 +187,89 @@ def _score(upe: np.ndarray, cpe: np.ndarray, key: np.ndarray) -> np.ndarray:
 
 
 # ---- /v1/score -----------------------------------------------------------------------------------
+def is_light(requests: Sequence[ScoreQuery], max_candidates: int) -> bool:
+    """True when scoring ``requests`` needs no encoder call (no history, no candidate given by
+    text) and has at most ``max_candidates`` candidates: sub-millisecond work."""
+    total = 0
+    for q in requests:
+        total += len(q.candidates)
+        if q.history is not None or total > max_candidates or any(t is not None for _, t in q.candidates):
+            return False
+    return True
+
+
+def _candidate_keys(b: Bundle, candidates: list[Item], texts: dict[str, int]) -> np.ndarray:
+    """-> (C,) int64: the catalog row of each candidate, or -1 - j for the batch's j-th cold text
+    (added to ``texts`` only once the whole request is known to be valid)."""
+    index = b.store.item_index
+    rows = [index.get(item_id) if item_id is not None else None for item_id, _ in candidates]
+    if None in rows:
+        missing = [item_id or "" for (item_id, text), r in zip(candidates, rows, strict=True)
+                   if r is None and text is None]
+        if missing:
+            raise _unknown("candidate item", missing, "give their `text` to encode them")
+        rows = [r if r is not None else -1 - texts.setdefault(str(text), len(texts))
+                for (_, text), r in zip(candidates, rows, strict=True)]
+    return np.asarray(rows, dtype=np.int64)
+
+
 def score_batch(b: Bundle, requests: Sequence[ScoreQuery]) -> tuple[list[ScoreResult | Rejection], BatchStats]:
-    """Score every request's candidates with one ``score`` call for the whole batch."""
+    """Score every request's candidates with one ``score`` call for the whole batch.
+
+    Every candidate is a key: its catalog row, or a negative index into the batch's distinct cold
+    texts. The batch's union of keys (one ``np.unique``, which also gives each candidate its
+    column) is scored all pairs when that wastes little (``UNION_WASTE``), else each request's own
+    candidates are gathered into a padded (U, C, N, D) block straight from the store.
+    """
     store = b.store
     stats = BatchStats(size=len(requests))
     out: list[ScoreResult | Rejection | None] = [None] * len(requests)
     live: list[int] = []
     users: list[_User] = []
-    req_keys: list[list[tuple[str, object]]] = []  # per live request: ("row", catalog row) | ("text", text)
+    keys: list[np.ndarray] = []  # per live request: (C,) candidate keys
+    texts: dict[str, int] = {}  # the batch's distinct cold item texts -> their index
     for i, req in enumerate(requests):
         try:
             user = _resolve_user(b, req.user_id, req.history)
-            keys, missing = [], []
-            for item_id, text in req.candidates:
-                r = store.item_index.get(item_id) if item_id is not None else None
-                if r is not None:
-                    keys.append(("row", r))
-                elif text is not None:
-                    keys.append(("text", text))
-                else:
-                    missing.append(item_id or "")
-            if missing:
-                raise _unknown("candidate item", missing, "give their `text` to encode them")
+            keys.append(_candidate_keys(b, req.candidates, texts))
         except _Rejected as e:
             out[i] = e.rejection
             continue
         live.append(i)
         users.append(user)
-        req_keys.append(keys)
-    if live:
-        upe = _user_matrix(b, users, stats)  # (U, M, D)
-        # The batch's union of candidates: known catalog rows first, then distinct cold texts.
-        known = list(dict.fromkeys(k[1] for ks in req_keys for k in ks if k[0] == "row"))
-        texts = list(dict.fromkeys(str(k[1]) for ks in req_keys for k in ks if k[0] == "text"))
-        col = {("row", r): j for j, r in enumerate(known)}
-        col.update({("text", t): len(known) + j for j, t in enumerate(texts)})
-        cols = [np.array([col[k] for k in ks], dtype=np.int64) for ks in req_keys]
-        rows = np.asarray(known, dtype=np.int64)
+    if not live:
+        return out, stats  # type: ignore[return-value]
+    upe = _user_matrix(b, users, stats)  # (U, M, D)
+    cold = b.predictor.encode_item_texts(list(texts)) if texts else None  # one T5 call for the batch's cold items
+    stats.cold_items += len(texts)
+    union, column = np.unique(np.concatenate(keys), return_inverse=True)  # (I,) sorted: cold texts first
+    n_cold = int(np.searchsorted(union, 0))
+    ends = np.cumsum([len(k) for k in keys])
+    if len(keys) * len(union) <= UNION_WASTE * int(ends[-1]):
+        rows = union[n_cold:]
         cpe_u, key_u = store.cpe[rows], store.cpe_key[rows]  # (Ik, N, D) x2
-        if texts:
-            cold = b.predictor.encode_item_texts(texts)  # one T5 call for every cold item of the batch
-            cpe_u, key_u = np.concatenate([cpe_u, cold.cpe]), np.concatenate([key_u, cold.key])  # (I, N, D)
-            stats.cold_items += len(texts)
-        n_union = len(known) + len(texts)
-        total = sum(len(c) for c in cols)
-        if len(cols) * n_union <= UNION_WASTE * total:
-            pair = _score(upe, cpe_u, key_u)  # (U, I) all pairs over the union
-            per_req = [pair[j, c] for j, c in enumerate(cols)]
+        if cold is not None:
+            j = -1 - union[:n_cold]
+            cpe_u, key_u = np.concatenate([cold.cpe[j], cpe_u]), np.concatenate([cold.key[j], key_u])  # (I, N, D)
+        pair = _score(upe, cpe_u, key_u)  # (U, I) all pairs over the union
+        per_req = [pair[j, c] for j, c in enumerate(np.split(column, ends[:-1]))]
+    else:
+        cmax = max(len(k) for k in keys)
+        pad = np.zeros((len(keys), cmax), dtype=np.int64)  # (U, Cmax) keys, padded with row 0
+        for j, k in enumerate(keys):
+            pad[j, : len(k)] = k
+        if cold is None:  # gather straight from the store: one copy
+            padded = _score(upe, store.cpe[pad], store.cpe_key[pad])  # (U, Cmax)
         else:
-            cmax = max(len(c) for c in cols)
-            idx = np.zeros((len(cols), cmax), dtype=np.int64)  # (U, Cmax), padded with column 0
-            for j, c in enumerate(cols):
-                idx[j, : len(c)] = c
-            padded = _score(upe, cpe_u[idx], key_u[idx])  # (U, Cmax) per-user candidates
-            per_req = [padded[j, : len(c)] for j, c in enumerate(cols)]
-        for j, i in enumerate(live):
-            req = requests[i]
-            out[i] = ScoreResult(model_version=b.version, user_id=req.user_id, user_encoded=users[j].row is None,
-                                 item_ids=[c[0] for c in req.candidates], scores=per_req[j].tolist(),
-                                 encoded=[k[0] == "text" for k in req_keys[j]])
+            at = np.where(pad >= 0, pad + len(cold.cpe), -1 - pad)  # rows of [cold ; catalog]
+            padded = _score(upe, np.concatenate([cold.cpe, store.cpe])[at],
+                            np.concatenate([cold.key, store.cpe_key])[at])
+        per_req = [padded[j, : len(k)] for j, k in enumerate(keys)]
+    for j, i in enumerate(live):
+        req = requests[i]
+        out[i] = ScoreResult(model_version=b.version, user_id=req.user_id, user_encoded=users[j].row is None,
+                             item_ids=[c[0] for c in req.candidates], scores=per_req[j].tolist(),
+                             encoded=(keys[j] < 0).tolist())
     return out, stats  # type: ignore[return-value]
 
 

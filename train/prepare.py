@@ -9,23 +9,26 @@ valid_examples/, valid/, test/, quarantine/ and prepare_report.json. The pure tr
 embsum/data/; this module is the glue that runs them on Ray Data:
 
 1. preflight (driver): list the files, fail at once on files wrong as a whole.
-2. catalog: read_binary_files -> numbered lines -> parse + tokenize (tasks) -> driver dedupes,
-   writes items.parquet and puts the CatalogIndex in the object store for every later task.
-3. interactions: read_binary_files -> numbered lines -> streaming repartition (so one big file
-   is parsed by many tasks) -> parse/validate -> materialize.
-4. global checks (driver, on a few small columns): duplicate impression ids, counts.
-5. plan: hash-repartition by user_id (every user's rows in one block, the guarantee
-   ``map_groups`` relies on) -> per-user histories, examples, impressions -> materialize.
-6. write: per output, filter -> tensorize (tasks) -> write_parquet, into a staging folder that
-   replaces the old outputs only when everything succeeded: a rerun never mixes in stale shards.
+2. catalog: line-aligned chunks -> parse + tokenize -> driver dedupes, writes items.parquet and
+   puts the CatalogIndex in the object store for every later task. A catalog that fits in one
+   chunk is parsed on the driver, where it is collected anyway (no worker loads the tokenizer).
+3. interactions: the driver cuts each text file into line-aligned byte ranges that know their
+   first line number (sources.split_lines); one task per range reads and parses it -> materialize.
+4. global checks (driver, pyarrow on a few small columns): duplicate impression ids, counts, and
+   which users each plan partition owns (embsum/data/partition.py).
+5. plan + write: one task per user partition reads the parsed blocks, keeps its users' rows,
+   plans them (per-user histories, examples, impressions), tensorizes and writes its parquet files
+   of every output; one more task writes the quarantine. All into a staging folder that replaces
+   the old outputs only when everything succeeded: a rerun never mixes in stale shards.
 
 Outputs are written under WORKDIR (a local path of the driver and the workers): on a multi-node
 cluster WORKDIR must be shared storage, as ``train.storage_path`` must. Inputs may be any URI.
 
-Cost on small machines (bench/prepare_bench.py, 2 cores): the Ray job spends roughly 1.6-2x the
-CPU of the same transforms in one process, mostly in Ray worker start-ups (each hash-shuffle
-starts one aggregator actor per partition, and the pool refills after they exit) and in the
-executor; hence few, large partitions here (ROWS_PER_PARTITION) and one write at a time.
+Cost on small machines (bench/prepare_bench.py, 2 cores). What the earlier shape paid for, measured
+with no-op UDFs on 200k impressions: the user hash-shuffle (repartition(keys=...)) ~12 CPU-s, whole
+files read into one block then exploded and re-split ~3.5 CPU-s more than reading ranges, plus a
+materialized plan and one Ray Data execution per output. Hence: no shuffle (partition.py), ranges,
+and plan -> tensorize -> write fused in the task that owns the users, in one execution.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ import sys
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -50,6 +54,7 @@ from embsum.config import Config
 from embsum.data import layout, synth
 from embsum.data.catalog import QUARANTINE_SCHEMA, CatalogIndex, build_catalog, cached_tokenizer
 from embsum.data.examples import KINDS, PLAN_INPUT_COLUMNS, PlanSpec, plan_batch
+from embsum.data.partition import DUPLICATES_SCHEMA, duplicate_rows, is_duplicate, partition_users, select_rows
 from embsum.data.records import (
     CATALOG_SCHEMA,
     DUPLICATE_IMPRESSION,
@@ -63,16 +68,30 @@ from embsum.data.records import (
     parse_logs,
     preflight,
 )
-from embsum.data.sources import Source, detect_format, estimate_rows, explode_batch, fingerprint, resolve
-from embsum.data.tensorize import output_schema, tensorize
+from embsum.data.sources import (
+    Chunk,
+    Source,
+    detect_format,
+    estimate_rows,
+    explode_batch,
+    fingerprint,
+    read_chunk,
+    resolve,
+    split_lines,
+)
+from embsum.data.tensorize import output_schema, tensorize, write_options
 from embsum.runtime import init_ray
 
 BLOCKS_PER_CPU = 2  # parse blocks per cluster CPU, so a single big file is parsed by all of them
 ROWS_PER_BLOCK = (10_000, 50_000)  # ... within these bounds (smaller blocks cost more than they give)
-ROWS_PER_PARTITION = 50_000  # records per user partition of the plan stage (at most one per CPU)
+# Records per plan partition: at least one partition per CPU, more when a task would hold too many
+# rows in memory, fewer when tasks would be too small to pay for themselves.
+ROWS_PER_PARTITION = (5_000, 100_000)
+TENSORIZE_ROWS = 8192  # plan rows tensorized (and written as one parquet row group) at a time
 OUTPUTS = {"train": layout.TRAIN, "valid_examples": layout.VALID_EXAMPLES, "valid": layout.VALID,
            "test": layout.TEST, "users": layout.USERS}
 COUNTER_COLUMNS = ["n_candidates", "n_clicks", "n_missing_candidates", "n_history", "n_missing_history", "n_ignored"]
+QUARANTINE_UNIT = -1  # the plan-and-write unit that writes quarantine/ instead of a user partition
 
 _OBJECTS: dict[str, Any] = {}  # per worker process: object-store values already fetched
 
@@ -104,21 +123,51 @@ def _parse_interactions_task(batch: pa.Table, mind: bool, spec: LogSpec | None, 
     return parse_logs(batch, spec, headers, index.position, keep_raw=bool(spec.impression_col))
 
 
-def _mark_duplicates_task(batch: pa.Table, dups_ref: Any) -> pa.Table:
-    dups: set[tuple[str, int]] = _fetch(dups_ref)
-    reasons = batch.column("reason").to_pylist()
-    for k, (s, n) in enumerate(zip(batch.column("source").to_pylist(), batch.column("line").to_pylist(), strict=True)):
-        if (s, n) in dups:
-            reasons[k] = DUPLICATE_IMPRESSION
-    return batch.set_column(batch.schema.get_field_index("reason"), "reason", pa.array(reasons, pa.string()))
+def _chunks_task(batch: pa.Table, filesystem: Any, parse: Callable[..., pa.Table], kwargs: dict) -> pa.Table:
+    """Read each chunk of the batch and parse its lines, in one task (no block of raw lines in between)."""
+    return pa.concat_tables([parse(read_chunk(filesystem, Chunk(**c)), **kwargs) for c in batch.to_pylist()])
 
 
-def _plan_task(batch: pa.Table, spec: PlanSpec, index_ref: Any) -> pa.Table:
-    return plan_batch(batch, spec, _fetch(index_ref))
+def _plan_write_task(batch: pa.Table, blocks: list, users: list, duplicates_ref: Any, catalog_quarantine_ref: Any,
+                     spec: PlanSpec, index_ref: Any, negatives: int, out: str) -> pa.Table:
+    """One unit of the plan-and-write stage: a user partition (plan, tensorize, write every
+    output's rows of those users) or QUARANTINE_UNIT. Returns one row: the partition's stats."""
+    import ray
 
-
-def _tensorize_task(batch: pa.Table, kind: str, index_ref: Any, negatives: int) -> pa.Table:
-    return tensorize(batch, kind, _fetch(index_ref), negatives)
+    unit = int(batch.column("unit")[0].as_py())
+    duplicates: pa.Table = ray.get(duplicates_ref)
+    tables: list[pa.Table] = ray.get(blocks)  # zero-copy from the node's shared memory
+    if unit == QUARANTINE_UNIT:
+        parts = [t.filter(pc.not_equal(t.column("reason"), "")).select(QUARANTINE_SCHEMA.names) for t in tables]
+        if duplicates.num_rows:
+            for t in tables:
+                dup = t.filter(is_duplicate(t, duplicates))
+                parts.append(dup.set_column(dup.schema.get_field_index("reason"), "reason",
+                                            pa.array([DUPLICATE_IMPRESSION] * dup.num_rows, pa.string()))
+                             .select(QUARANTINE_SCHEMA.names))
+        parts.append(ray.get(catalog_quarantine_ref))
+        rows = pa.concat_tables([p.cast(QUARANTINE_SCHEMA) for p in parts])
+        if rows.num_rows:
+            pq.write_table(rows, Path(out) / layout.QUARANTINE / "part-00000.parquet")
+        return pa.table({"stats": ["{}"]})
+    index: CatalogIndex = _fetch(index_ref)
+    user_ids = ray.get(users[unit])
+    columns = ["reason", *PLAN_INPUT_COLUMNS]
+    records = pa.concat_tables([select_rows(t.select(columns), user_ids, duplicates) for t in tables])
+    plan = plan_batch(records, spec, index)
+    kinds = plan.column("kind")
+    for kind in KINDS:
+        rows = plan.filter(pc.equal(kinds, kind))
+        if rows.num_rows == 0:
+            continue
+        schema = output_schema(kind, index.assembler.cfg, negatives)
+        with pq.ParquetWriter(Path(out) / OUTPUTS[kind] / f"part-{unit:05d}.parquet", schema,
+                              **write_options(schema)) as w:
+            for k in range(0, rows.num_rows, TENSORIZE_ROWS):
+                w.write_table(tensorize(rows.slice(k, TENSORIZE_ROWS), kind, index, negatives))
+    stats = plan.filter(pc.equal(kinds, "stats")).column("stats").to_pylist()
+    assert len(stats) == 1
+    return pa.table({"stats": stats})
 
 
 # ---- driver ---------------------------------------------------------------------------------
@@ -137,19 +186,38 @@ def resolve_inputs(cfg: Config) -> tuple[bool, Source, str, Source, str]:
             items, detect_format(d.items_format, items, "data.items"))
 
 
-def _lines(src: Source, fmt: str, headed: bool) -> Any:
-    """Numbered lines of every file, in blocks sized so that all CPUs parse (one file is one read)."""
+def _rows_per_block(src: Source, cpus: int) -> tuple[int, int]:
+    """(estimated rows, rows per parse block): enough blocks that all CPUs parse, within bounds."""
+    lo, hi = ROWS_PER_BLOCK
+    rows = estimate_rows(src)
+    return rows, min(hi, max(lo, math.ceil(rows / (BLOCKS_PER_CPU * cpus))))
+
+
+def _chunks(src: Source, fmt: str, headed: bool, cpus: int) -> list[Chunk]:
+    rows, per_block = _rows_per_block(src, cpus)
+    total = sum(f.size for f in src.files)
+    chunks = split_lines(src, math.ceil(per_block * total / rows), headed)
+    f = src.files[0]  # no bytes at all: one empty chunk, so the job still runs (and writes empty outputs)
+    return chunks or [Chunk(f.path, src.prefix + f.path, 0, 0, 1, 0)]
+
+
+def _parsed(src: Source, fmt: str, headed: bool, parse: Callable[..., pa.Table], kwargs: dict) -> Any:
+    """A Dataset of ``parse`` applied to the numbered lines of every file (parquet: its rows)."""
     import ray
     import ray.data
 
     cpus = int(ray.cluster_resources().get("CPU", 1))
-    lo, hi = ROWS_PER_BLOCK
-    rows = min(hi, max(lo, math.ceil(estimate_rows(src) / (BLOCKS_PER_CPU * cpus))))
-    ds = ray.data.read_binary_files(src.paths, include_paths=True, filesystem=src.filesystem)
-    ds = ds.map_batches(explode_batch, fn_kwargs=dict(fmt=fmt, headed=headed, prefix=src.prefix),
-                        batch_size=1, batch_format="pyarrow")
-    # strict: otherwise 2.60 fuses explode -> repartition -> parse into one task per file
-    return ds.repartition(target_num_rows_per_block=rows, strict=True)
+    if fmt == "parquet":  # rows, not lines: whole files, then re-split so that all CPUs parse
+        ds = ray.data.read_binary_files(src.paths, include_paths=True, filesystem=src.filesystem)
+        ds = ds.map_batches(explode_batch, fn_kwargs=dict(fmt=fmt, headed=headed, prefix=src.prefix),
+                            batch_size=1, batch_format="pyarrow")
+        # strict: otherwise 2.60 fuses explode -> repartition -> parse into one task per file
+        ds = ds.repartition(target_num_rows_per_block=_rows_per_block(src, cpus)[1], strict=True)
+        return ds.map_batches(parse, fn_kwargs=kwargs, batch_format="pyarrow", batch_size=None)
+    chunks = _chunks(src, fmt, headed, cpus)
+    return ray.data.from_items([asdict(c) for c in chunks], override_num_blocks=len(chunks)).map_batches(
+        _chunks_task, fn_kwargs=dict(filesystem=src.filesystem, parse=parse, kwargs=kwargs),
+        batch_format="pyarrow", batch_size=1)
 
 
 def _collect(ds: Any, schema: pa.Schema) -> pa.Table:
@@ -159,27 +227,23 @@ def _collect(ds: Any, schema: pa.Schema) -> pa.Table:
     return pa.concat_tables(tables).cast(schema) if tables else schema.empty_table()
 
 
-def _duplicates(small: pa.Table, mind: bool) -> set[tuple[str, int]]:
-    """(source, line) of good rows whose impression id was already used: by an earlier row (MIND:
-    one row per impression) or by another user (logs: many rows per impression)."""
-    good = small.filter(pc.and_(pc.equal(small.column("reason"), ""), pc.not_equal(small.column("impression_id"), "")))
-    good = good.sort_by([("source", "ascending"), ("line", "ascending")])
-    first: dict[str, str] = {}
-    dups: set[tuple[str, int]] = set()
-    columns = (good.column(c).to_pylist() for c in ("source", "line", "impression_id", "user_id"))
-    for s, n, imp, user in zip(*columns, strict=True):
-        if imp not in first:
-            first[imp] = user
-        elif mind or first[imp] != user:
-            dups.add((s, n))
-    return dups
+def _catalog_rows(items: Source, items_fmt: str, cspec: CatalogSpec, headers: dict, cfg: Config) -> pa.Table:
+    """Parsed catalog rows. One chunk's worth is parsed here: it is collected here anyway, and the
+    tokenizer is already loaded here (a worker would first import transformers: CPU-seconds)."""
+    import ray
+
+    kwargs = dict(spec=cspec, headers=headers, model=cfg.model)
+    fmt, headed = ("tsv" if items_fmt == "mind" else items_fmt), items_fmt in ("csv", "tsv")
+    if fmt != "parquet":
+        chunks = _chunks(items, fmt, headed, int(ray.cluster_resources().get("CPU", 1)))
+        if len(chunks) == 1:
+            return _parse_catalog_task(read_chunk(items.filesystem, chunks[0]), **kwargs).cast(CATALOG_SCHEMA)
+    return _collect(_parsed(items, fmt, headed, _parse_catalog_task, kwargs), CATALOG_SCHEMA)
 
 
-def _write(ds: Any, out: Path, schema: pa.Schema) -> None:
-    ds.write_parquet(str(out))
-    if not out.exists() or not any(out.glob("*.parquet")):  # no rows: still a readable dataset
-        out.mkdir(parents=True, exist_ok=True)
-        pq.write_table(schema.empty_table(), out / "part-empty.parquet")
+def _partitions(rows: int, cpus: int) -> int:
+    lo, hi = ROWS_PER_PARTITION
+    return max(1, min(max(cpus, math.ceil(rows / hi)), math.ceil(rows / lo)))
 
 
 def run_prepare(cfg: Config) -> dict[str, Any]:
@@ -187,7 +251,6 @@ def run_prepare(cfg: Config) -> dict[str, Any]:
     WORKDIR/data/prepare_report.json). Raises ``ValueError`` for inputs wrong as a whole."""
     import ray
     import ray.data
-    from ray.data.expressions import col
 
     d = cfg.data
     mind, inter, inter_fmt, items, items_fmt = resolve_inputs(cfg)
@@ -221,10 +284,7 @@ def run_prepare(cfg: Config) -> dict[str, Any]:
     try:
         # 2. catalog
         tok = cached_tokenizer(cfg.model)
-        cat_ds = _lines(items, items_fmt, headed=items_fmt in ("csv", "tsv")).map_batches(
-            _parse_catalog_task, fn_kwargs=dict(spec=cspec, headers=item_headers, model=cfg.model),
-            batch_format="pyarrow", batch_size=None)
-        catalog = build_catalog(_collect(cat_ds, CATALOG_SCHEMA), tok)
+        catalog = build_catalog(_catalog_rows(items, items_fmt, cspec, item_headers, cfg), tok)
         if len(catalog.index) == 0:
             raise ValueError(f"data.items: no valid item in {[f.uri for f in items.files]} "
                              f"({catalog.quarantine.num_rows} rows quarantined: "
@@ -234,62 +294,55 @@ def run_prepare(cfg: Config) -> dict[str, Any]:
         lap("catalog")
 
         # 3. interactions
-        parsed = _lines(inter, inter_fmt, headed=not mind and inter_fmt in ("csv", "tsv")).map_batches(
-            _parse_interactions_task, fn_kwargs=dict(mind=mind, spec=lspec, headers=inter_headers, index_ref=index_ref),
-            batch_format="pyarrow", batch_size=None).materialize()
+        parsed = _parsed(inter, inter_fmt, not mind and inter_fmt in ("csv", "tsv"), _parse_interactions_task,
+                         dict(mind=mind, spec=lspec, headers=inter_headers, index_ref=index_ref)).materialize()
         lap("parse")
 
         # 4. global checks on small columns
         small_cols = ["source", "line", "reason", "user_id", "impression_id", *COUNTER_COLUMNS]
         small = _collect(parsed.select_columns(small_cols), pa.schema([RECORD_SCHEMA.field(c) for c in small_cols]))
-        dups = _duplicates(small, mind)
-        if dups:
-            parsed = parsed.map_batches(_mark_duplicates_task, fn_kwargs=dict(dups_ref=ray.put(dups)),
-                                        batch_format="pyarrow", batch_size=None).materialize()
-        reasons = Counter(r for r in small.column("reason").to_pylist() if r)
-        if dups:
-            reasons[DUPLICATE_IMPRESSION] += len(dups)
+        dups = duplicate_rows(small, mind)
+        reasons = Counter(_value_counts(small.column("reason")))
+        reasons.pop("", None)
+        if dups.num_rows:
+            reasons[DUPLICATE_IMPRESSION] += dups.num_rows
         good = small.filter(pc.equal(small.column("reason"), ""))
-        columns = (good.column(c).to_pylist() for c in ("user_id", "source", "line"))
-        n_users = len({u for u, s, n in zip(*columns, strict=True) if (s, n) not in dups})
-
+        if dups.num_rows:
+            good = good.filter(pc.invert(is_duplicate(good, dups)))
+        n_users = pc.count_distinct(good.column("user_id")).as_py()
+        n_parts = _partitions(good.num_rows, int(ray.cluster_resources().get("CPU", 1)))
+        users = [ray.put(u) for u in partition_users(good.column("user_id"), n_parts)]
         lap("checks")
 
-        # 5. plan
-        spec = PlanSpec.from_config(cfg, mind)
-        n_parts = max(1, min(int(ray.cluster_resources().get("CPU", 1)), math.ceil(good.num_rows / ROWS_PER_PARTITION)))
-        plan = (parsed.filter(expr=col("reason") == "").select_columns(PLAN_INPUT_COLUMNS)
-                .repartition(n_parts, keys=["user_id"])
-                .map_batches(_plan_task, fn_kwargs=dict(spec=spec, index_ref=index_ref),
-                             batch_format="pyarrow", batch_size=None)
-                .materialize())
+        # 5. plan + tensorize + write: one task per user partition, one for the quarantine
+        for name in (*OUTPUTS.values(), layout.QUARANTINE):
+            (staging / name).mkdir()
+        units = [{"unit": QUARANTINE_UNIT}, *({"unit": p} for p in range(n_parts))]
+        out = ray.data.from_items(units, override_num_blocks=len(units)).map_batches(
+            _plan_write_task, batch_format="pyarrow", batch_size=1, fn_kwargs=dict(
+                blocks=parsed.to_arrow_refs(), users=users, duplicates_ref=ray.put(dups.cast(DUPLICATES_SCHEMA)),
+                catalog_quarantine_ref=ray.put(catalog.quarantine), spec=PlanSpec.from_config(cfg, mind),
+                index_ref=index_ref, negatives=d.negatives, out=str(staging)))
         stats: Counter = Counter()
-        for s in plan.filter(expr=col("kind") == "stats").select_columns(["stats"]).take_all():
+        for s in out.take_all():
             stats.update(json.loads(s["stats"]))
         users_out = sum(v for k, v in stats.items() if k.startswith("users."))
         if users_out != n_users:
-            raise AssertionError(f"plan saw {users_out} users, the records hold {n_users}: a user was split "
-                                 f"across blocks by the repartition")
-
-        lap("plan")
-
-        # 6. write (one execution at a time: side by side in threads they contend and were 3-6x slower)
-        writes = [(plan.filter(expr=col("kind") == kind).map_batches(
-            _tensorize_task, fn_kwargs=dict(kind=kind, index_ref=index_ref, negatives=d.negatives),
-            batch_format="pyarrow"), staging / OUTPUTS[kind], output_schema(kind, cfg.model, d.negatives))
-            for kind in KINDS]
-        quarantine = parsed.filter(expr=col("reason") != "").select_columns(QUARANTINE_SCHEMA.names)
-        if catalog.quarantine.num_rows:
-            quarantine = quarantine.union(ray.data.from_arrow(catalog.quarantine))
-        writes.append((quarantine, staging / layout.QUARANTINE, QUARANTINE_SCHEMA))
-        for w in writes:
-            _write(*w)
-        lap("write")
+            raise AssertionError(f"plan saw {users_out} users, the records hold {n_users}: a user was missed "
+                                 f"or planned twice by the partitions")
+        for kind in KINDS:  # no rows: still a readable dataset with the promised columns
+            if not any((staging / OUTPUTS[kind]).glob("*.parquet")):
+                pq.write_table(output_schema(kind, cfg.model, d.negatives).empty_table(),
+                               staging / OUTPUTS[kind] / "part-empty.parquet")
+        if not any((staging / layout.QUARANTINE).glob("*.parquet")):
+            pq.write_table(QUARANTINE_SCHEMA.empty_table(), staging / layout.QUARANTINE / "part-empty.parquet")
+        lap("plan_write")
         seconds = time.perf_counter() - t0
 
         report = _report(cfg, fp, mind, inter, items, small, catalog, reasons, stats, seconds)
         report["stage_seconds"] = stages
         report["cluster_cpus"] = ray.cluster_resources().get("CPU")
+        report["plan_partitions"] = n_parts
         (staging / layout.REPORT).write_text(json.dumps(report, indent=2, sort_keys=True))
         for name in (layout.ITEMS, layout.QUARANTINE, layout.REPORT, *OUTPUTS.values()):
             _replace(staging / name, data_dir / name)
@@ -297,6 +350,11 @@ def run_prepare(cfg: Config) -> dict[str, Any]:
         shutil.rmtree(staging, ignore_errors=True)
     print(_summary_line(report), flush=True)
     return report
+
+
+def _value_counts(column: pa.ChunkedArray) -> dict[str, int]:
+    vc = pc.value_counts(column)
+    return dict(zip(vc.field("values").to_pylist(), vc.field("counts").to_pylist(), strict=True))
 
 
 def _replace(new: Path, old: Path) -> None:

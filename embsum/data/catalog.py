@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import functools
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -68,6 +68,9 @@ class CatalogIndex:
     tokens: list[list[int]]
     content: np.ndarray  # (N, Lc) int32: [SOS] text </s> padded, one row per item
     assembler: EmbSumTokenizer  # sessions()/content() only: built on SpecialIds, cannot tokenize text
+    # Built on first use by tensorize (per process; a worker keeps the index across its tasks):
+    id_array: pa.Array | None = field(default=None, repr=False, compare=False)  # ids as Arrow, for lookups
+    segments: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.ids)

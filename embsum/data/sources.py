@@ -8,11 +8,14 @@ hidden and ``_``-prefixed ones skipped) or a glob in its last component (``logs/
 The file list is resolved once, on the driver, and handed to Ray Data as an explicit list: the
 fingerprint, the preflight checks and the job then agree on exactly which files were read.
 
-Line numbers are the reason this module exists: Ray Data's text readers do not keep them, so the
-job reads whole files (``read_binary_files``) and ``explode_file`` turns each into rows of
-(source, line, raw bytes). Decoding happens later, per line, so a bad byte sequence costs one
-quarantined row, not the file. Parquet has no lines: its rows become JSON objects numbered 1..n,
-and flow through the JSON-lines parser.
+Line numbers are the reason this module exists: Ray Data's text readers do not keep them. Text
+files are cut into line-aligned byte ranges (``split_lines``, on the driver: one sequential read of
+each file that only counts newlines, at memchr speed) so that each range knows the number of its
+first line; a task then reads just its range (``read_chunk``) and turns it into rows of (source,
+line, raw bytes). One big file is so parsed by many tasks, and nothing but the ranges' bounds
+crosses the object store before parsing. Decoding happens later, per line, so a bad byte sequence
+costs one quarantined row, not the file. Parquet has no lines: its rows become JSON objects
+numbered 1..n (``explode_file``), and flow through the JSON-lines parser.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ FORMATS = ("csv", "tsv", "jsonl", "parquet")
 _EXTENSIONS = {".csv": "csv", ".tsv": "tsv", ".tab": "tsv", ".txt": "tsv", ".jsonl": "jsonl",
                ".ndjson": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".pq": "parquet"}
 HEAD_BYTES = 1 << 16  # preflight reads this much of each file
+BOM = b"\xef\xbb\xbf"
 
 EXPLODED_SCHEMA = pa.schema([("source", pa.string()), ("line", pa.int64()), ("raw", pa.binary())])
 
@@ -163,12 +167,13 @@ def fingerprint(sources: list[Source], extra: dict[str, Any], *, mtimes: bool = 
 
 # ---- whole files -> numbered lines (runs inside Ray Data tasks; pure) ----------------------
 
-def iter_lines(data: bytes) -> Iterator[tuple[int, bytes]]:
-    """(1-based line number, line without its line ending). A UTF-8 BOM is dropped; blank lines
-    (whitespace only) are skipped: they are not rows, and they keep their numbers out of use."""
-    if data.startswith(b"\xef\xbb\xbf"):
-        data = data[3:]
-    for i, line in enumerate(data.split(b"\n"), start=1):
+def iter_lines(data: bytes, first: int = 1, file_start: bool = True) -> Iterator[tuple[int, bytes]]:
+    """(line number, line without its line ending), numbered from ``first``. At a file's start
+    (``file_start``) a UTF-8 BOM is dropped; blank lines (whitespace only) are skipped: they are
+    not rows, and they keep their numbers out of use."""
+    if file_start and data.startswith(BOM):
+        data = data[len(BOM):]
+    for i, line in enumerate(data.split(b"\n"), start=first):
         if line.endswith(b"\r"):
             line = line[:-1]
         if line.strip():
@@ -194,6 +199,88 @@ def explode_file(uri: str, data: bytes, fmt: str, headed: bool) -> tuple[list[st
         lines.append(no)
         raws.append(raw)
     return [uri] * len(raws), lines, raws
+
+
+# ---- text files -> line-aligned byte ranges (driver) and their rows (tasks) ------------------
+
+SCAN_BYTES = 1 << 23  # split_lines reads files in blocks of this size
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Bytes [start, end) of one text file: whole lines, the first numbered ``first_line``.
+    ``header_line``: the file's header line number (skipped), 0 when the file has none."""
+
+    path: str
+    uri: str
+    start: int
+    end: int
+    first_line: int
+    header_line: int
+
+
+def _first_nonblank(fs: pafs.FileSystem, path: str) -> int:
+    """Number of the first non-blank line (the header of a csv/tsv), 0 for a blank file."""
+    seen, rest, at_start = 0, b"", True
+    with fs.open_input_stream(path) as f:
+        while True:
+            block = f.read(HEAD_BYTES)
+            data = rest + block
+            if at_start:  # a BOM is not content (as in iter_lines)
+                if block and len(data) < len(BOM) and BOM.startswith(data):
+                    rest = data
+                    continue
+                at_start = False
+                data = data[len(BOM):] if data.startswith(BOM) else data
+            parts = data.split(b"\n")
+            whole = parts if not block else parts[:-1]  # the last part may go on in the next block
+            for i, line in enumerate(whole):
+                if line.strip():
+                    return seen + i + 1
+            if not block:
+                return 0
+            seen += len(whole)
+            rest = parts[-1]
+
+
+def split_lines(source: Source, chunk_bytes: int, headed: bool) -> list[Chunk]:
+    """Cut every file into chunks of about ``chunk_bytes`` that end at a newline, each with the
+    number of its first line. One sequential read per file that only counts newlines (C speed);
+    memory stays at one read block whatever the file size."""
+    chunk_bytes = max(1, chunk_bytes)
+    out: list[Chunk] = []
+    for ref in source.files:
+        header = _first_nonblank(source.filesystem, ref.path) if headed else 0
+        start, start_line, pos, newlines = 0, 1, 0, 0
+        target = chunk_bytes
+        with source.filesystem.open_input_stream(ref.path) as f:
+            while block := f.read(SCAN_BYTES):
+                while target < pos + len(block):
+                    nl = block.find(b"\n", max(0, target - pos))
+                    if nl < 0:
+                        break  # the cut moves into the next block
+                    cut = pos + nl + 1
+                    out.append(Chunk(ref.path, source.prefix + ref.path, start, cut, start_line, header))
+                    start, start_line = cut, newlines + block.count(b"\n", 0, nl + 1) + 1
+                    target = cut + chunk_bytes
+                newlines += block.count(b"\n")
+                pos += len(block)
+        if pos > start:
+            out.append(Chunk(ref.path, source.prefix + ref.path, start, pos, start_line, header))
+    return out
+
+
+def read_chunk(filesystem: pafs.FileSystem, chunk: Chunk) -> pa.Table:
+    """One chunk's non-blank lines as EXPLODED_SCHEMA rows, numbered as in the whole file."""
+    with filesystem.open_input_file(chunk.path) as f:
+        data = f.read_at(chunk.end - chunk.start, chunk.start)
+    lines, raws = [], []
+    for no, raw in iter_lines(data, first=chunk.first_line, file_start=chunk.start == 0):
+        if no != chunk.header_line:
+            lines.append(no)
+            raws.append(raw)
+    return pa.table({"source": pa.array([chunk.uri] * len(raws), pa.string()), "line": pa.array(lines, pa.int64()),
+                     "raw": pa.array(raws, pa.binary())}, schema=EXPLODED_SCHEMA)
 
 
 def explode_batch(batch: pa.Table, fmt: str, headed: bool, prefix: str) -> pa.Table:

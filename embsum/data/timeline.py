@@ -88,14 +88,10 @@ def build_events(rows: Sequence[Row], timestamps: bool, group_impressions: bool)
 
 
 def dedupe_keep_last(items: Iterable[str]) -> list[str]:
-    """Distinct items, each at the position of its last occurrence."""
-    seen: OrderedDict[str, None] = OrderedDict()
-    for x in items:
-        if x in seen:
-            seen.move_to_end(x)
-        else:
-            seen[x] = None
-    return list(seen)
+    """Distinct items, each at the position of its last occurrence. (The first occurrences of the
+    reversed sequence, reversed back: dict.fromkeys runs in C, ~10x a Python loop.)"""
+    seq = items if isinstance(items, list) else list(items)
+    return list(dict.fromkeys(reversed(seq)))[::-1]
 
 
 def histories(events: Sequence[Event], from_log: bool, keep: int, all_events: bool = True) -> list[list[str]]:

@@ -82,7 +82,7 @@ def test_cli_errors_are_one_line(args: list[str], message: str, tmp_path: Path) 
 
 def test_help_on_every_command() -> None:
     for cmd in ([], ["prepare"], ["summarize"], ["train"], ["evaluate"], ["embed"], ["promote"], ["serve", "start"],
-                ["serve", "status"], ["serve", "rollout"], ["serve", "stop"], ["run"], ["data", "synth"], ["models", "list"], ["models", "compare"],
-                ["recommend"], ["config"]):
+                ["serve", "status"], ["serve", "rollout"], ["serve", "stop"], ["run"], ["data", "synth"],
+                ["models", "list"], ["models", "compare"], ["recommend"], ["config"]):
         p = embsum(*cmd, "--help", timeout=60)
         assert p.returncode == 0 and "Usage:" in p.stdout, (cmd, p.stderr)

@@ -12,6 +12,7 @@ keeps the old version serving and reports the error.
 from __future__ import annotations
 
 import json
+import os
 import random
 import socket
 import threading
@@ -147,6 +148,11 @@ def served(ray_cluster, tmp_path_factory):
     write_version(cfg.embeddings_dir, _predictor(cfg, versions[1]), versions[1], n_items=N_ITEMS, n_users=N_USERS,
                   fingerprint=cfg.fingerprint("model"))
     t2 = time.monotonic()
+    # A stopping HAProxy-fronted replica keeps answering 30 s by default so load balancers can drain
+    # it; nothing here needs that, and Serve's shutdown at the end would wait for it.
+    drain = "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"
+    preset = drain in os.environ
+    os.environ.setdefault(drain, "1")
     try:
         deploy(cfg)
         url = f"http://127.0.0.1:{port}"
@@ -163,6 +169,8 @@ def served(ray_cluster, tmp_path_factory):
         yield Served(cfg, url, versions)
     finally:
         shutdown()  # serve.shutdown(), and forget the driver's cached scorer handles
+        if not preset:
+            os.environ.pop(drain, None)
 
 
 def _post(served: Served, path: str, body: dict, **kw):

@@ -646,16 +646,14 @@ def test_serve_config_is_valid_and_matches_ray_config(rel: str):
     assert raw["http_options"] == {"host": cfg.serve.host, "port": cfg.serve.port}
 
     deployments = {d["name"]: d for d in app["deployments"]}
-    assert set(deployments) == {"EmbSumScorer", "EmbSumIngress"}
-    scorer, ingress = deployments["EmbSumScorer"], deployments["EmbSumIngress"]
+    assert set(deployments) == {"EmbSumScorer"}, "one deployment: the HTTP ingress is the scorer"
+    scorer = deployments["EmbSumScorer"]
     want = {"min_replicas": cfg.serve.min_replicas, "max_replicas": cfg.serve.max_replicas,
             "target_ongoing_requests": cfg.serve.target_ongoing_requests}
     assert scorer["autoscaling_config"] == want
     assert scorer["max_ongoing_requests"] == cfg.serve.max_ongoing_requests >= cfg.serve.max_batch_size
     assert scorer["ray_actor_options"] == {"num_cpus": cfg.serve.num_cpus, "num_gpus": cfg.serve.num_gpus}
     assert isinstance(scorer["user_config"]["model_version"], str), "rollouts go through user_config"
-    assert ingress["autoscaling_config"] == want
-    assert ingress["max_ongoing_requests"] == cfg.serve.max_ongoing_requests
 
     # The replicas fit the serving cluster at max scale.
     spec = cluster_spec(service)
@@ -663,7 +661,7 @@ def test_serve_config_is_valid_and_matches_ray_config(rel: str):
         gpu = group(service, "gpu")
         assert gpu["maxReplicas"] * gpus_per_pod(gpu) >= cfg.serve.max_replicas * cfg.serve.num_gpus
     cpus = sum(g["maxReplicas"] * pod_resource(g["template"], "cpu") for g in spec["workerGroupSpecs"])
-    need = cfg.serve.max_replicas * (cfg.serve.num_cpus + ingress["ray_actor_options"]["num_cpus"])
+    need = cfg.serve.max_replicas * cfg.serve.num_cpus
     assert cpus >= need, f"{rel}: {cpus} worker CPUs < {need} needed at max replicas"
     serve_ports = {p["containerPort"] for _, t in pod_templates(service)
                    for p in t["spec"]["containers"][0].get("ports", []) if p["name"] == "serve"}

@@ -137,3 +137,28 @@ def test_summary_and_describe(bundle):
     assert miss.status == 404 and "'U999'" in miss.detail
     info = engine.describe(bundle, alias="champion", requested="1", error=None)
     assert info.model_version == "1" and info.embeddings["items"] == N_ITEMS and info.last_rollout_error is None
+
+
+def test_score_json_bytes_equal_json_dumps():
+    import json
+
+    from serve.engine import ScoreResult
+
+    def dumps(r: ScoreResult) -> bytes:
+        return json.dumps(r.to_json(), ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode()
+
+    odd = ScoreResult(model_version="3", user_id='u"\\\u00e9\U0001f600\n', user_encoded=True,
+                      item_ids=["n1", None, "t\u2028x"], scores=[0.1, -2.5e-09, 1e300], encoded=[False, True, True])
+    plain = ScoreResult(model_version="3", user_id=None, user_encoded=False, item_ids=[], scores=[], encoded=[])
+    for r in (odd, plain):
+        assert r.json_bytes() == dumps(r) and json.loads(r.json_bytes()) == r.to_json()
+    with pytest.raises(ValueError):  # non-finite scores are refused, as json.dumps(allow_nan=False) does
+        ScoreResult(model_version="3", user_id="u", user_encoded=False, item_ids=["a"], scores=[float("nan")],
+                    encoded=[False]).json_bytes()
+
+
+def test_light_batches_are_warm_and_small():
+    reqs = [sq("U1", refs(["n1", "n2"])), sq("U2", refs(["n3"]))]
+    assert engine.is_light(reqs, 3) and not engine.is_light(reqs, 2)
+    assert not engine.is_light([sq("U1", [("n1", "some text")])], 100)  # may need the encoder
+    assert not engine.is_light([sq(history=refs(["n1"]), candidates=refs(["n2"]))], 100)

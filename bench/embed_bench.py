@@ -1,0 +1,211 @@
+"""Benchmark: precompute items/s of the Ray Data actor-pool job (``train.embed.run_embed``) vs a
+single-process forward over the same items with the same batch size.
+
+    python -m bench.embed_bench            # 20k items (Book-Crossing's catalog tiled), 400 users, 3 repeats
+    python -m bench.embed_bench --quick    # 2k items, 50 users, 1 repeat
+
+Model: the quality study's config (random-init T5, d_model 64, 2+2 layers), registered once in the
+bench MLflow store; throughput does not depend on the weights' values (user summaries are
+generated greedily up to summary_tokens either way). Items: Book-Crossing's prepared catalog
+(2,030 books, their token ids from the prepare job) repeated under new ids up to the item count;
+users: the first of the prepared users (G x L session ids; user encoding generates a summary of up to
+32 tokens per user, so users cost far more than items).
+
+- Ray: ``run_embed`` on a local cluster that is already up: Ray Data reads items.parquet, an actor
+  pool of ``train.infer_actors`` = 2 model replicas (1 CPU and 1 torch thread each) encodes batches
+  of ``train.infer_batch_size`` = 64, and writes parquet. Its figure is the items/s it reports:
+  items over the wall time of the items phase (read -> encode -> write, actor start-up included:
+  a precompute job pays it every run). Users likewise (encode + greedy summary generation).
+- Single process: the model loaded once (not timed), torch threads = 2, read items.parquet, the
+  same ``Predictor.encode_item_tokens`` per batch of 64, write the same columns to parquet.
+
+Ratio = Ray items/s / single-process items/s (target >= 0.9), medians over repeats, alternating
+Ray and single-process runs. Peak memory of each side's process tree. Writes bench/results/embed.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench import harness
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # Ray workers inherit it: 1 torch thread per 1-CPU actor
+os.environ.setdefault("RAY_worker_niceness", "0")  # Ray workers at the baseline's priority
+
+
+def bench_config(quick: bool) -> Any:
+    from bench.quality import bx_config
+    from embsum.config import replace
+
+    src = bx_config()
+    cfg = replace(src, "workdir", str(harness.bench_root() / ("embed-quick" if quick else "embed")))
+    for k, v in {"mlflow.experiment": "bench-embed", "mlflow.registered_model": "embsum-bench-embed",
+                 "train.infer_actors": 2, "train.infer_cpus": 1.0, "train.infer_batch_size": 64}.items():
+        cfg = replace(cfg, k, v)
+    return src, cfg
+
+
+def build_inputs(src: Any, cfg: Any, n_items: int, n_users: int) -> dict[str, int]:
+    """items.parquet (the source catalog repeated under new ids) and users/ in cfg.data_dir."""
+    import pyarrow as pa
+    import pyarrow.dataset as pads
+    import pyarrow.parquet as pq
+
+    from embsum.data import layout
+
+    out = cfg.data_dir
+    marker = out / "bench_inputs.txt"
+    want = f"{harness.data_key(src)} {n_items} {n_users}"
+    if marker.is_file() and marker.read_text() == want:
+        return {"items": n_items, "users": n_users}
+    out.mkdir(parents=True, exist_ok=True)
+    items = pq.read_table(src.data_dir / layout.ITEMS, columns=["item_id", "text", "token_ids"])
+    reps = -(-n_items // items.num_rows)
+    ids = [f"{i}#{k}" for k in range(reps) for i in items.column("item_id").to_pylist()][:n_items]
+    tiled = pa.concat_tables([items] * reps).slice(0, n_items)
+    tiled = tiled.set_column(0, "item_id", pa.array(ids, pa.string()))
+    pq.write_table(tiled, out / layout.ITEMS)
+    users = pads.dataset(str(src.data_dir / layout.USERS), format="parquet").to_table(
+        columns=["user_id", "history", "session_ids"]).slice(0, n_users)
+    (out / layout.USERS).mkdir(exist_ok=True)
+    pq.write_table(users, out / layout.USERS / "part-0.parquet")
+    marker.write_text(want)
+    return {"items": n_items, "users": users.num_rows}
+
+
+def register_random_model(cfg: Any) -> tuple[str, Path]:
+    from embsum.checkpoint import save_model
+    from embsum.model import EmbSum
+    from embsum.registry import Registry
+    from embsum.tokenization import EmbSumTokenizer
+
+    tok = EmbSumTokenizer.from_config(cfg.model)
+    model = EmbSum.from_config(cfg.model, tok.sos_id, seed=0).eval()
+    path = save_model(model, tok, Path(tempfile.mkdtemp(prefix="embsum-embed-bench-")) / "model",
+                      metadata={"model_fingerprint": cfg.fingerprint("model")})
+    reg = Registry(cfg)
+    run_id = reg.start_run(f"embed-bench-{os.getpid()}")
+    version = reg.log_and_register(run_id, path)
+    reg.end_run(run_id)
+    return version, reg.download(version, cfg.workdir_path / "models" / f"v{version}")
+
+
+def single_process(cfg: Any, model_dir: Path, out_dir: Path, threads: int = 2) -> dict[str, Any]:
+    """The items and users of cfg.data_dir through one Predictor in this process."""
+    import pyarrow as pa
+    import pyarrow.dataset as pads
+    import pyarrow.parquet as pq
+    import torch
+    from ray.data.extensions import ArrowTensorArray
+
+    from embsum.arrow_tensors import table_tensor
+    from embsum.data import layout
+    from embsum.predictor import Predictor
+
+    torch.set_num_threads(threads)
+    bs = cfg.train.infer_batch_size
+    pred = Predictor.from_dir(model_dir, batch_size=bs)  # loaded before timing
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    items = pq.read_table(cfg.data_dir / layout.ITEMS, columns=["item_id", "text", "token_ids"])
+    tokens = items.column("token_ids").to_pylist()
+    cpe, key = [], []
+    for i in range(0, len(tokens), bs):  # the actor's call per batch, same batch size
+        emb = pred.encode_item_tokens(tokens[i:i + bs])
+        cpe.append(emb.cpe)
+        key.append(emb.key)
+    pq.write_table(pa.table({"item_id": items.column("item_id"), "text": items.column("text"),
+                             "cpe": ArrowTensorArray.from_numpy(np.concatenate(cpe)),
+                             "cpe_key": ArrowTensorArray.from_numpy(np.concatenate(key))}), out_dir / "items.parquet")
+    t_items = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    users = pads.dataset(str(cfg.data_dir / layout.USERS), format="parquet").to_table(
+        columns=["user_id", "history", "session_ids"])
+    sess = table_tensor(users, "session_ids")
+    upe, summ = [], []
+    for i in range(0, len(sess), bs):
+        emb = pred.encode_users(sess[i:i + bs])
+        upe.append(emb.upe)
+        summ += emb.summaries
+    pq.write_table(pa.table({"user_id": users.column("user_id"), "history": users.column("history"),
+                             "upe": ArrowTensorArray.from_numpy(np.concatenate(upe)), "summary": summ}),
+                   out_dir / "users.parquet")
+    t_users = time.perf_counter() - t1
+    return {"items": items.num_rows, "users": users.num_rows, "items_seconds": t_items, "users_seconds": t_users,
+            "items_per_s": items.num_rows / t_items, "users_per_s": users.num_rows / t_users, "threads": threads}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.embed_bench", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="2k items, 50 users, 1 repeat")
+    ap.add_argument("--items", type=int, default=None)
+    ap.add_argument("--users", type=int, default=None)
+    ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    harness.setup()
+    n_items = args.items or (2000 if args.quick else 20_000)
+    n_users = args.users or (50 if args.quick else 400)
+    repeats = args.repeats or (1 if args.quick else 3)
+    src, cfg = bench_config(args.quick)
+    t_start = time.perf_counter()
+
+    import ray
+
+    from embsum.runtime import init_ray
+    from train.embed import run_embed
+
+    init_ray(cfg.ray)
+    try:
+        harness.ensure_prepared(src)
+        counts = build_inputs(src, cfg, n_items, n_users)
+        version, model_dir = register_random_model(cfg)
+        ray.shutdown()
+        mem_ray, mem_single = harness.TreeMemory(), harness.TreeMemory()
+        rays: list[dict[str, Any]] = []
+        singles: list[dict[str, Any]] = []
+        for r in range(repeats):
+            with mem_single, tempfile.TemporaryDirectory() as tmp:
+                singles.append(single_process(cfg, model_dir, Path(tmp)))
+            print(f"[embed bench] single process repeat {r}: {singles[-1]['items_per_s']:.0f} items/s, "
+                  f"{singles[-1]['users_per_s']:.1f} users/s", flush=True)
+            with mem_ray:  # a fresh cluster per repeat, shut down after: the single process runs without one
+                init_ray(cfg.ray)
+                rep = run_embed(cfg, version)
+                ray.shutdown()
+            rays.append({k: rep[k] for k in ("items", "users", "items_per_s", "users_per_s", "seconds")})
+            print(f"[embed bench] Ray Data repeat {r}: {rep['items_per_s']:.0f} items/s, "
+                  f"{rep['users_per_s']:.1f} users/s", flush=True)
+    finally:
+        ray.shutdown()
+    ri, si = harness.spread([x["items_per_s"] for x in rays]), harness.spread([x["items_per_s"] for x in singles])
+    ru, su = harness.spread([x["users_per_s"] for x in rays]), harness.spread([x["users_per_s"] for x in singles])
+    res = {
+        "name": "embed", "quick": args.quick, "repeats": repeats, **counts,
+        "ray_items_per_s": ri, "single_items_per_s": si, "items_ratio": ri["median"] / si["median"], "target": 0.9,
+        "ray_users_per_s": ru, "single_users_per_s": su, "users_ratio": ru["median"] / su["median"],
+        "ray": rays, "single": singles, "actors": cfg.train.infer_actors, "batch_size": cfg.train.infer_batch_size,
+        "memory": {"ray": mem_ray.report(), "single": mem_single.report()},
+        "model": {k: getattr(cfg.model, k) for k in ("d_model", "num_layers", "num_decoder_layers", "user_codes",
+                                                      "content_codes", "content_tokens", "summary_tokens")},
+        "machine": harness.machine(), "wall_seconds": round(time.perf_counter() - t_start, 1),
+    }
+    path = harness.write_result("embed", res, args.out, quick=args.quick)
+    print(f"embed bench: {counts['items']:,} items | Ray Data ({cfg.train.infer_actors} actors x 1 thread) "
+          f"{ri['median']:.0f} items/s vs one process (2 threads) {si['median']:.0f} items/s | ratio "
+          f"{res['items_ratio']:.3f} (target >= 0.9) | users {ru['median']:.1f} vs {su['median']:.1f}/s "
+          f"(ratio {res['users_ratio']:.3f}) | peak RSS Ray tree {mem_ray.report()['peak_rss_mb']:.0f} MB, "
+          f"single {mem_single.report()['peak_rss_mb']:.0f} MB -> {path}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

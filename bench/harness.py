@@ -1,0 +1,237 @@
+"""What every benchmark script shares: where results go, the bench workdir, process-tree memory,
+machine facts, seeded repeats' statistics, and "prepare + summarize once per data config".
+
+Importing this module changes nothing; ``setup()`` sets the quiet environment (no hub, no
+telemetry, DeepSpeed on CPU with its JIT build cached in .cache/) before Ray or torch start.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import statistics
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = Path(os.environ.get("EMBSUM_BENCH_RESULTS", REPO / "bench" / "results")).resolve()
+LOGS = RESULTS / "logs"
+SHARED_DATA = Path(os.environ.get("EMBSUM_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+def bench_root() -> Path:
+    """Scratch space of every benchmark (data, MLflow, checkpoints): git-ignored runs/bench, or
+    $EMBSUM_BENCH_WORKDIR."""
+    return Path(os.environ.get("EMBSUM_BENCH_WORKDIR", REPO / "runs" / "bench")).resolve()
+
+
+def tracking_overrides(experiment: str, registered_model: str) -> list[str]:
+    """Config overrides that put a benchmark's training runs in the bench MLflow store (one SQLite
+    file for all benchmarks, beside the `benchmarks` experiment the runner writes)."""
+    root = bench_root()
+    return [f"mlflow.tracking_uri=sqlite:///{root / 'mlflow' / 'mlflow.db'}",
+            f"mlflow.artifact_location={(root / 'mlflow' / 'artifacts').as_uri()}",
+            f"mlflow.experiment={experiment}", f"mlflow.registered_model={registered_model}",
+            f"train.storage_path={root / 'ray_results'}"]
+
+
+def setup() -> None:
+    from embsum.runtime import setup_env
+
+    setup_env()
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
+    os.environ.setdefault("PYTHONPATH", str(REPO))  # Ray workers import bench/train from the checkout
+
+
+def results_dir(quick: bool = False) -> Path:
+    """bench/results, or bench/results/quick for --quick smoke passes (never mixed with real figures)."""
+    return RESULTS / "quick" if quick else RESULTS
+
+
+def write_result(name: str, result: dict[str, Any], out: str | Path | None = None, *, quick: bool = False) -> Path:
+    path = Path(out) if out else results_dir(quick) / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=2, default=str))
+    tmp.replace(path)
+    return path
+
+
+def machine() -> dict[str, Any]:
+    import psutil
+
+    info: dict[str, Any] = {"cpus": os.cpu_count(), "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+                            "platform": platform.platform(), "python": platform.python_version(),
+                            "loadavg_1m": round(os.getloadavg()[0], 2)}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu_model"] = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    for mod in ("torch", "ray", "deepspeed", "transformers", "mlflow"):
+        try:
+            info[mod] = __import__(mod).__version__
+        except Exception:  # noqa: BLE001 - a missing optional package is just not reported
+            pass
+    return info
+
+
+# ---- statistics over repeats ----------------------------------------------------------------------------
+def spread(values: Sequence[float]) -> dict[str, Any]:
+    """Median, min, max and the relative half-range ((max - min) / 2 / median) of repeats."""
+    v = [float(x) for x in values]
+    if not v:
+        return {"n": 0, "median": None, "min": None, "max": None, "rel_spread": None, "values": []}
+    med = statistics.median(v)
+    return {"n": len(v), "median": med, "min": min(v), "max": max(v),
+            "rel_spread": (max(v) - min(v)) / 2 / abs(med) if med else None, "values": v}
+
+
+def mean_std(values: Sequence[float]) -> dict[str, Any]:
+    v = [float(x) for x in values]
+    return {"n": len(v), "mean": statistics.fmean(v) if v else None,
+            "std": statistics.stdev(v) if len(v) > 1 else 0.0, "values": v}
+
+
+# ---- memory of a process tree ------------------------------------------------------------------------------
+class TreeMemory:
+    """Peak memory of a process and everything it starts, sampled every ``interval`` s.
+
+    The tree is the root process and all its descendants (``psutil.Process.children(recursive=True)``):
+    a local Ray cluster started by ``ray.init`` (GCS, raylet, dashboard agents) and every Ray worker,
+    actor and Train worker it forks descend from the driver, so they are counted; another user's
+    Ray cluster on the same machine is not. Per sample the tree's total RSS and total PSS are summed
+    (PSS splits shared pages, e.g. the object store's shared memory, between the processes that map
+    them, so summed PSS does not double-count them; summed RSS does). The peaks are the largest
+    sums seen, plus the largest single process.
+    """
+
+    def __init__(self, pid: int | None = None, interval: float = 0.5) -> None:
+        self.pid = pid or os.getpid()
+        self.interval = interval
+        self.peak_rss = self.peak_pss = self.peak_single_rss = 0
+        self.max_processes = 0
+        self.samples = 0
+        self.seen: set[tuple[int, float]] = set()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def sample(self) -> None:
+        import psutil
+
+        try:
+            root = psutil.Process(self.pid)
+            procs = [root, *root.children(recursive=True)]
+        except psutil.Error:
+            return
+        rss = pss = single = 0
+        n = 0
+        for p in procs:
+            try:
+                mem = p.memory_full_info()  # PSS from /proc/PID/smaps_rollup
+                key = (p.pid, p.create_time())
+            except psutil.AccessDenied:
+                try:
+                    mem = p.memory_info()
+                    key = (p.pid, p.create_time())
+                except psutil.Error:
+                    continue
+            except psutil.Error:
+                continue
+            n += 1
+            self.seen.add(key)
+            rss += mem.rss
+            pss += getattr(mem, "pss", mem.rss)
+            single = max(single, mem.rss)
+        self.samples += 1
+        self.peak_rss, self.peak_pss = max(self.peak_rss, rss), max(self.peak_pss, pss)
+        self.peak_single_rss = max(self.peak_single_rss, single)
+        self.max_processes = max(self.max_processes, n)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.sample()
+
+    def start(self) -> TreeMemory:
+        """Start (or restart: peaks accumulate over every start/stop period) sampling."""
+        self.sample()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="tree-memory")
+        self._thread.start()
+        return self
+
+    def stop(self) -> dict[str, Any]:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        self.sample()
+        return self.report()
+
+    def report(self) -> dict[str, Any]:
+        mb = 2**20
+        return {"peak_rss_mb": round(self.peak_rss / mb, 1), "peak_pss_mb": round(self.peak_pss / mb, 1),
+                "peak_single_process_rss_mb": round(self.peak_single_rss / mb, 1),
+                "max_processes": self.max_processes, "processes_seen": len(self.seen), "samples": self.samples,
+                "interval_s": self.interval}
+
+    def __enter__(self) -> TreeMemory:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+
+# ---- data: prepare + summarize once per data config ------------------------------------------------------
+PREPARE_MODEL_KEYS = ("tokenizer", "backbone", "sos_token", "num_sessions", "items_per_session", "session_tokens",
+                      "content_tokens", "summary_tokens")
+
+
+def data_key(cfg: Any) -> str:
+    """What the prepared shards and teacher summaries depend on: the data section and the model's
+    tokenization/shape fields (summary_tokens shapes the summaries' ids)."""
+    blob = {"data": asdict(cfg.data), "model": {k: getattr(cfg.model, k) for k in PREPARE_MODEL_KEYS}}
+    return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def ensure_prepared(cfg: Any, *, summarize: bool = True) -> dict[str, Any]:
+    """Run prepare (+ summarize with cfg's teacher) into cfg.data_dir unless a completed run for the
+    same data key is there already. -> {'prepare': report, 'summarize': report, 'reused': bool}."""
+    from embsum.data import layout
+
+    marker = cfg.data_dir / "bench_data_key.json"
+    key = data_key(cfg)
+    if marker.is_file() and json.loads(marker.read_text()).get("key") == key:
+        done = json.loads(marker.read_text())
+        if not summarize or done.get("summarize"):
+            return {**done, "reused": True}
+    from train.prepare import run_prepare
+    from train.summarize import run_summarize
+
+    t0 = time.perf_counter()
+    prep = run_prepare(cfg)
+    summ = run_summarize(cfg) if summarize else None
+    done = {"key": key, "prepare": _small_report(prep), "summarize": summ, "seconds": time.perf_counter() - t0}
+    marker.write_text(json.dumps(done, indent=2, default=str))
+    assert (cfg.data_dir / layout.TRAIN).exists()
+    return {**done, "reused": False}
+
+
+def _small_report(rep: dict[str, Any]) -> dict[str, Any]:
+    keep = ("rows_in", "rows_out", "quarantined", "examples", "eval_impressions", "users", "seconds", "fingerprint")
+    return {k: rep.get(k) for k in keep}
+
+
+def data_workdir(cfg: Any, name: str) -> Path:
+    """A per-data-config workdir under the bench root: variants that only change the model head
+    or training share one prepared dataset."""
+    return bench_root() / name / f"data-{data_key(cfg)}"

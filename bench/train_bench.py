@@ -1,0 +1,231 @@
+"""Benchmark: training examples/s of Ray Train + DeepSpeed vs a plain single-process PyTorch loop.
+
+    python -m bench.train_bench            # 3 repeats each, 10 warmup + 40 timed steps
+    python -m bench.train_bench --quick    # 1 repeat each, 3 warmup + 10 timed steps
+
+Same model (``EmbSum.from_config`` with the quality study's config: random-init T5, d_model 64,
+2+2 layers), same data (the Book-Crossing training shards written by the prepare job, with the
+offline teacher's summaries), same global batch per optimizer step (2 x 16 = 32 examples), same
+loss (``embsum.losses.embsum_loss``, lambda 0.05, NCE temperature sqrt(d_model)), same AdamW
+(parameter groups, lr schedule, gradient clipping 1.0), same total threads:
+
+- Ray: the real trainer, ``train.train.run_train(register=False)``: TorchTrainer, 2 CPU workers
+  (1 CPU and OMP/torch threads = 1 each), DeepSpeed ZeRO-2 over gloo, data streamed by Ray Data.
+  Its figure is the ``examples_per_s`` the training loop itself reports (rank 0 times each window
+  of ``log_every`` steps, x world size) for the windows after warmup, read back from MLflow: it
+  excludes cluster start-up, DeepSpeed initialization and the final checkpoint (reported apart as
+  the fit's wall time).
+- Plain: one process, torch threads = 2, the shards read into memory once (not timed), a shuffled
+  pass sliced into batches, forward + ``embsum_loss`` + backward + clip + AdamW step. Timed over the
+  same windows after the same warmup.
+
+Per repeat, throughput over the timed windows = timed examples / timed seconds. Medians over
+repeats; runs alternate plain, Ray, plain, Ray ... so drifting load on a shared machine hits both.
+Ray workers run at the driver's priority (``RAY_worker_niceness=0``; Ray's default is 15).
+Writes bench/results/train.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+from bench import harness
+
+# Before torch or Ray start: Ray workers inherit the driver's environment, so each Train worker's
+# torch uses one intra-op thread (1 CPU each); the plain loop sets its own 2 threads explicitly.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("RAY_worker_niceness", "0")
+
+
+def bench_config(quick: bool, steps: int, warmup: int, window: int) -> Any:
+    from bench.quality import bx_config
+    from embsum.config import replace
+
+    cfg = bx_config(quick=False)  # the quality study's model and data (shared prepared shards)
+    for k, v in {"train.max_steps": warmup + steps, "train.log_every": window, "train.checkpoint_every": warmup + steps,
+                 "train.eval_batches": 0, "train.warmup_steps": 0 if quick else 5, "train.max_failures": 0,
+                 "mlflow.experiment": "bench-train", "mlflow.registered_model": "embsum-bench-train"}.items():
+        cfg = replace(cfg, k, v)
+    return cfg
+
+
+# ---- the plain loop ----------------------------------------------------------------------------------------
+def load_train_arrays(cfg: Any) -> dict[str, np.ndarray]:
+    import pyarrow.dataset as pads
+
+    from embsum.arrow_tensors import table_tensor
+    from embsum.data import layout
+
+    t = pads.dataset(str(cfg.data_dir / layout.TRAIN), format="parquet").to_table(
+        columns=["user_id", "session_ids", "candidate_ids"])
+    return {"user_id": np.asarray(t.column("user_id").to_pylist(), dtype=object),
+            "session_ids": table_tensor(t, "session_ids", np.int32),
+            "candidate_ids": table_tensor(t, "candidate_ids", np.int32)}
+
+
+def plain_loop(cfg: Any, arrays: dict[str, np.ndarray], summaries: dict[str, np.ndarray], warmup: int,
+               steps: int, window: int, threads: int = 2) -> dict[str, Any]:
+    import torch
+
+    from embsum.losses import embsum_loss
+    from embsum.model import EmbSum
+    from embsum.tokenization import EmbSumTokenizer
+    from train.loop import _lr_lambda
+
+    torch.set_num_threads(threads)
+    t = cfg.train
+    torch.manual_seed(t.seed)
+    tok = EmbSumTokenizer.from_config(cfg.model)
+    model = EmbSum.from_config(cfg.model, tok.sos_id, seed=t.seed).train()
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "codes" not in n]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 or "codes" in n]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=t.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(t.warmup_steps, t.max_steps))
+    temperature = t.nce_temperature or math.sqrt(model.d_model)
+    empty = np.zeros((cfg.model.summary_tokens,), np.int32)
+    empty[0] = tok.eos_id
+    batch = t.batch_size * t.num_workers  # the global batch of one optimizer step
+    order = np.random.default_rng(t.seed).permutation(len(arrays["user_id"]))
+    marks: list[float] = []
+    losses: list[float] = []
+    for step in range(warmup + steps):
+        if step == warmup:
+            marks.append(time.perf_counter())
+        idx = order[(step * batch) % (len(order) - batch + 1):][:batch]
+        sess = torch.as_tensor(arrays["session_ids"][idx], dtype=torch.long)
+        cand = torch.as_tensor(arrays["candidate_ids"][idx], dtype=torch.long)
+        summ = torch.as_tensor(np.stack([summaries.get(str(u), empty) for u in arrays["user_id"][idx]]),
+                               dtype=torch.long)
+        out = model(sess, cand, summ)
+        parts = embsum_loss(out.scores, out.summary_logits, summ, t.summary_weight, tok.pad_id, temperature)
+        parts.total.backward()
+        if t.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(parts.total.detach()))
+        if step >= warmup and (step + 1 - warmup) % window == 0:
+            marks.append(time.perf_counter())
+    dts = np.diff(marks)
+    return {"examples_per_s": steps * batch / float(sum(dts)),
+            "window_examples_per_s": [window * batch / float(d) for d in dts],
+            "first_loss": losses[0], "last_loss": float(np.mean(losses[-window:])), "threads": threads}
+
+
+# ---- the Ray Train side ------------------------------------------------------------------------------------
+def ray_fit(cfg: Any, repeat: int, warmup: int, window: int) -> dict[str, Any]:
+    from embsum.config import replace
+    from embsum.registry import Registry
+    from train.train import run_train
+
+    cfg = replace(cfg, "train.run_name", f"bench-train-{os.getpid()}-{repeat}-{int(time.time())}")
+    t0 = time.perf_counter()
+    out = run_train(cfg, register=False)
+    wall = time.perf_counter() - t0
+    hist = Registry(cfg).client.get_metric_history(out["mlflow_run_id"], "examples_per_s")
+    wins = sorted((m.step, m.value) for m in hist if m.step - window >= warmup)
+    batch = cfg.train.batch_size * cfg.train.num_workers
+    secs = sum(window * batch / v for _, v in wins)  # each window's seconds, from its rate
+    loss = sorted((m.step, m.value) for m in Registry(cfg).client.get_metric_history(out["mlflow_run_id"], "loss"))
+    return {"examples_per_s": len(wins) * window * batch / secs, "window_examples_per_s": [v for _, v in wins],
+            "window_steps": [s for s, _ in wins], "fit_wall_seconds": round(wall, 1),
+            "first_loss": loss[0][1] if loss else None, "last_loss": loss[-1][1] if loss else None}
+
+
+def worker_threads() -> int:
+    """torch's intra-op threads in a 1-CPU Ray task: what each Train worker gets."""
+    import ray
+
+    @ray.remote(num_cpus=1)
+    def probe() -> int:
+        import torch
+
+        return torch.get_num_threads()
+
+    return int(ray.get(probe.remote()))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.train_bench", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="1 repeat, 3 warmup + 10 timed steps")
+    ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--steps", type=int, default=None, help="timed steps per run")
+    ap.add_argument("--warmup", type=int, default=None)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    harness.setup()
+    repeats = args.repeats or (1 if args.quick else 3)
+    steps = args.steps or (10 if args.quick else 40)
+    warmup = args.warmup if args.warmup is not None else (3 if args.quick else 10)
+    window = 5 if args.quick else 10
+    if steps % window:
+        raise SystemExit(f"--steps must be a multiple of {window}")
+    cfg = bench_config(args.quick, steps, warmup, window)
+
+    import ray
+
+    from embsum.runtime import init_ray
+    from train.train import load_summaries
+
+    t_start = time.perf_counter()
+    init_ray(cfg.ray)
+    try:
+        data = harness.ensure_prepared(cfg)
+        ray.shutdown()  # the plain loop's memory is measured without a Ray cluster in this process tree
+        summaries = load_summaries(cfg.data_dir)
+        arrays = load_train_arrays(cfg)
+        plain: list[dict[str, Any]] = []
+        fits: list[dict[str, Any]] = []
+        mem_plain = harness.TreeMemory()
+        mem_ray = harness.TreeMemory()
+        threads = None
+        for r in range(repeats):
+            with mem_plain:
+                plain.append(plain_loop(cfg, arrays, summaries, warmup, steps, window))
+            print(f"[train bench] plain loop repeat {r}: {plain[-1]['examples_per_s']:.1f} ex/s", flush=True)
+            with mem_ray:  # a fresh cluster per repeat, shut down after: the plain loop runs without one
+                init_ray(cfg.ray)
+                threads = threads or worker_threads()
+                fits.append(ray_fit(cfg, r, warmup, window))
+                ray.shutdown()
+            print(f"[train bench] Ray Train + DeepSpeed repeat {r}: {fits[-1]['examples_per_s']:.1f} ex/s "
+                  f"(fit {fits[-1]['fit_wall_seconds']:.0f} s)", flush=True)
+    finally:
+        ray.shutdown()
+    p = harness.spread([x["examples_per_s"] for x in plain])
+    q = harness.spread([x["examples_per_s"] for x in fits])
+    ratio = harness.spread([f["examples_per_s"] / x["examples_per_s"] for f, x in zip(fits, plain, strict=True)])
+    res = {
+        "name": "train", "quick": args.quick, "repeats": repeats, "timed_steps": steps, "warmup_steps": warmup,
+        "window_steps": window, "global_batch": cfg.train.batch_size * cfg.train.num_workers,
+        "ray_examples_per_s": q, "plain_examples_per_s": p,
+        "ratio": q["median"] / p["median"], "ratio_per_repeat": ratio, "target": 0.95,
+        "ray": fits, "plain": plain, "ray_worker_torch_threads": threads, "plain_torch_threads": 2,
+        "ray_workers": cfg.train.num_workers, "zero_stage": cfg.train.zero_stage,
+        "memory": {"ray": mem_ray.report(), "plain": mem_plain.report()},
+        "data": {"train_examples": (data["prepare"].get("examples") or {}).get("train"), "reused": data["reused"]},
+        "model": {k: getattr(cfg.model, k) for k in ("d_model", "num_layers", "num_decoder_layers", "user_codes",
+                                                      "content_codes", "num_sessions", "items_per_session")},
+        "machine": harness.machine(), "wall_seconds": round(time.perf_counter() - t_start, 1),
+    }
+    path = harness.write_result("train", res, args.out, quick=args.quick)
+    print(f"train bench: Ray Train + DeepSpeed ZeRO-{cfg.train.zero_stage} ({cfg.train.num_workers} workers x "
+          f"{threads} thread) {q['median']:.1f} ex/s vs plain PyTorch (1 process x 2 threads) {p['median']:.1f} ex/s | "
+          f"ratio {res['ratio']:.3f} (target >= 0.95) | spread ray ±{(q['rel_spread'] or 0):.1%} plain "
+          f"±{(p['rel_spread'] or 0):.1%} | peak RSS ray tree {mem_ray.report()['peak_rss_mb']:.0f} MB "
+          f"(PSS {mem_ray.report()['peak_pss_mb']:.0f}), plain {mem_plain.report()['peak_rss_mb']:.0f} MB -> {path}",
+          flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,203 @@
+"""The benchmark runner's table logic on fake results: ratios, orientation, targets, spreads, the
+Markdown table, unreadable results, `python -m bench table`, the sweep's decision rule and YAML
+edits. No timing is asserted anywhere: timing belongs in the benchmarks themselves."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bench import harness, runner, sweep
+from bench.runner import Figure
+
+
+def test_ratio_is_oriented_and_medianed() -> None:
+    up = Figure("x", "throughput", "ex/s", [10.0, 12.0, 11.0], [10.0, 10.0, 10.0], "ref", target=1.05)
+    assert up.value == 11.0 and up.reference == 10.0
+    assert up.ratio == pytest.approx(1.1)  # median of per-repeat ratios 1.0, 1.2, 1.1
+    assert up.spread == pytest.approx((1.2 - 1.0) / 2 / 1.1)
+    assert up.met is True
+    down = Figure("x", "latency", "ms", [4.0], [2.0], "ref", higher_is_better=False, target=1.0)
+    assert down.ratio == pytest.approx(0.5) and down.met is False  # twice as slow as the reference
+
+
+def test_delta_target_and_strict_target() -> None:
+    lat = Figure("serve", "p50", "ms", [3.0], [0.5], "in-process", higher_is_better=False, target=2.0,
+                 target_kind="delta<=")
+    assert lat.met is False and "<= +2 ms" in lat.target_text()
+    ok = Figure("serve", "p50", "ms", [2.0], [0.5], "in-process", higher_is_better=False, target=2.0,
+                target_kind="delta<=")
+    assert ok.met is True
+    tie = Figure("quality", "auc", "AUC", [0.6, 0.6], [0.6, 0.6], "ablation", target=1.0, target_kind="ratio>")
+    assert tie.met is False  # "beats" means strictly better
+
+
+def test_no_reference_and_missing_values() -> None:
+    mem = Figure("train", "peak RSS", "MB", [3000.0, 3200.0], [], "")
+    assert mem.ratio is None and mem.value == 3100.0 and mem.met is None
+    nan = Figure("x", "y", "ex/s", [float("nan"), 5.0], [4.0, 4.0], "ref")
+    assert nan.repeats == 1 and nan.ratio == pytest.approx(1.25)
+
+
+def test_std_spread_for_seeds() -> None:
+    f = Figure("quality", "auc", "AUC", [0.60, 0.62, 0.64], [0.5, 0.5, 0.5], "random", spread_kind="std")
+    assert f.spread == pytest.approx(0.02) and f.spread_text() == "std 0.0200"
+
+
+# ---- fake results of every benchmark -----------------------------------------------------------------------
+def fake_results() -> dict[str, list[dict]]:
+    mem = {"peak_rss_mb": 3000.0, "peak_pss_mb": 2000.0}
+    return {
+        "prepare": [{"impressions": 200000, "ray_examples_per_s": 30000.0, "pandas_examples_per_s": 15000.0,
+                     "ray_cpu_seconds": 90.0, "pandas_cpu_seconds": 40.0} for _ in range(3)],
+        "train": [{"zero_stage": 2, "ray_workers": 2, "ray_worker_torch_threads": 1, "plain_torch_threads": 2,
+                   "ray": [{"examples_per_s": 30.0}, {"examples_per_s": 33.0}],
+                   "plain": [{"examples_per_s": 32.0}, {"examples_per_s": 32.0}],
+                   "memory": {"ray": mem, "plain": {"peak_rss_mb": 900.0, "peak_pss_mb": 900.0}}}],
+        "embed": [{"actors": 2, "items": 50000, "users": 1820, "batch_size": 64,
+                   "ray": [{"items_per_s": 900.0, "users_per_s": 40.0}],
+                   "single": [{"items_per_s": 1000.0, "users_per_s": 50.0}],
+                   "memory": {"ray": mem, "single": {"peak_rss_mb": 800.0, "peak_pss_mb": 800.0}}}],
+        "serve": [{"config": {"batch_wait_timeout_s": 0.004},
+                   "inprocess_score": {"p50_ms": 0.2, "p99_ms": 4.0, "rps": 1200.0},
+                   "bare": {"1": {"p50_ms": 1.5, "p99_ms": 17.0, "rps": 320.0},
+                            "16": {"p50_ms": 35.0, "p99_ms": 380.0, "rps": 290.0}},
+                   "serve_wait_0.004": {"1": {"p50_ms": 27.0, "p99_ms": 350.0, "rps": 24.0},
+                                        "16": {"p50_ms": 160.0, "p99_ms": 280.0, "rps": 95.0}},
+                   "catalog_vs_gemm": {"users_1": {"score_gflops_per_s": 7.0, "gemm_gflops_per_s": 3.5}}}],
+        "quality": [{"bx": {"table": {
+            "random": {"test": {"auc": {"values": [0.5, 0.5, 0.5]}, "ndcg10": {"values": [0.1, 0.1, 0.1]}}},
+            "popularity": {"test": {"auc": {"values": [0.8]}, "ndcg10": {"values": [0.3]}}},
+            "full": {"test": {"auc": {"values": [0.70, 0.72, 0.71]}, "ndcg10": {"values": [0.2, 0.21, 0.2]}}},
+            "lambda0": {"test": {"auc": {"values": [0.71, 0.71, 0.71]}, "ndcg10": {"values": [0.2, 0.2, 0.2]}}},
+        }}, "mind": {"table": {"full": {"auc": 0.55}, "popularity": {"auc": 0.6}}}}],
+        "sweep": [{"best": {"label": "M=16", "valid_auc_values": [0.75]},
+                   "default": {"label": "default", "valid_auc_values": [0.72, 0.73, 0.71]}}],
+    }
+
+
+def test_figures_of_every_benchmark() -> None:
+    figs = {name: runner.figures_for(name, runs) for name, runs in fake_results().items()}
+    prep = figs["prepare"][0]
+    assert prep.ratio == pytest.approx(2.0) and prep.met is True and prep.repeats == 3
+    assert figs["prepare"][1].ratio == pytest.approx(40 / 90)  # CPU seconds: lower is better
+    train = figs["train"][0]
+    assert train.ratio == pytest.approx((30 / 32 + 33 / 32) / 2) and train.target == 0.95
+    assert figs["train"][1].unit == "MB" and figs["train"][1].ratio == pytest.approx(0.3)
+    embed = figs["embed"][0]
+    assert embed.ratio == pytest.approx(0.9) and embed.met is True
+    serve = {f.name: f for f in figs["serve"]}
+    rps16 = next(f for n, f in serve.items() if "requests/s" in n and "16 clients" in n)
+    assert rps16.ratio == pytest.approx(95 / 290) and rps16.met is False
+    added = next(f for n, f in serve.items() if "in-process" in n)
+    assert added.met is False  # 27 ms vs 0.2 ms: far more than +2 ms
+    gemm = next(f for n, f in serve.items() if "GFLOP/s" in n)
+    assert gemm.ratio == pytest.approx(2.0) and gemm.met is True
+    q = {(f.ref_name, f.unit): f for f in figs["quality"] if "MIND" not in f.name}
+    assert q[("random", "AUC")].met is True
+    assert q[("popularity", "AUC")].ratio == pytest.approx(0.71 / 0.8) and q[("popularity", "AUC")].met is None
+    lam = q[("EmbSum lambda=0 (no summary loss)", "AUC")]
+    assert lam.ratio == pytest.approx(1.0) and lam.met is False  # 0.71 vs 0.71 median: not a win
+    assert any("MIND" in f.name for f in figs["quality"])
+    assert figs["sweep"][0].ratio == pytest.approx(0.75 / 0.72)  # vs the default's seed mean
+
+
+def test_unreadable_result_becomes_a_row() -> None:
+    figs = runner.figures_for("train", [{"unexpected": 1}])
+    assert len(figs) == 1 and "not readable" in figs[0].name
+
+
+def test_tables_render_every_figure() -> None:
+    figs = [f for name, runs in fake_results().items() for f in runner.figures_for(name, runs)]
+    text = runner.text_table(figs)
+    md = runner.markdown_table(figs)
+    assert text.splitlines()[0].split()[:3] == ["benchmark", "figure", "value"]
+    assert md.count("\n") == len(figs) + 1  # header, separator, one line per figure
+    assert "| NO |" in md and "| yes |" in md
+    lines = runner.verdicts(figs)
+    assert len(lines) == sum(f.ratio is not None for f in figs)
+    assert any("trails bare FastAPI app" in ln and "NOT met" in ln for ln in lines)
+
+
+def test_table_command_from_fake_results(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(harness, "RESULTS", tmp_path)
+    monkeypatch.setenv("EMBSUM_BENCH_WORKDIR", str(tmp_path / "work"))
+    for name, runs in fake_results().items():
+        for i, r in enumerate(runs):
+            (tmp_path / (f"{name}.json" if i == 0 else f"{name}.r{i + 1}.json")).write_text(json.dumps(r))
+    assert runner.main(["table", "--no-mlflow"]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert set(summary["benchmarks"]) == set(fake_results())
+    md = (tmp_path / "summary.md").read_text()
+    assert "python -m bench all" in md and "Machine:" in md
+    assert len(summary["figures"]) == sum(1 for ln in md.splitlines() if ln.startswith("| ")) - 1  # minus header
+
+
+def test_python_dash_m_bench_table(tmp_path: Path) -> None:
+    """The module entry point, as a user runs it (no benchmark is run: 'table' only reads results)."""
+    import os
+    import subprocess
+    import sys
+
+    r = fake_results()["train"][0]
+    (tmp_path / "train.json").write_text(json.dumps(r))
+    env = {**os.environ, "EMBSUM_BENCH_RESULTS": str(tmp_path), "EMBSUM_BENCH_WORKDIR": str(tmp_path / "w")}
+    out = subprocess.run([sys.executable, "-m", "bench", "table", "--no-mlflow"], cwd=harness.REPO, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "training examples/s" in out.stdout and (tmp_path / "summary.md").is_file()
+
+
+def test_memory_figures_from_runner_measurements() -> None:
+    figs = runner.memory_figures({"serve": {"runs": [{"peak_rss_mb": 2500.0, "peak_pss_mb": 1800.0, "wall_s": 1}]}})
+    assert figs[0].value == 2500.0 and "PSS 1800" in figs[0].note
+
+
+def test_tree_memory_measures_this_process() -> None:
+    mem = harness.TreeMemory(interval=0.05)
+    with mem:
+        pass
+    rep = mem.report()
+    assert rep["peak_rss_mb"] > 10 and rep["max_processes"] >= 1
+
+
+# ---- the sweep's decision rule and YAML edits --------------------------------------------------------------
+def _point(factor, value, auc, secs=100.0, f1=0.2):
+    return {"factor": factor, "value": value, "label": f"{factor}={value}", "valid_auc_mean": auc,
+            "train_seconds": secs, "summary_unigram_f1": f1}
+
+
+def test_sweep_keeps_default_within_noise_and_takes_clear_gains() -> None:
+    center = {**_point("M", 8, 0.70), "valid_auc_std": 0.01}
+    within = sweep.decide("M", [_point("M", 4, 0.715), center], center)
+    assert within["chosen"] == 8 and not within["changed"]  # +0.015 < 2 x 0.01
+    gain = sweep.decide("M", [_point("M", 16, 0.74), center], center)
+    assert gain["chosen"] == 16 and gain["changed"]
+    costly = sweep.decide("M", [_point("M", 16, 0.74, secs=200.0), center], center)
+    assert not costly["changed"]  # twice the training time: the demo budget rules it out
+
+
+def test_sweep_prefers_readable_summaries_for_lambda_when_auc_is_unharmed() -> None:
+    center = {**_point("lambda", 0.05, 0.70, f1=0.20), "valid_auc_std": 0.01}
+    d = sweep.decide("lambda", [center, _point("lambda", 1.0, 0.695, f1=0.40)], center)
+    assert d["chosen"] == 1.0 and "summaries" in d["reason"]
+    hurt = sweep.decide("lambda", [center, _point("lambda", 1.0, 0.60, f1=0.40)], center)
+    assert hurt["chosen"] == 0.05
+
+
+def test_set_yaml_defaults_keeps_comments(tmp_path: Path) -> None:
+    p = tmp_path / "c.yaml"
+    p.write_text("model:\n  d_model: 64          # width\n  user_codes: 8\n\ntrain:\n  lr: 0.001\n  max_steps: 300\n"
+                 "\nmlflow:\n  experiment: embsum\n")
+    done = sweep.set_yaml_defaults(p, {("model", "user_codes"): 16, ("train", "summary_weight"): 0.2,
+                                       ("model", "d_model"): 64})
+    text = p.read_text()
+    assert "  user_codes: 16\n" in text and "  d_model: 64          # width\n" in text
+    assert "  max_steps: 300\n  summary_weight: 0.2\n\nmlflow:" in text
+    assert len(done) == 2  # d_model was unchanged
+    from embsum.config import load_config
+
+    cfg = load_config(p)
+    assert cfg.model.user_codes == 16 and cfg.train.summary_weight == 0.2

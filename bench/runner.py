@@ -13,7 +13,7 @@ summed PSS, which does not double-count shared memory such as Ray's object store
 
 Every figure is a ratio against its side-by-side reference measured in the same run, oriented so
 that > 1 means better than the reference (value / reference for throughputs and quality, reference
-/ value for latencies), with the median over repeats and their spread. Writes
+/ value for latencies), with the median over repeats (mean over seeds for quality) and their spread. Writes
 bench/results/summary.json and summary.md (quick passes: bench/results/quick/) and logs everything to the
 MLflow experiment ``benchmarks``.
 """
@@ -78,6 +78,11 @@ class Figure:
                   if _finite(v) and _finite(r) and v and r]
         ratios = [x for x in ratios if x is not None]
         self.ratio = statistics.median(ratios) if ratios else None
+        if self.spread_kind == "std" and vals and refs:
+            # Seeds (quality): mean over seeds, as bench/quality.md reports, and the ratio of the means,
+            # so value, reference and ratio always tell the same story.
+            self.value, self.reference = statistics.fmean(vals), statistics.fmean(refs)
+            self.ratio = self._orient(self.value, self.reference) if self.value and self.reference else None
         if self.spread_kind == "std":
             self.spread = statistics.stdev(vals) if len(vals) > 1 else None
         elif len(ratios) > 1 and self.ratio:
@@ -317,8 +322,9 @@ def markdown(summary: dict[str, Any], figs: list[Figure]) -> str:
         f"DeepSpeed {m.get('deepspeed')}. Shared with other work while it ran (load average "
         f"{summary.get('loadavg_range', '?')}): absolute figures are noisy, the side-by-side ratios less so.", "",
         "Ratios are oriented so that > 1 means better than the reference (value / reference for throughput and "
-        "quality, reference / value for latency, memory and CPU time). Each figure is the median over repeats; the "
-        "spread is the half-range of the per-repeat ratios (std over seeds for quality). Peak RSS sums the "
+        "quality, reference / value for latency, memory and CPU time). Each figure is the median over repeats (for "
+        "quality: the mean over seeds, ratio of the means); the spread is the half-range of the per-repeat ratios "
+        "(std over seeds for quality). Peak RSS sums the "
         "resident memory of every process in the benchmark's tree (the script, its local Ray cluster and all "
         "workers); PSS de-duplicates shared pages.", "",
         markdown_table(figs), "",

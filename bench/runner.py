@@ -151,13 +151,18 @@ def train_figures(runs: list[dict[str, Any]]) -> list[Figure]:
                    f"{r['ray_workers']} CPU workers x {r.get('ray_worker_torch_threads')} thread",
                    "ex/s", [a for a, _ in pairs], [b for _, b in pairs],
                    f"plain PyTorch loop, 1 process x {r.get('plain_torch_threads', 2)} threads", target=0.95)]
-    mem = r.get("memory") or {}
-    if mem.get("ray") and mem.get("plain"):
-        figs.append(Figure("train", "peak RSS of the training process tree (Ray cluster + workers)", "MB",
-                           [x["memory"]["ray"]["peak_rss_mb"] for x in runs],
-                           [x["memory"]["plain"]["peak_rss_mb"] for x in runs], "plain loop process",
-                           higher_is_better=False, note=f"PSS {mem['ray']['peak_pss_mb']:.0f} MB"))
-    return figs
+    return figs + _memory_figure("train", "training process tree (Ray cluster + workers)", runs, "plain",
+                                 "plain loop process")
+
+
+def _memory_figure(bench: str, what: str, runs: list[dict[str, Any]], ref_key: str, ref_name: str) -> list[Figure]:
+    """Peak RSS of the Ray side's process tree vs the single-process reference, when both were measured."""
+    mem = runs[0].get("memory") or {}
+    if not (mem.get("ray") and mem.get(ref_key)):
+        return []
+    return [Figure(bench, f"peak RSS of the {what}", "MB", [x["memory"]["ray"]["peak_rss_mb"] for x in runs],
+                   [x["memory"][ref_key]["peak_rss_mb"] for x in runs], ref_name, higher_is_better=False,
+                   note=f"PSS {mem['ray']['peak_pss_mb']:.0f} MB")]
 
 
 def embed_figures(runs: list[dict[str, Any]]) -> list[Figure]:
@@ -169,13 +174,8 @@ def embed_figures(runs: list[dict[str, Any]]) -> list[Figure]:
                    f"1 process x 2 threads, same batch {r['batch_size']}", target=0.9),
             Figure("embed", f"precompute users/s (UPE + generated summary), {r['users']:,} users", "users/s",
                    [a for a, _ in users], [b for _, b in users], "1 process x 2 threads")]
-    mem = r.get("memory") or {}
-    if mem.get("ray") and mem.get("single"):
-        figs.append(Figure("embed", "peak RSS of the embed process tree (Ray cluster + actors)", "MB",
-                           [x["memory"]["ray"]["peak_rss_mb"] for x in runs],
-                           [x["memory"]["single"]["peak_rss_mb"] for x in runs], "single process",
-                           higher_is_better=False, note=f"PSS {mem['ray']['peak_pss_mb']:.0f} MB"))
-    return figs
+    return figs + _memory_figure("embed", "embed process tree (Ray cluster + actors)", runs, "single",
+                                 "single process")
 
 
 def _by_clients(d: dict[str, Any]) -> dict[int, dict[str, Any]]:

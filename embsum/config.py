@@ -178,6 +178,9 @@ class TrainConfig:
     infer_actors: int = _f(2, "Batch inference (evaluate, embed): model replicas in the Ray Data actor pool.",
                            lo=1, hi=100000)
     infer_batch_size: int = _f(64, "Batch inference: rows per model call.", lo=1, hi=65536)
+    infer_rows_per_call: int = _f(2048, "Batch inference: most rows per actor call (the Ray Data batch; the model "
+                                  "sees infer_batch_size at a time). Fewer, larger calls cost less per row.",
+                                  lo=1, hi=10_000_000)
     infer_cpus: float = _f(1.0, "Batch inference: CPUs per actor.", lo=0.01, hi=1024)
     infer_gpus: float = _f(0.0, "Batch inference: GPUs per actor (e.g. 1 or 0.5 on GPU clusters).", lo=0.0, hi=64)
 
@@ -216,6 +219,8 @@ class ServeConfig:
                                      "while the previous batch ran (lowest latency; measured in bench/serve_bench).",
                                      lo=0.0, hi=10.0)
     max_ongoing_requests: int = _f(64, "Per replica; must be >= max_batch_size.", lo=1, hi=100000)
+    access_log: bool = _f(False, "Serve's per-request access log line on the replica (a log write per request; "
+                          "latency by route is in the Prometheus metrics either way).")
     min_replicas: int = _f(1, "Autoscaling: fewest scorer replicas.", lo=0, hi=10000)
     max_replicas: int = _f(2, "Autoscaling: most scorer replicas.", lo=1, hi=10000)
     target_ongoing_requests: float = _f(8.0, "Autoscaling target per replica.", lo=0.1, hi=100000)

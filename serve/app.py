@@ -94,6 +94,7 @@ def application(cfg: Config, version: str) -> Application:
     return EmbSumScorer.options(
         user_config={"model_version": version}, max_ongoing_requests=s.max_ongoing_requests,
         autoscaling_config=autoscaling, ray_actor_options={"num_cpus": s.num_cpus, "num_gpus": s.num_gpus},
+        logging_config={"enable_access_log": s.access_log},
     ).bind(cfg.to_dict())
 
 

@@ -53,6 +53,24 @@ class UserEncoder(_ModelActor):
                 "summary": np.asarray(emb.summaries, dtype=object)}
 
 
+def parquet_rows(ds: Any, path: str | Path) -> int:
+    """Row count from the parquet footers (no Ray Data execution); Ray's count where pyarrow cannot
+    open the path itself."""
+    import pyarrow.dataset as pads
+
+    try:
+        return int(pads.dataset(str(path), format="parquet").count_rows())
+    except Exception:  # noqa: BLE001 - e.g. a filesystem only Ray's resolver knows
+        return int(ds.count())
+
+
+def rows_per_call(n_rows: int, t: Any) -> int:
+    """The Ray Data batch: large (per-call overhead is paid per batch, not per row), but split so that
+    every actor of the pool gets work; never below the model batch."""
+    spread = -(-max(n_rows, 1) // max(t.infer_actors, 1))
+    return max(t.infer_batch_size, min(t.infer_rows_per_call, spread))
+
+
 def resolve_version(cfg: Config, version: str | None) -> tuple[Any, str]:
     """-> (registry, version number) for an explicit version, serve.model_version, or the alias."""
     from embsum.registry import Registry
@@ -76,7 +94,7 @@ def run_embed(cfg: Config, version: str | None = None) -> dict[str, Any]:
     local_model = registry.download(version, cfg.workdir_path / "models" / f"v{version}")
     meta = json.loads((local_model / "embsum.json").read_text())
     t = cfg.train
-    pool = dict(compute=ray.data.ActorPoolStrategy(size=t.infer_actors), batch_size=t.infer_batch_size,
+    pool = dict(compute=ray.data.ActorPoolStrategy(size=t.infer_actors),
                 num_cpus=t.infer_cpus, num_gpus=t.infer_gpus or None, batch_format="numpy",
                 fn_constructor_kwargs={"cfg_dict": cfg.to_dict(), "version": version, "model_dir": str(local_model)})
 
@@ -86,12 +104,14 @@ def run_embed(cfg: Config, version: str | None = None) -> dict[str, Any]:
     try:
         t_items = time.perf_counter()
         items = ray.data.read_parquet(str(data_dir / layout.ITEMS)).select_columns(["item_id", "text", "token_ids"])
-        items.map_batches(ItemEncoder, **pool).write_parquet(str(tmp / ITEMS))
+        n = parquet_rows(items, data_dir / layout.ITEMS)
+        items.map_batches(ItemEncoder, batch_size=rows_per_call(n, t), **pool).write_parquet(str(tmp / ITEMS))
         t_items = time.perf_counter() - t_items
         t_users = time.perf_counter()
         users = ray.data.read_parquet(str(data_dir / layout.USERS)).select_columns(
             ["user_id", "history", "session_ids"])
-        users.map_batches(UserEncoder, **pool).write_parquet(str(tmp / USERS))
+        n = parquet_rows(users, data_dir / layout.USERS)
+        users.map_batches(UserEncoder, batch_size=rows_per_call(n, t), **pool).write_parquet(str(tmp / USERS))
         t_users = time.perf_counter() - t_users
         n_items = ray.data.read_parquet(str(tmp / ITEMS)).select_columns(["item_id"]).count()
         n_users = ray.data.read_parquet(str(tmp / USERS)).select_columns(["user_id"]).count()

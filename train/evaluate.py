@@ -25,7 +25,7 @@ from embsum.runtime import init_ray
 class ImpressionScorer:
     """Actor: one model replica + a reference to the precomputed item bank."""
 
-    def __init__(self, model_dir: str, bank_ref: list[Any], batch_size: int) -> None:
+    def __init__(self, model_dir: str, bank_ref: list[Any], batch_size: int, split_dirs: dict[str, str]) -> None:
         import ray
 
         from embsum.predictor import Predictor
@@ -35,6 +35,18 @@ class ImpressionScorer:
         self.predictor = Predictor.from_dir(model_dir, batch_size=batch_size)
         ids, self.cpe, self.key = ray.get(bank_ref[0])
         self.index = {k: i for i, k in enumerate(ids)}
+        # Both splits stream through one pool; a row's file path says which split it belongs to.
+        self.split_dirs = sorted(((d.rstrip("/") + "/", s) for s, d in split_dirs.items()), key=lambda x: -len(x[0]))
+
+    def _split(self, path: str) -> str:
+        return next(s for d, s in self.split_dirs if path.startswith(d) or ("/" + path).startswith(d))
+
+    def _rows(self, impression: Any, cands: Any) -> np.ndarray:
+        try:
+            return np.fromiter((self.index[str(c)] for c in cands), dtype=np.int64)
+        except KeyError as e:
+            raise ValueError(f"impression {impression}: candidate item {e.args[0]!r} is not in the catalog "
+                             f"({layout.ITEMS}); re-run `embsum prepare`") from None
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         sessions = np.asarray(batch["session_ids"])  # (B, G, L)
@@ -45,14 +57,16 @@ class ImpressionScorer:
         upe = self.predictor.encode_users(sessions[order], with_text=False).upe  # (U, M, D)
         row_of = {k: j for j, k in enumerate(uniq)}
         scores, metrics = [], {m: [] for m in METRIC_NAMES}
-        for k, cands, labels in zip(keys, batch["candidate_item_ids"], batch["labels"], strict=True):
-            idx = np.fromiter((self.index[str(c)] for c in cands), dtype=np.int64)
+        for imp, k, cands, labels in zip(batch["impression_id"], keys, batch["candidate_item_ids"], batch["labels"],
+                                         strict=True):
+            idx = self._rows(imp, cands)
             s = self.predictor.score(upe[row_of[k]][None], self.cpe[idx], self.key[idx])[0]  # (C,)
             scores.append(s.astype(np.float32))
             m = impression_metrics(np.asarray(labels), s) or dict.fromkeys(METRIC_NAMES, float("nan"))
             for name in METRIC_NAMES:
                 metrics[name].append(m[name])
-        return {"impression_id": batch["impression_id"], "user_id": batch["user_id"],
+        return {"split": np.asarray([self._split(str(p)) for p in batch["path"]]),
+                "impression_id": batch["impression_id"], "user_id": batch["user_id"],
                 "candidate_item_ids": batch["candidate_item_ids"], "labels": batch["labels"],
                 "scores": np.array(scores, dtype=object), **{n: np.asarray(v) for n, v in metrics.items()}}
 
@@ -67,38 +81,43 @@ def resolve_eval_version(registry: Any, version: str | None) -> str:
     return versions[-1].version
 
 
-def _item_bank(cfg: Config, predictor_dir: Path, wanted: set[str]) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """CPE + key for every item an impression mentions, encoded once (Ray Data actor pool)."""
+def _item_bank(cfg: Config, predictor_dir: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """CPE + key for every catalog item, encoded once (Ray Data actor pool). The whole catalog rather
+    than only the items the impressions mention: finding those would cost a pass over the splits,
+    and an item's CPE is a fraction of a user's encoding."""
     import ray.data
 
-    from train.embed import ItemEncoder
+    from train.embed import ItemEncoder, parquet_rows, rows_per_call
 
     t = cfg.train
     items = ray.data.read_parquet(str(cfg.data_dir / layout.ITEMS)).select_columns(["item_id", "text", "token_ids"])
-    items = items.filter(lambda r: r["item_id"] in wanted)
     enc = items.map_batches(ItemEncoder, compute=ray.data.ActorPoolStrategy(size=t.infer_actors),
-                            batch_size=t.infer_batch_size, num_cpus=t.infer_cpus, num_gpus=t.infer_gpus or None,
+                            batch_size=rows_per_call(parquet_rows(items, cfg.data_dir / layout.ITEMS), t),
+                            num_cpus=t.infer_cpus, num_gpus=t.infer_gpus or None,
                             batch_format="numpy",
                             fn_constructor_kwargs={"cfg_dict": cfg.to_dict(), "version": "",
                                                    "model_dir": str(predictor_dir)})
     ids: list[str] = []
     cpes, keys = [], []
-    for b in enc.iter_batches(batch_size=4096, batch_format="numpy"):
+    for b in enc.select_columns(["item_id", "cpe", "cpe_key"]).iter_batches(batch_size=4096, batch_format="numpy"):
         ids.extend(str(x) for x in b["item_id"])
         cpes.append(np.asarray(b["cpe"], np.float32))
         keys.append(np.asarray(b["cpe_key"], np.float32))
-    missing = wanted - set(ids)
-    if missing:
-        raise ValueError(f"{len(missing)} evaluation candidates are not in {layout.ITEMS}, e.g. {sorted(missing)[:5]}")
+    if not ids:
+        raise ValueError(f"{cfg.data_dir / layout.ITEMS} has no items: run `embsum prepare` first")
     return ids, np.concatenate(cpes), np.concatenate(keys)
 
 
 def run_evaluate(cfg: Config, version: str | None = None, splits: tuple[str, ...] = ("valid", "test"),
                  *, log: bool = True) -> dict[str, Any]:
+    """Two Ray Data executions whatever the number of splits: the item bank, then every split's
+    impressions through one scorer pool (each actor start loads a model: on a small cluster that,
+    not the scoring, is most of an evaluation's time)."""
     import ray
     import ray.data
 
     from embsum.registry import Registry
+    from train.embed import parquet_rows, rows_per_call
 
     t0 = time.perf_counter()
     registry = Registry(cfg)
@@ -109,32 +128,36 @@ def run_evaluate(cfg: Config, version: str | None = None, splits: tuple[str, ...
     init_ray(cfg.ray)
     ray.data.DataContext.get_current().enable_progress_bars = True
     model_dir = registry.download(version, cfg.workdir_path / "models" / f"v{version}")
-    datasets = {s: ray.data.read_parquet(str(cfg.data_dir / s)) for s in splits}
-    wanted: set[str] = set()
-    for ds in datasets.values():
-        for b in ds.select_columns(["candidate_item_ids"]).iter_batches(batch_size=4096, batch_format="numpy"):
-            for cands in b["candidate_item_ids"]:
-                wanted.update(str(c) for c in cands)
-    bank_ref = ray.put(_item_bank(cfg, model_dir, wanted))
+    bank_ref = ray.put(_item_bank(cfg, model_dir))
     t = cfg.train
-    results: dict[str, Any] = {"version": version}
+    split_dirs = {s: str(cfg.data_dir / s) for s in splits}
+    ds = ray.data.read_parquet(list(split_dirs.values()), include_paths=True)
+    n_rows = sum(parquet_rows(ds, d) for d in split_dirs.values())
+    scored = ds.map_batches(ImpressionScorer, compute=ray.data.ActorPoolStrategy(size=t.infer_actors),
+                            batch_size=rows_per_call(n_rows, t), num_cpus=t.infer_cpus,
+                            num_gpus=t.infer_gpus or None, batch_format="numpy",
+                            fn_constructor_kwargs={"model_dir": str(model_dir), "bank_ref": [bank_ref],
+                                                   "batch_size": t.infer_batch_size, "split_dirs": split_dirs})
     out_root = cfg.workdir_path / "eval" / f"v{version}"
-    for split, ds in datasets.items():
-        scored = ds.map_batches(ImpressionScorer, compute=ray.data.ActorPoolStrategy(size=t.infer_actors),
-                                batch_size=t.infer_batch_size, num_cpus=t.infer_cpus,
-                                num_gpus=t.infer_gpus or None, batch_format="numpy",
-                                fn_constructor_kwargs={"model_dir": str(model_dir), "bank_ref": [bank_ref],
-                                                       "batch_size": t.infer_batch_size})
+    staging = out_root / f".tmp-{int(time.time() * 1000)}"
+    scored.write_parquet(str(staging), partition_cols=["split"])
+    results: dict[str, Any] = {"version": version}
+    for split in splits:
         out = out_root / split
         if out.exists():
             shutil.rmtree(out)  # a rerun replaces, never mixes, the per-impression files
-        scored.write_parquet(str(out))
+        written = staging / f"split={split}"
+        if written.exists():
+            written.replace(out)
+        else:
+            out.mkdir(parents=True)
         summary = summarize_parquet(out)
         results[split] = summary
         if log:
             info = registry.version(version)
             registry.log_metrics(info.run_id, {f"{split}_{k}": v for k, v in summary.items()
                                                if isinstance(v, (int, float))})
+    shutil.rmtree(staging, ignore_errors=True)
     results["seconds"] = time.perf_counter() - t0
     print(format_table(results), flush=True)
     if log:

@@ -653,6 +653,7 @@ def test_serve_config_is_valid_and_matches_ray_config(rel: str):
     assert scorer["autoscaling_config"] == want
     assert scorer["max_ongoing_requests"] == cfg.serve.max_ongoing_requests >= cfg.serve.max_batch_size
     assert scorer["ray_actor_options"] == {"num_cpus": cfg.serve.num_cpus, "num_gpus": cfg.serve.num_gpus}
+    assert raw["logging_config"]["enable_access_log"] == cfg.serve.access_log
     assert isinstance(scorer["user_config"]["model_version"], str), "rollouts go through user_config"
 
     # The replicas fit the serving cluster at max scale.

@@ -6,6 +6,7 @@ this process starts (or the cluster at ``ray.address``), each stage attaching to
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -27,6 +28,12 @@ def run_pipeline(cfg: Config, config_path: str, overrides: list[str], *, stage: 
 
     t0 = time.perf_counter()
     own_cluster = cfg.ray.address is None
+    if own_cluster:
+        # This cluster goes away with the process: at the end nothing routes to its replicas, and
+        # the direct-ingress drain (replicas keep answering 30 s so an HAProxy can stop sending to
+        # them) only delayed the exit by those 30 s. A local HAProxy reloads in well under a second.
+        # The serve stage forwards RAY_SERVE_* variables to the controller and replicas.
+        os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "2")
     init_ray(cfg.ray)
     ov = list(overrides)
     if own_cluster:

@@ -53,15 +53,17 @@ class UserEncoder(_ModelActor):
                 "summary": np.asarray(emb.summaries, dtype=object)}
 
 
-def parquet_rows(ds: Any, path: str | Path) -> int:
-    """Row count from the parquet footers (no Ray Data execution); Ray's count where pyarrow cannot
-    open the path itself."""
+def parquet_rows(path: str | Path) -> int:
+    """Row count from the parquet footers (no Ray Data execution); Ray Data's count where pyarrow
+    cannot open the path itself."""
     import pyarrow.dataset as pads
 
     try:
         return int(pads.dataset(str(path), format="parquet").count_rows())
     except Exception:  # noqa: BLE001 - e.g. a filesystem only Ray's resolver knows
-        return int(ds.count())
+        import ray.data
+
+        return int(ray.data.read_parquet(str(path)).count())
 
 
 def rows_per_call(n_rows: int, t: Any) -> int:
@@ -104,17 +106,17 @@ def run_embed(cfg: Config, version: str | None = None) -> dict[str, Any]:
     try:
         t_items = time.perf_counter()
         items = ray.data.read_parquet(str(data_dir / layout.ITEMS)).select_columns(["item_id", "text", "token_ids"])
-        n = parquet_rows(items, data_dir / layout.ITEMS)
+        n = parquet_rows(data_dir / layout.ITEMS)
         items.map_batches(ItemEncoder, batch_size=rows_per_call(n, t), **pool).write_parquet(str(tmp / ITEMS))
         t_items = time.perf_counter() - t_items
         t_users = time.perf_counter()
         users = ray.data.read_parquet(str(data_dir / layout.USERS)).select_columns(
             ["user_id", "history", "session_ids"])
-        n = parquet_rows(users, data_dir / layout.USERS)
+        n = parquet_rows(data_dir / layout.USERS)
         users.map_batches(UserEncoder, batch_size=rows_per_call(n, t), **pool).write_parquet(str(tmp / USERS))
         t_users = time.perf_counter() - t_users
-        n_items = ray.data.read_parquet(str(tmp / ITEMS)).select_columns(["item_id"]).count()
-        n_users = ray.data.read_parquet(str(tmp / USERS)).select_columns(["user_id"]).count()
+        n_items = parquet_rows(tmp / ITEMS)
+        n_users = parquet_rows(tmp / USERS)
         manifest = Manifest(
             model_name=registry.name, model_version=str(version),
             model_fingerprint=str(meta.get("metadata", {}).get("model_fingerprint", "")),

@@ -92,7 +92,7 @@ def _item_bank(cfg: Config, predictor_dir: Path) -> tuple[list[str], np.ndarray,
     t = cfg.train
     items = ray.data.read_parquet(str(cfg.data_dir / layout.ITEMS)).select_columns(["item_id", "text", "token_ids"])
     enc = items.map_batches(ItemEncoder, compute=ray.data.ActorPoolStrategy(size=t.infer_actors),
-                            batch_size=rows_per_call(parquet_rows(items, cfg.data_dir / layout.ITEMS), t),
+                            batch_size=rows_per_call(parquet_rows(cfg.data_dir / layout.ITEMS), t),
                             num_cpus=t.infer_cpus, num_gpus=t.infer_gpus or None,
                             batch_format="numpy",
                             fn_constructor_kwargs={"cfg_dict": cfg.to_dict(), "version": "",
@@ -132,7 +132,7 @@ def run_evaluate(cfg: Config, version: str | None = None, splits: tuple[str, ...
     t = cfg.train
     split_dirs = {s: str(cfg.data_dir / s) for s in splits}
     ds = ray.data.read_parquet(list(split_dirs.values()), include_paths=True)
-    n_rows = sum(parquet_rows(ds, d) for d in split_dirs.values())
+    n_rows = sum(parquet_rows(d) for d in split_dirs.values())
     scored = ds.map_batches(ImpressionScorer, compute=ray.data.ActorPoolStrategy(size=t.infer_actors),
                             batch_size=rows_per_call(n_rows, t), num_cpus=t.infer_cpus,
                             num_gpus=t.infer_gpus or None, batch_format="numpy",

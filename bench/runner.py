@@ -248,7 +248,13 @@ def sweep_figures(runs: list[dict[str, Any]]) -> list[Figure]:
     best, default = r.get("best"), r.get("default")
     if not best or not default:
         return []
-    ref = statistics.fmean(default["valid_auc_values"])  # the default's mean over its seeds
+    at = dict(zip(default.get("seeds", []), default["valid_auc_values"], strict=True))
+    same = [(s, v) for s, v in zip(best.get("seeds", []), best["valid_auc_values"], strict=True) if s in at]
+    if same:  # each seed's run against the default's run on that seed
+        return [Figure("sweep", f"Book-Crossing valid AUC, best sweep point ({best['label']})", "AUC",
+                       [v for _, v in same], [at[s] for s, _ in same],
+                       f"default point, same seeds {[s for s, _ in same]}")]
+    ref = statistics.fmean(default["valid_auc_values"])
     return [Figure("sweep", f"Book-Crossing valid AUC, best sweep point ({best['label']})", "AUC",
                    best["valid_auc_values"], [ref] * len(best["valid_auc_values"]),
                    f"default point, mean of {len(default['valid_auc_values'])} seeds")]

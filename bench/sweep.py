@@ -88,35 +88,61 @@ def run_point(factor: str, value: Any, seeds: list[int], quick: bool) -> dict[st
             "summary_examples": summ[0]["examples"] if summ else []}
 
 
+def cached(factor: str, value: Any, seeds: list[int], quick: bool) -> bool:
+    """Every run of this point is in the run cache (no training needed)."""
+    from bench.quality import run_key
+
+    cache = harness.bench_root() / "run-cache"
+    cfgs = [bx_config([*FACTORS[factor]["overrides"](value), f"train.seed={seed}"], quick=quick) for seed in seeds]
+    return all((cache / f"{run_key(c)}.json").is_file() for c in cfgs)
+
+
+def paired(p: dict[str, Any], center: dict[str, Any]) -> tuple[float, float]:
+    """(the point's valid AUC, the default's) over the point's seeds: a point run on seed 0 is
+    compared with the default's seed-0 run, not with its mean over seeds (seed 0 happened to be the
+    default's best seed by 0.05, which made every 1-seed point look worse or better than it was)."""
+    at = dict(zip(center.get("seeds", []), center.get("valid_auc_values", []), strict=True))
+    both = [(v, at[s]) for s, v in zip(p.get("seeds", []), p.get("valid_auc_values", []), strict=True) if s in at]
+    if not both:
+        return p["valid_auc_mean"], center["valid_auc_mean"]
+    return statistics.fmean(v for v, _ in both), statistics.fmean(c for _, c in both)
+
+
+def delta(p: dict[str, Any], center: dict[str, Any]) -> float:
+    mine, ref = paired(p, center)
+    return mine - ref
+
+
 def decide(factor: str, points: list[dict[str, Any]], center: dict[str, Any]) -> dict[str, Any]:
     default = FACTORS[factor]["default"]
     std = center["valid_auc_std"] or 0.0
     threshold = max(2 * std, 0.01)
     base_t = center["train_seconds"] or 1.0
-    best = max(points, key=lambda p: p["valid_auc_mean"])
+    best = max(points, key=lambda p: delta(p, center))
     cheap = [p for p in points if FACTORS[factor].get("same_cost") or p["train_seconds"] <= 1.25 * base_t]
-    gain = [p for p in cheap if p["valid_auc_mean"] - center["valid_auc_mean"] > threshold]
+    gain = [p for p in cheap if delta(p, center) > threshold]
     if gain:
-        pick = max(gain, key=lambda p: p["valid_auc_mean"])
+        pick = max(gain, key=lambda p: delta(p, center))
+        mine, ref = paired(pick, center)
         return {"chosen": pick["value"], "changed": pick["value"] != default, "threshold": threshold,
-                "reason": f"{pick['label']} valid AUC {pick['valid_auc_mean']:.4f} beats the default's "
-                          f"{center['valid_auc_mean']:.4f} by {pick['valid_auc_mean'] - center['valid_auc_mean']:+.4f} "
-                          f"(> threshold {threshold:.4f}) at {pick['train_seconds'] / base_t:.2f}x its training time"}
+                "reason": f"{pick['label']} valid AUC {mine:.4f} beats the default's {ref:.4f} on the same seeds "
+                          f"by {mine - ref:+.4f} (> threshold {threshold:.4f}) at "
+                          f"{pick['train_seconds'] / base_t:.2f}x its training time"}
     if factor == "lambda" and center.get("summary_unigram_f1") is not None:
         readable = [p for p in points if p["value"] > default and p["summary_unigram_f1"] is not None
-                    and abs(p["valid_auc_mean"] - center["valid_auc_mean"]) <= threshold
+                    and abs(delta(p, center)) <= threshold
                     and p["summary_unigram_f1"] - center["summary_unigram_f1"] >= 0.05]
         if readable:
             pick = max(readable, key=lambda p: p["summary_unigram_f1"])
+            mine, ref = paired(pick, center)
             return {"chosen": pick["value"], "changed": True, "threshold": threshold,
-                    "reason": f"{pick['label']}: valid AUC {pick['valid_auc_mean']:.4f} within the threshold "
-                              f"{threshold:.4f} of the default's {center['valid_auc_mean']:.4f}, and its summaries "
-                              f"are closer to the teacher's (unigram F1 {pick['summary_unigram_f1']:.3f} vs "
+                    "reason": f"{pick['label']}: valid AUC {mine:.4f} within the threshold {threshold:.4f} of the "
+                              f"default's {ref:.4f} on the same seeds, and its summaries are closer to the "
+                              f"teacher's (unigram F1 {pick['summary_unigram_f1']:.3f} vs "
                               f"{center['summary_unigram_f1']:.3f})"}
-    why = (f"no value beats the default's valid AUC {center['valid_auc_mean']:.4f} by more than the threshold "
-           f"{threshold:.4f} within 1.25x its training time (best: {best['label']} "
-           f"{best['valid_auc_mean']:.4f}, {best['valid_auc_mean'] - center['valid_auc_mean']:+.4f}, "
-           f"{best['train_seconds'] / base_t:.2f}x time)")
+    why = (f"no value beats the default's valid AUC on the same seeds by more than the threshold {threshold:.4f} "
+           f"(2 x the default's std over seeds) within 1.25x its training time (best: {best['label']} "
+           f"{delta(best, center):+.4f} at {best['train_seconds'] / base_t:.2f}x time)")
     return {"chosen": default, "changed": False, "threshold": threshold, "reason": why}
 
 
@@ -158,19 +184,21 @@ def markdown(res: dict[str, Any]) -> str:
     lines = ["### Sweep (Book-Crossing, validation AUC over whole valid impressions; one factor at a time)", "",
              f"Default point (the quality study's config): valid AUC {c['valid_auc_mean']:.4f}"
              + (f" ± {c['valid_auc_std']:.4f} over seeds {c['seeds']}" if c.get("valid_auc_std") else "")
-             + f"; other points: seeds {res['seeds']}.", "",
-             "| factor | value | valid AUC (mean) | vs default | test AUC | train time vs default | summary F1 vs "
-             "teacher | distinct summaries | '()' share |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             + f" (per seed: {', '.join(f'{v:.4f}' for v in c['valid_auc_values'])}); other points: seeds "
+             f"{res['seeds']}, each compared with the default's run on the same seeds.", "",
+             "| factor | value | valid AUC (mean) | vs default (same seeds) | test AUC | train time vs default | "
+             "summary F1 vs teacher | distinct summaries | '()' share |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for p in res["points"]:
         f1 = "" if p["summary_unigram_f1"] is None else f"{p['summary_unigram_f1']:.3f}"
         dist = "" if p["summary_distinct_share"] is None else f"{p['summary_distinct_share']:.2f}"
         empty = "" if p["summary_empty_slot_share"] is None else f"{p['summary_empty_slot_share']:.2f}"
         mark = " (default)" if p["value"] == FACTORS[p["factor"]]["default"] else ""
         lines.append(f"| {p['factor']} | {_show(p['factor'], p['value'])}{mark} | {p['valid_auc_mean']:.4f} | "
-                     f"{p['valid_auc_mean'] - c['valid_auc_mean']:+.4f} | {p['test_auc_mean']:.4f} | "
+                     f"{delta(p, c):+.4f} | {p['test_auc_mean']:.4f} | "
                      f"{p['train_seconds'] / c['train_seconds']:.2f}x | {f1} | {dist} | {empty} |")
     if res.get("not_run"):
-        lines += ["", f"Not run (time budget): {', '.join(res['not_run'])}."]
+        lines += ["", f"Not run (time budget; decided without them): {', '.join(res['not_run'])}."]
     lines += ["", "Decisions:", ""]
     for f, d in res["decisions"].items():
         verdict = ("CHANGE to " if d["changed"] else "keep ") + _show(f, d["chosen"])
@@ -194,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--apply", action="store_true", help="write the chosen defaults into the YAML files")
     ap.add_argument("--budget-minutes", type=float, default=None,
                     help="start no new point after this many minutes (the rest are listed as not run)")
+    ap.add_argument("--cached-only", action="store_true",
+                    help="decide from the points already run (the run cache); list the others as not run")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     harness.setup()
@@ -216,13 +246,14 @@ def main(argv: list[str] | None = None) -> int:
         todo = [(f, v) for f, v in PRIORITY if v in factors.get(f, [])]
         todo += [(f, v) for f, vs in factors.items() for v in vs if (f, v) not in todo and v != FACTORS[f]["default"]]
         for f, v in todo:
-            if args.budget_minutes and (time.perf_counter() - t0) / 60 > args.budget_minutes:
+            over = args.budget_minutes and (time.perf_counter() - t0) / 60 > args.budget_minutes
+            if over or (args.cached_only and not cached(f, v, seeds, args.quick)):
                 skipped.append(f"{f}={_show(f, v)}")
                 continue
             p = run_point(f, v, seeds, args.quick)
             points.append(p)
             print(f"[sweep] {p['label']}: valid AUC {p['valid_auc_mean']:.4f} "
-                  f"({p['valid_auc_mean'] - center['valid_auc_mean']:+.4f} vs default)", flush=True)
+                  f"({delta(p, center):+.4f} vs the default on the same seeds)", flush=True)
     finally:
         ray.shutdown()
     order = {f: i for i, f in enumerate(FACTORS)}
@@ -237,19 +268,20 @@ def main(argv: list[str] | None = None) -> int:
                 changes.update(FACTORS[f]["yaml"](d["chosen"]))
         for path in YAML_FILES:
             applied += set_yaml_defaults(path, changes) if changes else []
-    best = max(points, key=lambda p: p["valid_auc_mean"]) if points else center
+    best = max(points, key=lambda p: delta(p, center)) if points else center
     res = {"name": "sweep", "quick": args.quick, "seeds": seeds, "center": center, "points": points,
            "decisions": decisions, "best": best, "default": center, "not_run": skipped, "apply": args.apply,
            "applied": applied,
            "machine": harness.machine(), "wall_seconds": time.perf_counter() - t0,
            "command": "python -m bench.sweep" + (" --quick" if args.quick else "") + (" --apply" if args.apply else "")
-           + (f" --seeds {args.seeds}" if args.seeds != "0" else "")}
+           + (f" --seeds {args.seeds}" if args.seeds != "0" else "") + (" --cached-only" if args.cached_only else "")}
     path = harness.write_result("sweep", res, args.out, quick=args.quick)
     md = markdown(res)
     path.with_suffix(".md").write_text(md)
     print(md, flush=True)
-    print(f"sweep bench: best point {best['label']} valid AUC {best['valid_auc_mean']:.4f} vs default "
-          f"{center['valid_auc_mean']:.4f}; changed: {[f for f, d in decisions.items() if d['changed']] or 'nothing'} "
+    mine, ref = paired(best, center)
+    print(f"sweep bench: best point {best['label']} valid AUC {mine:.4f} vs the default's {ref:.4f} on the same "
+          f"seeds; changed: {[f for f, d in decisions.items() if d['changed']] or 'nothing'} "
           f"-> {path}", flush=True)
     return 0
 

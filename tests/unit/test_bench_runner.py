@@ -73,8 +73,8 @@ def fake_results() -> dict[str, list[dict]]:
             "full": {"test": {"auc": {"values": [0.70, 0.72, 0.71]}, "ndcg10": {"values": [0.2, 0.21, 0.2]}}},
             "lambda0": {"test": {"auc": {"values": [0.71, 0.71, 0.71]}, "ndcg10": {"values": [0.2, 0.2, 0.2]}}},
         }}, "mind": {"table": {"full": {"auc": 0.55}, "popularity": {"auc": 0.6}}}}],
-        "sweep": [{"best": {"label": "M=16", "valid_auc_values": [0.75]},
-                   "default": {"label": "default", "valid_auc_values": [0.72, 0.73, 0.71]}}],
+        "sweep": [{"best": {"label": "M=16", "seeds": [1], "valid_auc_values": [0.75]},
+                   "default": {"label": "default", "seeds": [0, 1, 2], "valid_auc_values": [0.72, 0.73, 0.71]}}],
     }
 
 
@@ -101,7 +101,7 @@ def test_figures_of_every_benchmark() -> None:
     lam = q[("EmbSum lambda=0 (no summary loss)", "AUC")]
     assert lam.ratio == pytest.approx(1.0) and lam.met is False  # 0.71 vs 0.71 median: not a win
     assert any("MIND" in f.name for f in figs["quality"])
-    assert figs["sweep"][0].ratio == pytest.approx(0.75 / 0.72)  # vs the default's seed mean
+    assert figs["sweep"][0].ratio == pytest.approx(0.75 / 0.73)  # vs the default's run on the same seed
 
 
 def test_unreadable_result_becomes_a_row() -> None:
@@ -177,6 +177,19 @@ def test_sweep_keeps_default_within_noise_and_takes_clear_gains() -> None:
     assert gain["chosen"] == 16 and gain["changed"]
     costly = sweep.decide("M", [_point("M", 16, 0.74, secs=200.0), center], center)
     assert not costly["changed"]  # twice the training time: the demo budget rules it out
+
+
+def test_sweep_compares_a_point_with_the_default_on_the_same_seeds() -> None:
+    # The default's seed 0 is its best seed: a seed-0 point 0.03 above the default's mean is below
+    # the default's own seed-0 run, not a gain.
+    center = {**_point("M", 8, 0.70), "seeds": [0, 1, 2], "valid_auc_values": [0.75, 0.68, 0.67],
+              "valid_auc_std": 0.01}
+    lucky = {**_point("M", 16, 0.73), "seeds": [0], "valid_auc_values": [0.73]}
+    assert sweep.delta(lucky, center) == pytest.approx(-0.02)
+    assert not sweep.decide("M", [lucky, center], center)["changed"]
+    real = {**_point("M", 16, 0.78), "seeds": [0], "valid_auc_values": [0.78]}
+    d = sweep.decide("M", [real, center], center)
+    assert d["changed"] and d["chosen"] == 16 and "same seeds" in d["reason"]
 
 
 def test_sweep_prefers_readable_summaries_for_lambda_when_auc_is_unharmed() -> None:

@@ -1,7 +1,7 @@
 """Benchmark: precompute items/s of the Ray Data actor-pool job (``train.embed.run_embed``) vs a
 single-process forward over the same items with the same batch size.
 
-    python -m bench.embed_bench            # 20k items (Book-Crossing's catalog tiled), 400 users, 3 repeats
+    python -m bench.embed_bench            # 200k items (Book-Crossing's catalog tiled), 400 users, 3 repeats
     python -m bench.embed_bench --quick    # 2k items, 50 users, 1 repeat
 
 Model: the quality study's config (random-init T5, d_model 64, 2+2 layers), registered once in the
@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     harness.setup()
-    n_items = args.items or (2000 if args.quick else 20_000)
+    n_items = args.items or (2000 if args.quick else 200_000)
     n_users = args.users or (50 if args.quick else 400)
     repeats = args.repeats or (1 if args.quick else 3)
     src, cfg = bench_config(args.quick)

@@ -396,6 +396,8 @@ def run_script(name: str, quick: bool, out: Path, extra: list[str], log_dir: Pat
     if rc != 0:
         tail = log.read_text().splitlines()[-15:]
         print(f"[bench] {name} FAILED (exit {rc}); last lines of {log}:\n    " + "\n    ".join(tail), flush=True)
+    if "--cached-only" in cmd:  # nothing was trained: its memory says nothing about the benchmark's
+        m = {}
     return {"cmd": " ".join(["python", *cmd[1:]]), "rc": rc, "wall_s": round(wall, 1), "log": str(log), **m}
 
 
@@ -514,6 +516,10 @@ def main(argv: list[str] | None = None) -> int:
             stale.unlink()  # a fresh run never mixes with older repeats
         runs = [run_script(name, a.quick, p, extra if a.what == name else [], harness.LOGS) for p in paths]
         loads.append(os.getloadavg()[0])
+        before = [r for r in previous.get(name, {}).get("runs", []) if r.get("peak_rss_mb")]
+        if a.what == name and "--cached-only" in extra and before:  # keep the memory of the run that trained
+            peak = {k: v for k, v in before[0].items() if k.startswith("peak_")}
+            runs = [{**r, **peak} for r in runs]
         runner[name] = {"runs": runs, "results": [str(p) for p in paths if p.is_file()], "reused": False}
     figs, results = collect(list(runner), a.quick, runner)
     summary = {

@@ -118,7 +118,8 @@ def decide(factor: str, points: list[dict[str, Any]], center: dict[str, Any]) ->
     std = center["valid_auc_std"] or 0.0
     threshold = max(2 * std, 0.01)
     base_t = center["train_seconds"] or 1.0
-    best = max(points, key=lambda p: delta(p, center))
+    others = [p for p in points if p["value"] != default] or points
+    best = max(others, key=lambda p: delta(p, center))
     cheap = [p for p in points if FACTORS[factor].get("same_cost") or p["train_seconds"] <= 1.25 * base_t]
     gain = [p for p in cheap if delta(p, center) > threshold]
     if gain:
@@ -268,7 +269,8 @@ def main(argv: list[str] | None = None) -> int:
                 changes.update(FACTORS[f]["yaml"](d["chosen"]))
         for path in YAML_FILES:
             applied += set_yaml_defaults(path, changes) if changes else []
-    best = max(points, key=lambda p: delta(p, center)) if points else center
+    others = [p for p in points if p["value"] != FACTORS[p["factor"]]["default"]]
+    best = max(others, key=lambda p: delta(p, center)) if others else center
     res = {"name": "sweep", "quick": args.quick, "seeds": seeds, "center": center, "points": points,
            "decisions": decisions, "best": best, "default": center, "not_run": skipped, "apply": args.apply,
            "applied": applied,

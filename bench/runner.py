@@ -517,8 +517,8 @@ def main(argv: list[str] | None = None) -> int:
         runs = [run_script(name, a.quick, p, extra if a.what == name else [], harness.LOGS) for p in paths]
         loads.append(os.getloadavg()[0])
         before = [r for r in previous.get(name, {}).get("runs", []) if r.get("peak_rss_mb")]
-        if a.what == name and "--cached-only" in extra and before:  # keep the memory of the run that trained
-            peak = {k: v for k, v in before[0].items() if k.startswith("peak_")}
+        if a.what == name and "--cached-only" in extra and before:  # keep the memory and time of the run that trained
+            peak = {k: v for k, v in before[0].items() if k.startswith("peak_") or k == "wall_s"}
             runs = [{**r, **peak} for r in runs]
         runner[name] = {"runs": runs, "results": [str(p) for p in paths if p.is_file()], "reused": False}
     figs, results = collect(list(runner), a.quick, runner)

@@ -54,14 +54,16 @@ class UserEncoder(_ModelActor):
 
 
 class _WritesItsOutput:
-    """Writes each encoded batch as one parquet file under ``out_dir`` from the actor itself and
-    returns only its row count: the embeddings (2 x N x D floats per item, 0.4 GB per 200k items at
-    d_model 64) never travel through the object store to separate write tasks. Files are named
-    by a uuid, so a restarted actor's retry never collides with a written file."""
+    """Mixin for an encoder actor: writes each encoded batch as one parquet file under ``out_dir``
+    from the actor itself and returns only its row count, so the embeddings (2 x N x D floats per
+    item, 0.4 GB per 200k items at d_model 64) never travel through the object store to separate
+    write tasks. Files are named by a uuid: a restarted actor's retry never collides with a file."""
 
-    out_dir: str
+    def __init__(self, out_dir: str, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.out_dir = out_dir
 
-    def _write(self, columns: dict[str, Any]) -> dict[str, Any]:
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         import uuid
 
         import pyarrow as pa
@@ -69,6 +71,7 @@ class _WritesItsOutput:
         import pyarrow.parquet as pq
         from ray.data.extensions import ArrowTensorArray
 
+        columns = super().__call__(batch)
         table = pa.table({k: ArrowTensorArray.from_numpy(v) if isinstance(v, np.ndarray) and v.ndim > 1
                           else pa.array(list(v)) for k, v in columns.items()})
         fs, root = pafs.FileSystem.from_uri(self.out_dir) if "://" in self.out_dir else (None, self.out_dir)
@@ -76,22 +79,12 @@ class _WritesItsOutput:
         return {"rows": np.asarray([table.num_rows])}
 
 
-class ItemWriter(ItemEncoder, _WritesItsOutput):
-    def __init__(self, out_dir: str, **kw: Any) -> None:
-        super().__init__(**kw)
-        self.out_dir = out_dir
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        return self._write(ItemEncoder.__call__(self, batch))
+class ItemWriter(_WritesItsOutput, ItemEncoder):
+    pass
 
 
-class UserWriter(UserEncoder, _WritesItsOutput):
-    def __init__(self, out_dir: str, **kw: Any) -> None:
-        super().__init__(**kw)
-        self.out_dir = out_dir
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        return self._write(UserEncoder.__call__(self, batch))
+class UserWriter(_WritesItsOutput, UserEncoder):
+    pass
 
 
 def parquet_rows(path: str | Path) -> int:

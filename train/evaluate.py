@@ -87,12 +87,13 @@ def _item_bank(cfg: Config, predictor_dir: Path) -> tuple[list[str], np.ndarray,
     and an item's CPE is a fraction of a user's encoding."""
     import ray.data
 
-    from train.embed import ItemEncoder, parquet_rows, rows_per_call
+    from train.embed import ItemEncoder, in_calls, parquet_rows
 
     t = cfg.train
     items = ray.data.read_parquet(str(cfg.data_dir / layout.ITEMS)).select_columns(["item_id", "text", "token_ids"])
+    items, rows = in_calls(items, parquet_rows(cfg.data_dir / layout.ITEMS), t)
     enc = items.map_batches(ItemEncoder, compute=ray.data.ActorPoolStrategy(size=t.infer_actors),
-                            batch_size=rows_per_call(parquet_rows(cfg.data_dir / layout.ITEMS), t),
+                            batch_size=rows,
                             num_cpus=t.infer_cpus, num_gpus=t.infer_gpus or None,
                             batch_format="numpy",
                             fn_constructor_kwargs={"cfg_dict": cfg.to_dict(), "version": "",
@@ -117,7 +118,7 @@ def run_evaluate(cfg: Config, version: str | None = None, splits: tuple[str, ...
     import ray.data
 
     from embsum.registry import Registry
-    from train.embed import parquet_rows, rows_per_call
+    from train.embed import in_calls, parquet_rows
 
     t0 = time.perf_counter()
     registry = Registry(cfg)
@@ -132,9 +133,9 @@ def run_evaluate(cfg: Config, version: str | None = None, splits: tuple[str, ...
     t = cfg.train
     split_dirs = {s: str(cfg.data_dir / s) for s in splits}
     ds = ray.data.read_parquet(list(split_dirs.values()), include_paths=True)
-    n_rows = sum(parquet_rows(d) for d in split_dirs.values())
+    ds, rows = in_calls(ds, sum(parquet_rows(d) for d in split_dirs.values()), t)
     scored = ds.map_batches(ImpressionScorer, compute=ray.data.ActorPoolStrategy(size=t.infer_actors),
-                            batch_size=rows_per_call(n_rows, t), num_cpus=t.infer_cpus,
+                            batch_size=rows, num_cpus=t.infer_cpus,
                             num_gpus=t.infer_gpus or None, batch_format="numpy",
                             fn_constructor_kwargs={"model_dir": str(model_dir), "bank_ref": [bank_ref],
                                                    "batch_size": t.infer_batch_size, "split_dirs": split_dirs})

@@ -69,10 +69,14 @@ def _show(factor: str, v: Any) -> str:
     return FACTORS[factor].get("show", str)(v)
 
 
+def point_config(factor: str, value: Any, seed: int, quick: bool) -> Any:
+    return bx_config([*FACTORS[factor]["overrides"](value), f"train.seed={seed}"], quick=quick)
+
+
 def run_point(factor: str, value: Any, seeds: list[int], quick: bool) -> dict[str, Any]:
     runs = []
     for seed in seeds:
-        cfg = bx_config([*FACTORS[factor]["overrides"](value), f"train.seed={seed}"], quick=quick)
+        cfg = point_config(factor, value, seed, quick)
         harness.ensure_prepared(cfg)  # a new history shape needs its own prepared shards
         runs.append(train_eval(cfg, f"sweep-{factor}-{value}-s{seed}"))
     auc = [r["valid"]["auc"] for r in runs]
@@ -93,8 +97,7 @@ def cached(factor: str, value: Any, seeds: list[int], quick: bool) -> bool:
     from bench.quality import run_key
 
     cache = harness.bench_root() / "run-cache"
-    cfgs = [bx_config([*FACTORS[factor]["overrides"](value), f"train.seed={seed}"], quick=quick) for seed in seeds]
-    return all((cache / f"{run_key(c)}.json").is_file() for c in cfgs)
+    return all((cache / f"{run_key(point_config(factor, value, s, quick))}.json").is_file() for s in seeds)
 
 
 def paired(p: dict[str, Any], center: dict[str, Any]) -> tuple[float, float]:

@@ -150,19 +150,17 @@ def run_embed(cfg: Config, version: str | None = None) -> dict[str, Any]:
         items = ray.data.read_parquet(str(data_dir / layout.ITEMS)).select_columns(["item_id", "text", "token_ids"])
         items, rows = in_calls(items, parquet_rows(data_dir / layout.ITEMS), t)
         (tmp / ITEMS).mkdir()
-        items.map_batches(ItemWriter, batch_size=rows, **pool,
-                          fn_constructor_kwargs={"out_dir": str(tmp / ITEMS), **model_kw}).sum("rows")
+        n_items = int(items.map_batches(ItemWriter, batch_size=rows, **pool,
+                                     fn_constructor_kwargs={"out_dir": str(tmp / ITEMS), **model_kw}).sum("rows") or 0)
         t_items = time.perf_counter() - t_items
         t_users = time.perf_counter()
         users = ray.data.read_parquet(str(data_dir / layout.USERS)).select_columns(
             ["user_id", "history", "session_ids"])
         users, rows = in_calls(users, parquet_rows(data_dir / layout.USERS), t)
         (tmp / USERS).mkdir()
-        users.map_batches(UserWriter, batch_size=rows, **pool,
-                          fn_constructor_kwargs={"out_dir": str(tmp / USERS), **model_kw}).sum("rows")
+        n_users = int(users.map_batches(UserWriter, batch_size=rows, **pool,
+                                     fn_constructor_kwargs={"out_dir": str(tmp / USERS), **model_kw}).sum("rows") or 0)
         t_users = time.perf_counter() - t_users
-        n_items = parquet_rows(tmp / ITEMS)
-        n_users = parquet_rows(tmp / USERS)
         manifest = Manifest(
             model_name=registry.name, model_version=str(version),
             model_fingerprint=str(meta.get("metadata", {}).get("model_fingerprint", "")),

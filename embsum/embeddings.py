@@ -92,6 +92,31 @@ class EmbeddingTable:
         return len(self.ids)
 
 
+def embedding_table(columns: dict[str, Any]) -> Any:
+    """A pyarrow table of one shard: (rows, ...) float arrays as Ray Data tensor columns (what
+    ``ray.data.read_parquet`` and ``read_table`` read back as arrays), other columns as given."""
+    import pyarrow as pa
+    from ray.data.extensions import ArrowTensorArray
+
+    return pa.table({k: ArrowTensorArray.from_numpy(v) if isinstance(v, np.ndarray) and v.ndim > 1
+                     else v if isinstance(v, pa.ChunkedArray | pa.Array) else pa.array(list(v))
+                     for k, v in columns.items()})
+
+
+def write_shard(table: Any, path: str, filesystem: Any = None) -> None:
+    """Write one parquet shard of embeddings. Float tensor columns go without dictionary encoding,
+    statistics or compression: pyarrow's defaults try a dictionary on every float column and
+    compress random-looking floats for nothing, which made the write 5x slower (62 vs 11 ms per
+    2,048 items at d_model 64) for a file 25% larger; strings keep the defaults."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    strings = [f.name for f in table.schema if pa.types.is_string(f.type) or pa.types.is_large_string(f.type)
+               or (pa.types.is_list(f.type) and pa.types.is_string(f.type.value_type))]
+    pq.write_table(table, path, filesystem=filesystem, use_dictionary=strings, write_statistics=strings,
+                   compression={f.name: ("snappy" if f.name in strings else "none") for f in table.schema})
+
+
 def read_table(folder: str | Path, kind: str) -> EmbeddingTable:
     """Load items/ or users/ parquet into memory (pyarrow; no Ray needed)."""
     import pyarrow.dataset as pads

@@ -189,11 +189,19 @@ def _score(upe: np.ndarray, cpe: np.ndarray, key: np.ndarray) -> np.ndarray:
 # ---- /v1/score -----------------------------------------------------------------------------------
 def is_light(requests: Sequence[ScoreQuery], max_candidates: int) -> bool:
     """True when scoring ``requests`` needs no encoder call (no history, no candidate given by
-    text) and has at most ``max_candidates`` candidates: sub-millisecond work."""
-    total = 0
+    text) and the batch has at most ``max_candidates`` DISTINCT candidates: a few milliseconds at
+    most. Distinct, not summed: requests that share candidates are scored all pairs over their
+    union (``score_batch``), so 16 requests for the same 100 items cost about 3x one request,
+    not 16x."""
+    seen: set[str | None] = set()
     for q in requests:
-        total += len(q.candidates)
-        if q.history is not None or total > max_candidates or any(t is not None for _, t in q.candidates):
+        if q.history is not None:
+            return False
+        for item_id, text in q.candidates:
+            if text is not None:
+                return False
+            seen.add(item_id)
+        if len(seen) > max_candidates:
             return False
     return True
 

@@ -13,6 +13,7 @@ import shutil
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,9 +56,10 @@ class UserEncoder(_ModelActor):
 
 class _WritesItsOutput:
     """Mixin for an encoder actor: writes each encoded batch as one parquet file under ``out_dir``
-    from the actor itself and returns only its row count, so the embeddings (2 x N x D floats per
-    item, 0.4 GB per 200k items at d_model 64) never travel through the object store to separate
-    write tasks. Files are named by a uuid: a restarted actor's retry never collides with a file."""
+    from the actor itself and returns only its row count and when the call ran, so the embeddings
+    (2 x N x D floats per item, 0.4 GB per 200k items at d_model 64) never travel through the
+    object store to separate write tasks. Files are named by a uuid: a restarted actor's retry
+    never collides with a file."""
 
     def __init__(self, out_dir: str, **kw: Any) -> None:
         super().__init__(**kw)
@@ -66,17 +68,15 @@ class _WritesItsOutput:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         import uuid
 
-        import pyarrow as pa
         import pyarrow.fs as pafs
-        import pyarrow.parquet as pq
-        from ray.data.extensions import ArrowTensorArray
 
-        columns = super().__call__(batch)
-        table = pa.table({k: ArrowTensorArray.from_numpy(v) if isinstance(v, np.ndarray) and v.ndim > 1
-                          else pa.array(list(v)) for k, v in columns.items()})
+        from embsum.embeddings import embedding_table, write_shard
+
+        start = time.time()
+        table = embedding_table(super().__call__(batch))
         fs, root = pafs.FileSystem.from_uri(self.out_dir) if "://" in self.out_dir else (None, self.out_dir)
-        pq.write_table(table, f"{root.rstrip('/')}/part-{uuid.uuid4().hex}.parquet", filesystem=fs)
-        return {"rows": np.asarray([table.num_rows])}
+        write_shard(table, f"{root.rstrip('/')}/part-{uuid.uuid4().hex}.parquet", filesystem=fs)
+        return {"rows": np.asarray([table.num_rows]), "start": np.asarray([start]), "end": np.asarray([time.time()])}
 
 
 class ItemWriter(_WritesItsOutput, ItemEncoder):
@@ -124,6 +124,37 @@ def resolve_version(cfg: Config, version: str | None) -> tuple[Any, str]:
     return registry, registry.version(ref).version
 
 
+@dataclass(frozen=True)
+class PhaseStats:
+    """One encode phase (items or users). Call times are the actors' clocks, the phase start the
+    driver's: on a multi-node cluster they agree to NTP's precision."""
+
+    rows: int
+    seconds: float  # wall time: read -> encode -> write, actor start-up included
+    startup_s: float  # phase start -> the first actor call (worker start, imports, model load)
+    steady_per_s: float  # rows / (first call start -> last call end): the pool once it runs
+
+    @property
+    def per_s(self) -> float:
+        return self.rows / max(self.seconds, 1e-9)
+
+
+def run_phase(ds: Any, writer: type, n_rows: int, out_dir: Path, pool: dict[str, Any],
+              model_kw: dict[str, Any], t: Any) -> PhaseStats:
+    """Encode ``ds`` with an actor pool of ``writer``s that write their parquet parts to ``out_dir``."""
+    t0 = time.time()
+    ds, rows = in_calls(ds, n_rows, t)
+    out_dir.mkdir()
+    calls = ds.map_batches(writer, batch_size=rows, **pool,
+                           fn_constructor_kwargs={"out_dir": str(out_dir), **model_kw}).take_all()  # one row per call
+    seconds = time.time() - t0
+    if not calls:
+        return PhaseStats(rows=0, seconds=seconds, startup_s=seconds, steady_per_s=0.0)
+    n = sum(int(c["rows"]) for c in calls)
+    first, last = min(float(c["start"]) for c in calls), max(float(c["end"]) for c in calls)
+    return PhaseStats(rows=n, seconds=seconds, startup_s=max(0.0, first - t0), steady_per_s=n / max(last - first, 1e-9))
+
+
 def run_embed(cfg: Config, version: str | None = None) -> dict[str, Any]:
     import ray.data
 
@@ -146,25 +177,15 @@ def run_embed(cfg: Config, version: str | None = None) -> dict[str, Any]:
     tmp = out.parent / f".tmp-{out.name}-{int(time.time())}"
     tmp.mkdir(parents=True, exist_ok=True)
     try:
-        t_items = time.perf_counter()
         items = ray.data.read_parquet(str(data_dir / layout.ITEMS)).select_columns(["item_id", "text", "token_ids"])
-        items, rows = in_calls(items, parquet_rows(data_dir / layout.ITEMS), t)
-        (tmp / ITEMS).mkdir()
-        n_items = int(items.map_batches(ItemWriter, batch_size=rows, **pool,
-                                     fn_constructor_kwargs={"out_dir": str(tmp / ITEMS), **model_kw}).sum("rows") or 0)
-        t_items = time.perf_counter() - t_items
-        t_users = time.perf_counter()
+        st_items = run_phase(items, ItemWriter, parquet_rows(data_dir / layout.ITEMS), tmp / ITEMS, pool, model_kw, t)
         users = ray.data.read_parquet(str(data_dir / layout.USERS)).select_columns(
             ["user_id", "history", "session_ids"])
-        users, rows = in_calls(users, parquet_rows(data_dir / layout.USERS), t)
-        (tmp / USERS).mkdir()
-        n_users = int(users.map_batches(UserWriter, batch_size=rows, **pool,
-                                     fn_constructor_kwargs={"out_dir": str(tmp / USERS), **model_kw}).sum("rows") or 0)
-        t_users = time.perf_counter() - t_users
+        st_users = run_phase(users, UserWriter, parquet_rows(data_dir / layout.USERS), tmp / USERS, pool, model_kw, t)
         manifest = Manifest(
             model_name=registry.name, model_version=str(version),
             model_fingerprint=str(meta.get("metadata", {}).get("model_fingerprint", "")),
-            items=n_items, users=n_users, dtype="float32", user_codes=int(meta["embsum"]["user_codes"]),
+            items=st_items.rows, users=st_users.rows, dtype="float32", user_codes=int(meta["embsum"]["user_codes"]),
             content_codes=int(meta["embsum"]["content_codes"]), d_model=int(meta["t5"]["d_model"]),
             seconds=time.perf_counter() - t0)
         write_manifest(tmp, manifest)  # last: a folder with a manifest is complete
@@ -174,12 +195,29 @@ def run_embed(cfg: Config, version: str | None = None) -> dict[str, Any]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    report = {"version": version, "path": str(out), "items": n_items, "users": n_users,
-              "items_per_s": n_items / max(t_items, 1e-9), "users_per_s": n_users / max(t_users, 1e-9),
+    report = {"version": version, "path": str(out), "items": st_items.rows, "users": st_users.rows,
+              "items_per_s": st_items.per_s, "users_per_s": st_users.per_s,
+              "items_steady_per_s": st_items.steady_per_s, "users_steady_per_s": st_users.steady_per_s,
+              "items_startup_s": st_items.startup_s, "users_startup_s": st_users.startup_s,
+              "items_seconds": st_items.seconds, "users_seconds": st_users.seconds,
               "seconds": time.perf_counter() - t0}
-    print(f"[embed] v{version}: {n_items} items ({report['items_per_s']:.1f}/s), {n_users} users "
-          f"({report['users_per_s']:.1f}/s) -> {out}", flush=True)
+    print(f"[embed] v{version}: {st_items.rows} items ({st_items.per_s:.1f}/s; {st_items.steady_per_s:.1f}/s once "
+          f"the pool ran, start-up {st_items.startup_s:.1f}s), {st_users.rows} users ({st_users.per_s:.1f}/s; "
+          f"{st_users.steady_per_s:.1f}/s once running, start-up {st_users.startup_s:.1f}s) -> {out}", flush=True)
+    _log_to_registry(registry, version, report)
     return report
+
+
+def _log_to_registry(registry: Any, version: str, report: dict[str, Any]) -> None:
+    """The throughput figures on the version's training run (beside evaluate's metrics). The
+    embeddings are complete and in place by now: a tracking-server failure is a warning."""
+    keys = ("items", "users", "items_per_s", "users_per_s", "items_steady_per_s", "users_steady_per_s",
+            "items_startup_s", "users_startup_s", "seconds")
+    try:
+        run_id = registry.version(version).run_id
+        registry.log_metrics(run_id, {f"embed_{k}": float(report[k]) for k in keys})
+    except Exception as e:  # noqa: BLE001 - never undo a finished embed job over its metrics
+        print(f"[embed] warning: could not log the embed metrics to MLflow: {type(e).__name__}: {e}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -106,6 +106,7 @@ class Served:
         from serve.store import EmbeddingStore
 
         self.cfg, self.url, self.versions = cfg, url, versions
+        self.embed_report: dict = {}
         self.http = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60)
         self.stores = {v: EmbeddingStore.load(cfg.embeddings_dir, model_name="embsum", model_version=v)
                        for v in versions[:2]}
@@ -144,7 +145,7 @@ def served(ray_cluster, tmp_path_factory):
     t1 = time.monotonic()
     # v1 by the embed job itself (the format contract end to end); v2 by the same encoder calls
     # in process (half a minute less on two cores); v3 gets none: the failed-rollout case.
-    run_embed(cfg, versions[0])
+    embed_report = run_embed(cfg, versions[0])
     write_version(cfg.embeddings_dir, _predictor(cfg, versions[1]), versions[1], n_items=N_ITEMS, n_users=N_USERS,
                   fingerprint=cfg.fingerprint("model"))
     t2 = time.monotonic()
@@ -166,7 +167,9 @@ def served(ray_cluster, tmp_path_factory):
             assert time.monotonic() < deadline, "app never became ready"
             time.sleep(0.5)
         print(f"[serve-test] register {t1 - t0:.1f}s, embed {t2 - t1:.1f}s, deploy {time.monotonic() - t2:.1f}s")
-        yield Served(cfg, url, versions)
+        served = Served(cfg, url, versions)
+        served.embed_report = embed_report
+        yield served
     finally:
         shutdown()  # serve.shutdown(), and forget the driver's cached scorer handles
         if not preset:
@@ -252,6 +255,23 @@ def test_summary_model_and_health(served):
     assert m["embeddings"]["items"] == N_ITEMS and m["embeddings"]["users"] == N_USERS
     assert m["embeddings"]["model_version"] == v1 and m["last_rollout_error"] is None
     assert served.http.get("/readyz").json() == {"status": "ok", "model_version": v1}
+
+
+def test_embed_job_reports_its_throughput_to_the_version_run(served):
+    """run_embed's report: counts, end-to-end and steady-state rates, the pool's start-up; the same
+    figures on the version's MLflow run, beside evaluate's metrics."""
+    from embsum.registry import Registry
+
+    rep, v1 = served.embed_report, served.versions[0]
+    assert rep["version"] == v1 and rep["items"] == N_ITEMS and rep["users"] == N_USERS
+    for kind in ("items", "users"):
+        assert 0.0 <= rep[f"{kind}_startup_s"] < rep[f"{kind}_seconds"]
+        # Once running, the pool is at least as fast as the phase overall (which adds its start-up).
+        assert rep[f"{kind}_steady_per_s"] >= rep[f"{kind}_per_s"] > 0
+    registry = Registry(served.cfg)
+    logged = registry.run_metrics(registry.version(v1).run_id)
+    assert logged["embed_items"] == N_ITEMS and logged["embed_users"] == N_USERS
+    assert logged["embed_items_steady_per_s"] == pytest.approx(rep["items_steady_per_s"])
 
 
 # ---- errors, limits, auth ----------------------------------------------------------------------------

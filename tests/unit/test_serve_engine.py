@@ -160,5 +160,7 @@ def test_score_json_bytes_equal_json_dumps():
 def test_light_batches_are_warm_and_small():
     reqs = [sq("U1", refs(["n1", "n2"])), sq("U2", refs(["n3"]))]
     assert engine.is_light(reqs, 3) and not engine.is_light(reqs, 2)
+    same = [sq(f"U{u}", refs(["n1", "n2"])) for u in range(8)]  # 16 candidates, 2 distinct: one union
+    assert engine.is_light(same, 2) and not engine.is_light(same, 1)
     assert not engine.is_light([sq("U1", [("n1", "some text")])], 100)  # may need the encoder
     assert not engine.is_light([sq(history=refs(["n1"]), candidates=refs(["n2"]))], 100)

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from embsum.embeddings import ITEMS, USERS, Manifest, version_dir, write_manifest
+from embsum.embeddings import ITEMS, USERS, Manifest, embedding_table, version_dir, write_manifest, write_shard
 from embsum.predictor import Predictor
 
 N_ITEMS, N_USERS = 30, 8
@@ -37,13 +37,6 @@ class Written:
     user_ids: list[str]
 
 
-def tensor_array(a: np.ndarray) -> pa.Array:
-    """A Ray Data tensor column, as ``write_parquet`` of a Ray dataset stores it."""
-    from ray.data.extensions import ArrowTensorArray
-
-    return ArrowTensorArray.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
-
-
 def write_version(root: Path, predictor: Predictor, version: str, *, model_name: str = "embsum",
                   n_items: int = N_ITEMS, n_users: int = N_USERS, fingerprint: str = "") -> Written:
     """ROOT/v<version>/{items,users}/ + manifest.json, encoded like train/embed.py's actors do."""
@@ -60,11 +53,10 @@ def write_version(root: Path, predictor: Predictor, version: str, *, model_name:
     out = version_dir(root, version)
     (out / ITEMS).mkdir(parents=True)
     (out / USERS).mkdir(parents=True)
-    pq.write_table(pa.table({"item_id": pa.array(ids), "text": pa.array(texts), "cpe": tensor_array(items.cpe),
-                             "cpe_key": tensor_array(items.key)}), out / ITEMS / "part-0.parquet")
-    pq.write_table(pa.table({"user_id": pa.array(users), "history": pa.array(histories, pa.list_(pa.string())),
-                             "upe": tensor_array(enc.upe), "summary": pa.array(enc.summaries)}),
-                   out / USERS / "part-0.parquet")
+    write_shard(embedding_table({"item_id": ids, "text": texts, "cpe": items.cpe, "cpe_key": items.key}),
+                str(out / ITEMS / "part-0.parquet"))
+    write_shard(embedding_table({"user_id": users, "history": pa.array(histories, pa.list_(pa.string())),
+                                 "upe": enc.upe, "summary": enc.summaries}), str(out / USERS / "part-0.parquet"))
     cfg = predictor.cfg
     write_manifest(out, Manifest(model_name=model_name, model_version=version, model_fingerprint=fingerprint,
                                  items=n_items, users=n_users, dtype="float32", user_codes=cfg.user_codes,
@@ -114,6 +106,20 @@ def test_load_holds_contiguous_float32_matrices_and_indexes(written, predictor):
     # Same numbers as the offline encoder.
     emb = predictor.encode_item_texts([item_text(5)])
     np.testing.assert_allclose(store.cpe[5], emb.cpe[0], atol=1e-5)
+
+
+def test_shards_store_floats_plain_and_strings_encoded(written):
+    """write_shard: no dictionary, statistics or compression on the float tensor columns (slow, and
+    no gain on floats); strings keep dictionary encoding and snappy."""
+    meta = pq.ParquetFile(written.path / ITEMS / "part-0.parquet").metadata.row_group(0)
+    chunks = {meta.column(i).path_in_schema.split(".")[0]: meta.column(i) for i in range(meta.num_columns)}
+    for name in ("cpe", "cpe_key"):
+        c = chunks[name]
+        assert c.compression == "UNCOMPRESSED" and c.statistics is None and "RLE_DICTIONARY" not in c.encodings
+    for name in ("item_id", "text"):
+        assert chunks[name].compression == "SNAPPY" and "RLE_DICTIONARY" in chunks[name].encodings
+    users = pq.ParquetFile(written.path / USERS / "part-0.parquet").schema_arrow
+    assert users.field("history").type == pa.list_(pa.string()) and users.field("summary").type == pa.string()
 
 
 def test_refuses_another_version_or_model(written):

@@ -204,12 +204,10 @@ def run_embed(cfg: Config, version: str | None = None) -> dict[str, Any]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    report = {"version": version, "path": str(out), "items": st_items.rows, "users": st_users.rows,
-              "items_per_s": st_items.per_s, "users_per_s": st_users.per_s,
-              "items_steady_per_s": st_items.steady_per_s, "users_steady_per_s": st_users.steady_per_s,
-              "items_startup_s": st_items.startup_s, "users_startup_s": st_users.startup_s,
-              "items_seconds": st_items.seconds, "users_seconds": st_users.seconds,
-              "seconds": time.perf_counter() - t0}
+    report: dict[str, Any] = {"version": version, "path": str(out), "seconds": time.perf_counter() - t0}
+    for kind, st in ((ITEMS, st_items), (USERS, st_users)):
+        report.update({kind: st.rows, f"{kind}_per_s": st.per_s, f"{kind}_steady_per_s": st.steady_per_s,
+                       f"{kind}_startup_s": st.startup_s, f"{kind}_seconds": st.seconds})
     print(f"[embed] v{version}: {st_items.rows} items ({st_items.per_s:.1f}/s; {st_items.steady_per_s:.1f}/s once "
           f"the pool ran, start-up {st_items.startup_s:.1f}s), {st_users.rows} users ({st_users.per_s:.1f}/s; "
           f"{st_users.steady_per_s:.1f}/s once running, start-up {st_users.startup_s:.1f}s) -> {out}", flush=True)
@@ -220,11 +218,9 @@ def run_embed(cfg: Config, version: str | None = None) -> dict[str, Any]:
 def _log_to_registry(registry: Any, version: str, report: dict[str, Any]) -> None:
     """The throughput figures on the version's training run (beside evaluate's metrics). The
     embeddings are complete and in place by now: a tracking-server failure is a warning."""
-    keys = ("items", "users", "items_per_s", "users_per_s", "items_steady_per_s", "users_steady_per_s",
-            "items_startup_s", "users_startup_s", "seconds")
     try:
-        run_id = registry.version(version).run_id
-        registry.log_metrics(run_id, {f"embed_{k}": float(report[k]) for k in keys})
+        figures = {f"embed_{k}": float(v) for k, v in report.items() if k not in ("version", "path")}
+        registry.log_metrics(registry.version(version).run_id, figures)
     except Exception as e:  # noqa: BLE001 - never undo a finished embed job over its metrics
         print(f"[embed] warning: could not log the embed metrics to MLflow: {type(e).__name__}: {e}", flush=True)
 

@@ -238,8 +238,7 @@ def main(argv: list[str] | None = None) -> int:
                 init_ray(cfg.ray)
                 rep = run_embed(cfg, version)
                 ray.shutdown()
-            rays.append({k: rep[k] for k in ("items", "users", "items_per_s", "users_per_s", "items_steady_per_s",
-                                             "users_steady_per_s", "items_startup_s", "users_startup_s", "seconds")})
+            rays.append({k: v for k, v in rep.items() if k not in ("version", "path")})
             print(f"[embed bench] Ray Data repeat {r}: items {rep['items_per_s']:.0f}/s as a job, "
                   f"{rep['items_steady_per_s']:.0f}/s steady (pool start-up {rep['items_startup_s']:.1f}s); "
                   f"{rep['users_per_s']:.1f} users/s", flush=True)

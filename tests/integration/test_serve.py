@@ -100,13 +100,12 @@ def _predictor(cfg: Config, version: str) -> Predictor:
 
 
 class Served:
-    def __init__(self, cfg: Config, url: str, versions: list[str]) -> None:
+    def __init__(self, cfg: Config, url: str, versions: list[str], embed_report: dict) -> None:
         import httpx
 
         from serve.store import EmbeddingStore
 
-        self.cfg, self.url, self.versions = cfg, url, versions
-        self.embed_report: dict = {}
+        self.cfg, self.url, self.versions, self.embed_report = cfg, url, versions, embed_report
         self.http = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60)
         self.stores = {v: EmbeddingStore.load(cfg.embeddings_dir, model_name="embsum", model_version=v)
                        for v in versions[:2]}
@@ -167,9 +166,7 @@ def served(ray_cluster, tmp_path_factory):
             assert time.monotonic() < deadline, "app never became ready"
             time.sleep(0.5)
         print(f"[serve-test] register {t1 - t0:.1f}s, embed {t2 - t1:.1f}s, deploy {time.monotonic() - t2:.1f}s")
-        served = Served(cfg, url, versions)
-        served.embed_report = embed_report
-        yield served
+        yield Served(cfg, url, versions, embed_report)
     finally:
         shutdown()  # serve.shutdown(), and forget the driver's cached scorer handles
         if not preset:

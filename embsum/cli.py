@@ -140,11 +140,16 @@ def train(config: str = ConfigOpt, address: str = AddressOpt, overrides: list[st
 
 @app.command()
 def evaluate(version: str = typer.Option(None, "--version", help="Version number or alias (default: newest)."),
+             impressions: str = typer.Option(None, "--impressions",
+                                             help="Score new logs instead: a MIND-format behaviors file."),
+             items: str = typer.Option(None, "--items", help="The new logs' catalog (the run config's item format)."),
              config: str = ConfigOpt, address: str = AddressOpt, overrides: list[str] = OverridesArg) -> None:
     """Score whole valid/test impressions for a registered version (Ray Data batch inference); print and log
-    AUC, MRR, nDCG@5, nDCG@10. Writes WORKDIR/eval/v<VERSION>/<split>/ per-impression scores."""
-    _stage("train.evaluate", config, _ov(overrides, address), *(["--version", version] if version else []),
-           title="evaluate")
+    AUC, MRR, nDCG@5, nDCG@10. Writes WORKDIR/eval/v<VERSION>/<split>/ per-impression scores. With
+    --impressions and --items: the same for new logs prepare never saw (bad rows quarantined)."""
+    extra = [*(["--version", version] if version else []), *(["--impressions", impressions] if impressions else []),
+             *(["--items", items] if items else [])]
+    _stage("train.evaluate", config, _ov(overrides, address), *extra, title="evaluate")
 
 
 @app.command()

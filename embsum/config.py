@@ -87,7 +87,12 @@ class DataConfig:
     user_col: str = _f("user_id", "Log column holding the user id.")
     item_col: str = _f("item_id", "Log column holding the item id.")
     timestamp_col: str | None = _f(None, "Log column holding the event time (ISO-8601, epoch seconds or "
-                                   "'%m/%d/%Y %I:%M:%S %p'); null = file order.")
+                                   "'%m/%d/%Y %I:%M:%S %p'); null = no time (see event_order).")
+    event_order: Literal["auto", "timestamp", "file", "random"] = _f(
+        "auto", "Order of a user's events, which decides histories and held-out positives: 'timestamp' (needs "
+        "timestamp_col), 'file' (only when the log's row order IS chronological), 'random' (a seeded random order "
+        "per user, independent of row order: a log without time carries no order); 'auto' = timestamp when "
+        "timestamp_col is set, else random.")
     label_col: str | None = _f(None, "Log column with a 0/1 click label or a rating; null = every row is a positive.")
     positive_threshold: float = _f(1.0, "A row is positive when label_col >= this (e.g. 8 for 1-10 ratings).")
     ignore_labels: list[float] = _f(list, "Label values that are neither positive nor negative and are "
@@ -101,7 +106,9 @@ class DataConfig:
         "column", "MIND: history from the impression's history column ('column') or from the user's "
                   "earlier clicks in the log ('log').")
     negatives: int = _f(4, "K: sampled negatives per training example (C = 1 + K candidates).", lo=1, hi=1000)
-    eval_negatives: int = _f(49, "Sampled negatives per leave-last-out evaluation impression (logs).", lo=1, hi=100000)
+    eval_negatives: int = _f(49, "Sampled negatives per held-out evaluation impression (logs).", lo=1, hi=100000)
+    eval_positives: int = _f(1, "Held-out positives per valid/test user (logs): each is one impression against "
+                             "eval_negatives unseen items; more give a tighter confidence interval.", lo=1, hi=10000)
     valid_fraction: float = _f(0.1, "Share of users (by hash) in the validation split.", lo=0.0, hi=0.5)
     test_fraction: float = _f(0.1, "Share of users (by hash) in the test split.", lo=0.0, hi=0.5)
     min_history: int = _f(1, "Examples whose history has fewer items are skipped (counted).", lo=0, hi=10000)
@@ -138,6 +145,9 @@ class EmbSumConfig:
     content_tokens: int = _f(48, "Tokens per candidate item (marker + text + EOS).", lo=4, hi=4096)
     summary_tokens: int = _f(48, "Max summary tokens (teacher-forced length and generation bound, incl. EOS).",
                              lo=2, hi=1024)
+    summary_no_repeat_ngram: int = _f(3, "Greedy summary generation never repeats an n-gram of this size "
+                                      "(the standard summarization guard against 'and and and' loops); 0 = off.",
+                                      lo=0, hi=64)
     user_codes: int = _f(8, "M: user poly-embedding codes.", lo=1, hi=1024)
     content_codes: int = _f(4, "N: content poly-embedding codes.", lo=1, hi=1024)
 
@@ -162,6 +172,8 @@ class TrainConfig:
     max_steps: int = _f(600, "Optimizer steps in total.", lo=1, hi=100_000_000)
     grad_clip: float = _f(1.0, "Gradient-norm clip (0 = off).", lo=0.0, hi=1e6)
     summary_weight: float = _f(0.05, "lambda in L = L_NCE + lambda * L_sum.", lo=0.0, hi=100.0)
+    in_batch_negatives: bool = _f(True, "NCE also scores each user against the other examples' candidates in the "
+                                  "micro-batch (B*C more negatives, no extra encoding).")
     nce_temperature: float = _f(0.0, "NCE logits are score / t (training only; ranking is unchanged); "
                                 "0 = sqrt(d_model).", lo=0.0, hi=1e6)
     checkpoint_every: int = _f(200, "Save (collectively) every N steps; also at the end.", lo=1, hi=100_000_000)
@@ -258,6 +270,13 @@ class Config:
         if self.data.valid_fraction + self.data.test_fraction >= 1.0:
             raise ValueError(f"data.valid_fraction={self.data.valid_fraction} + data.test_fraction="
                              f"{self.data.test_fraction} must be < 1 (no users left to train on)")
+        d = self.data
+        if d.event_order == "timestamp" and d.format == "logs" and not d.timestamp_col:
+            raise ValueError("data.event_order='timestamp' needs data.timestamp_col (the log has no time column "
+                             "configured); use 'random', or 'file' if the rows are in chronological order")
+        if d.format != "logs" and d.event_order in ("file", "random"):
+            raise ValueError(f"data.event_order={d.event_order!r} applies to data.format='logs' only "
+                             f"(format {d.format!r} has timestamps); use 'auto'")
         m = self.model
         if (m.session_tokens - 1) // m.items_per_session < 2:
             raise ValueError(f"model.session_tokens={m.session_tokens} leaves fewer than 2 tokens per item for "

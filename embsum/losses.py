@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
+from embsum.scoring import score
+
 
 @dataclass
 class LossParts:
@@ -20,15 +22,36 @@ class LossParts:
     summary: torch.Tensor
 
 
-def nce_loss(scores: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def nce_loss(scores: torch.Tensor, temperature: float = 1.0, batch_negatives: torch.Tensor | None = None
+             ) -> torch.Tensor:
     """scores (B, 1 + K), positive first -> mean of -log(exp(s+/t) / sum_j exp(s_j/t)).
+
+    ``batch_negatives`` (B, X), optional: more negatives per user (the other examples' candidates,
+    see ``batch_negative_scores``); -inf entries are excluded.
 
     The temperature only rescales the training objective: rankings, metrics and served scores use
     the exact score. Scores grow like sqrt(d_model) (dot products of unit-RMS T5 states), so with
     t = 1 a t5-small-sized model starts at an NCE of ~14 (saturated softmax); t = sqrt(d_model)
     starts it near ln(1 + K)."""
     target = torch.zeros(scores.shape[0], dtype=torch.long, device=scores.device)  # (B,)
-    return F.cross_entropy(scores.float() / temperature, target)
+    logits = scores if batch_negatives is None else torch.cat([scores, batch_negatives], dim=1)  # (B, C [+ X])
+    return F.cross_entropy(logits.float() / temperature, target)
+
+
+def batch_negative_scores(upe: torch.Tensor, cpe: torch.Tensor, cpe_key: torch.Tensor,
+                          candidate_ids: torch.Tensor) -> torch.Tensor:
+    """In-batch negatives: every user against every other example's candidates.
+
+    upe (B, M, D), cpe/cpe_key (B, C, N, D), candidate_ids (B, C, Lc) -> (B, B*C) scores; -inf where
+    the candidate belongs to the user's own example (already scored) or is the same item (same
+    tokens) as the user's positive. Costs one all-pairs ``score`` of already-encoded candidates.
+    """
+    b, c, n, d = cpe.shape
+    s = score(upe, cpe.reshape(b * c, n, d), cpe_key.reshape(b * c, n, d))  # (B, B*C)
+    own = torch.arange(b, device=s.device)[:, None] == torch.arange(b * c, device=s.device)[None, :] // c  # (B, B*C)
+    flat = candidate_ids.reshape(b * c, -1)  # (B*C, Lc)
+    same_item = (flat[None, :, :] == candidate_ids[:, :1, :]).all(-1)  # (B, B*C)
+    return s.masked_fill(own | same_item, float("-inf"))
 
 
 def summary_loss(logits: torch.Tensor, summary_ids: torch.Tensor, pad_id: int = 0) -> torch.Tensor:
@@ -40,7 +63,8 @@ def summary_loss(logits: torch.Tensor, summary_ids: torch.Tensor, pad_id: int = 
 
 
 def embsum_loss(scores: torch.Tensor, logits: torch.Tensor, summary_ids: torch.Tensor,
-                summary_weight: float = 0.05, pad_id: int = 0, temperature: float = 1.0) -> LossParts:
-    nce = nce_loss(scores, temperature)
+                summary_weight: float = 0.05, pad_id: int = 0, temperature: float = 1.0,
+                batch_negatives: torch.Tensor | None = None) -> LossParts:
+    nce = nce_loss(scores, temperature, batch_negatives)
     summ = summary_loss(logits, summary_ids, pad_id)
     return LossParts(total=nce + summary_weight * summ, nce=nce, summary=summ)

@@ -114,6 +114,10 @@ class Registry:
     def run_metrics(self, run_id: str) -> dict[str, float]:
         return dict(self.client.get_run(run_id).data.metrics)
 
+    def metric_history(self, run_id: str, key: str) -> list[tuple[int, float]]:
+        """(step, value) of every logged value of one metric, in step order (learning curves)."""
+        return sorted((int(m.step), float(m.value)) for m in self.client.get_metric_history(run_id, key))
+
     # ---- registry --------------------------------------------------------------------------------------
     def log_and_register(self, run_id: str, model_dir: str | Path, tags: dict[str, str] | None = None) -> str:
         """Log the consolidated model folder as the run's ``model`` and register it -> version."""

@@ -101,9 +101,9 @@ def run_train(cfg: Config, *, register: bool = True) -> dict[str, Any]:
     ctx.enable_progress_bars = True
     train_ds = ray.data.read_parquet(str(data_dir / layout.TRAIN))
     valid_ds = ray.data.read_parquet(str(data_dir / layout.VALID_EXAMPLES))
-    empty = np.zeros((cfg.model.summary_tokens,), np.int32)
-    empty[0] = 1  # EOS
-    probe = probe_batch(data_dir / layout.VALID_EXAMPLES, summaries, empty)
+    from embsum.tokenization import EmbSumTokenizer
+
+    probe = probe_batch(data_dir / layout.VALID_EXAMPLES, summaries, EmbSumTokenizer.from_config(cfg.model).summary(""))
 
     registry = Registry(cfg)
     prep, summ = _read_json(data_dir / layout.REPORT), _read_json(data_dir / layout.SUMMARY_REPORT)

@@ -147,10 +147,11 @@ def run_baseline(cfg: Config) -> dict[str, Any]:
     for kind in KINDS:  # as the job's plan tasks write: row groups of TENSORIZE_ROWS, the same options
         rows = plan.filter(pc.equal(plan.column("kind"), kind))
         (out / OUTPUTS[kind]).mkdir()
-        schema = output_schema(kind, cfg.model, d.negatives)
+        schema = output_schema(kind, cfg.model, d.negatives, d.targets_per_example)
         with pq.ParquetWriter(out / OUTPUTS[kind] / "part-0.parquet", schema, **write_options(schema)) as w:
             for k in range(0, rows.num_rows, TENSORIZE_ROWS):
-                w.write_table(tensorize(rows.slice(k, TENSORIZE_ROWS), kind, catalog.index, d.negatives))
+                w.write_table(tensorize(rows.slice(k, TENSORIZE_ROWS), kind, catalog.index, d.negatives,
+                                        d.targets_per_example))
     q = parsed.filter(pc.not_equal(parsed.column("reason"), "")).select(["source", "line", "reason", "raw"])
     (out / layout.QUARANTINE).mkdir()
     pq.write_table(pa.concat_tables([q, catalog.quarantine]), out / layout.QUARANTINE / "part-0.parquet")

@@ -113,6 +113,9 @@ class DataConfig:
     test_fraction: float = _f(0.1, "Share of users (by hash) in the test split.", lo=0.0, hi=0.5)
     min_history: int = _f(1, "Examples whose history has fewer items are skipped (counted).", lo=0, hi=10000)
     max_examples_per_user: int = _f(50, "Cap on training examples per user (most recent kept).", lo=1, hi=1000000)
+    targets_per_example: int = _f(1, "T: positives per training example, sharing one history: the user side "
+                                  "(sessions, summary, UPE: most of a step) is encoded once for T positives, each "
+                                  "with its own K negatives.", lo=1, hi=256)
     seed: int = _f(0, "Seed for splits and negative sampling.")
     synth_users: int = _f(400, "Synthetic set: number of users.", lo=1, hi=10_000_000)
     synth_items: int = _f(600, "Synthetic set: number of items.", lo=10, hi=10_000_000)

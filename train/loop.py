@@ -44,9 +44,12 @@ def _collate(summaries: dict[str, np.ndarray], empty_summary: np.ndarray, device
 
     def collate(batch: dict[str, np.ndarray]) -> dict[str, Any]:
         summ = np.stack([summaries.get(str(u), empty_summary) for u in batch["user_id"]])  # (B, S)
+        cands = torch.as_tensor(np.asarray(batch["candidate_ids"]), dtype=torch.long, device=device)  # (B, T*C, Lc)
+        labels = [np.asarray(x, dtype=np.int64) for x in batch["labels"]]
         return {
             "session_ids": torch.as_tensor(np.asarray(batch["session_ids"]), dtype=torch.long, device=device),
-            "candidate_ids": torch.as_tensor(np.asarray(batch["candidate_ids"]), dtype=torch.long, device=device),
+            "candidate_ids": cands,
+            "labels": torch.as_tensor(np.stack(labels), dtype=torch.long, device=device),  # (B, T*C)
             "summary_ids": torch.as_tensor(summ, dtype=torch.long, device=device),
         }
 
@@ -156,15 +159,18 @@ def _autocast(w: Worker) -> Any:
 
 
 def train_step(w: Worker, b: dict[str, Any]) -> None:
-    """Forward, loss (NCE over the sampled and, optionally, in-batch negatives + lambda * summary), step."""
-    from embsum.losses import batch_negative_scores, embsum_loss
+    """Forward, loss (NCE over the sampled and, optionally, in-batch negatives + lambda * summary), step.
+    An example holds T targets sharing one history (data.targets_per_example): the user side is
+    encoded once and each target's block [positive, K negatives] is one NCE row."""
+    from embsum.losses import batch_negative_scores, embsum_loss, grouped_rows
 
     t = w.cfg.train
     with _autocast(w):
-        out = w.engine(b["session_ids"], b["candidate_ids"], b["summary_ids"])
-        extra = batch_negative_scores(out.upe, out.cpe, out.cpe_key, b["candidate_ids"]) \
+        out = w.engine(b["session_ids"], b["candidate_ids"], b["summary_ids"])  # scores (B, T*C)
+        extra = batch_negative_scores(out.upe, out.cpe, out.cpe_key, b["candidate_ids"], b["labels"]) \
             if t.in_batch_negatives else None
-    parts = embsum_loss(out.scores, out.summary_logits, b["summary_ids"], t.summary_weight, w.tok.pad_id,
+    scores, extra = grouped_rows(out.scores, b["labels"], 1 + w.cfg.data.negatives, extra)  # (R, C), (R, X)
+    parts = embsum_loss(scores, out.summary_logits, b["summary_ids"], t.summary_weight, w.tok.pad_id,
                         w.temperature, extra)
     w.engine.backward(parts.total)
     w.engine.step()  # DeepSpeed accumulates; it steps optimizer + schedule on the boundary

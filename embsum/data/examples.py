@@ -91,6 +91,7 @@ class PlanSpec:
     timestamps: bool
     random_order: bool = False  # no timestamps and no declared file order: events in a seeded random order
     eval_positives: int = 1  # held-out positives per evaluation user (logs)
+    targets: int = 1  # positives per training example sharing one history
 
     @classmethod
     def from_config(cls, cfg: Config, mind: bool) -> PlanSpec:
@@ -103,7 +104,8 @@ class PlanSpec:
                    history_len=m.num_sessions * m.items_per_session,
                    from_log=(not mind) or d.history_source == "log", impressions=mind or bool(d.impression_col),
                    whole_impressions=mind, timestamps=timestamps,
-                   random_order=not timestamps and order in ("auto", "random"), eval_positives=d.eval_positives)
+                   random_order=not timestamps and order in ("auto", "random"), eval_positives=d.eval_positives,
+                   targets=d.targets_per_example)
 
 
 def sample_excluding(rng: random.Random, n: int, excluded: set[int], k: int, *,
@@ -164,44 +166,82 @@ def plan_user(user_id: str, rows: Sequence[Row], spec: PlanSpec, index: CatalogI
     return out
 
 
+def _train_groups(events: list[Event], hists: list[list[str]], spec: PlanSpec, rng: random.Random, targets: int,
+                  stats: Counter) -> list[tuple[list[tuple[int, Event, str]], list[str]]]:
+    """The user's positives as groups of up to ``targets`` (ordinal, event, item), each with the one
+    history its targets share. Time/file order: consecutive positives, and the history of the
+    first (what came strictly before all of them). Random order: consecutive in that order, and a
+    random subset of the user's other positives (uniform size), so histories of every length occur
+    as they do for new users."""
+    flat = [(k, ev, p) for k, (ev, p) in enumerate(((ev, p) for ev in events for p in ev.positives), start=1)]
+    chunks = [flat[i:i + targets] for i in range(0, len(flat), targets)]
+    out = []
+    if spec.random_order:
+        positives = list(dict.fromkeys(p for _, _, p in flat))
+        for chunk in chunks:
+            mine = {p for _, _, p in chunk}
+            others = [p for p in positives if p not in mine]
+            size = rng.randint(min(len(others), max(1, spec.min_history)), len(others)) if others else 0
+            out.append((chunk, rng.sample(others, size)[: spec.history_len]))
+    else:
+        first = {id(ev): h for ev, h in zip(events, hists, strict=True)}
+        out = [(chunk, first[id(chunk[0][1])]) for chunk in chunks]
+    kept = [(c, h) for c, h in out if len(h) >= spec.min_history]
+    stats["skipped.short history"] += sum(len(c) for c, h in out if len(h) < spec.min_history)
+    return kept
+
+
 def _examples(user_id: str, split: str, events: list[Event], hists: list[list[str]], spec: PlanSpec,
               index: CatalogIndex, rng: random.Random, positives: set[str], own_pos: set[int],
               stats: Counter) -> list[PlanRow]:
-    todo = []
-    ordinal = 0
-    for ev, hist in zip(events, hists, strict=True):
-        for p in ev.positives:
-            ordinal += 1
-            if len(hist) < spec.min_history:
-                stats["skipped.short history"] += 1
-                continue
-            todo.append((ordinal, ev, p, hist))
-    if len(todo) > spec.max_examples_per_user:  # the most recent ones are kept
-        stats["skipped.over max_examples_per_user"] += len(todo) - spec.max_examples_per_user
-        todo = todo[-spec.max_examples_per_user:]
+    """Training (or, time order, in-loop validation) examples: per group of targets sharing a
+    history, each target followed by its K negatives; a group short of ``targets`` repeats its
+    first block with labels -1 (ignored by the loss), so every row has T * (1 + K) candidates."""
     kind = "train" if split == "train" else "valid_examples"
+    targets = spec.targets if kind == "train" else 1
+    groups = _train_groups(events, hists, spec, rng, targets, stats)
+    if len(groups) > spec.max_examples_per_user:  # the most recent ones are kept
+        stats["skipped.over max_examples_per_user"] += sum(len(c) for c, _ in groups[:-spec.max_examples_per_user])
+        groups = groups[-spec.max_examples_per_user:]
     out = []
     pools: dict[int, list[str]] = {}  # per event: its non-clicks the user never clicked anywhere
-    for ordinal, ev, p, hist in todo:
-        negs: list[str] | None = None
-        if spec.impressions:
-            pool = pools.get(id(ev))
-            if pool is None:
-                pool = pools[id(ev)] = list(dict.fromkeys(i for i, lab in zip(ev.items, ev.labels, strict=True)
-                                                          if lab == NEGATIVE and i not in positives))
-            if pool:
-                k = spec.negatives
-                negs = rng.sample(pool, k) if len(pool) >= k else rng.choices(pool, k=k)
-        if negs is None:
-            sampled = sample_excluding(rng, len(index), own_pos, spec.negatives)  # p is one of own_pos
-            if sampled is None:
+    for chunk, hist in groups:
+        cands: list[str] = []
+        labels: list[int] = []
+        for _, ev, p in chunk:
+            negs = _negatives(ev, spec, index, rng, positives, own_pos, pools)
+            if negs is None:
                 stats["skipped.no negatives"] += 1
                 continue
-            negs = [index.ids[k] for k in sampled]
-        out.append((kind, f"{user_id}:{ordinal}", user_id, ev.impression_id, split, hist, [p, *negs],
-                    [1] + [0] * len(negs), ""))
+            cands += [p, *negs]
+            labels += [1] + [0] * len(negs)
+        if not cands:
+            continue
+        block = cands[: 1 + spec.negatives]
+        while len(cands) < targets * (1 + spec.negatives):
+            cands += block
+            labels += [-1] * len(block)
+        stats[f"targets.{kind}"] += labels.count(1)
+        ordinal, ev, _ = chunk[0]
+        out.append((kind, f"{user_id}:{ordinal}", user_id, ev.impression_id, split, list(hist), cands, labels, ""))
     stats[f"examples.{kind}"] += len(out)
     return out
+
+
+def _negatives(ev: Event, spec: PlanSpec, index: CatalogIndex, rng: random.Random, positives: set[str],
+               own_pos: set[int], pools: dict[int, list[str]]) -> list[str] | None:
+    """K negatives for a positive of ``ev``: its impression's non-clicks when there are any, else
+    catalog items the user never engaged with. None when the catalog has nothing left."""
+    if spec.impressions:
+        pool = pools.get(id(ev))
+        if pool is None:
+            pool = pools[id(ev)] = list(dict.fromkeys(i for i, lab in zip(ev.items, ev.labels, strict=True)
+                                                      if lab == NEGATIVE and i not in positives))
+        if pool:
+            k = spec.negatives
+            return rng.sample(pool, k) if len(pool) >= k else rng.choices(pool, k=k)
+    sampled = sample_excluding(rng, len(index), own_pos, spec.negatives)  # positives are in own_pos
+    return None if sampled is None else [index.ids[k] for k in sampled]
 
 
 def _whole(user_id: str, events: list[Event], hists: list[list[str]], spec: PlanSpec,

@@ -10,10 +10,12 @@ users/                 one row per user with at least one engagement (parquet da
     user_id: str, split: str ('train'|'valid'|'test'), history: list<str> (item ids, oldest first,
     the user's full known positive history = what precompute and serving use),
     session_ids: (G, L) int32 (the tokenized sessions of that history).
-train/                 training examples (parquet dataset)
+train/                 training examples (parquet dataset): T = data.targets_per_example positives
+    sharing one history, each followed by its K negatives
     example_id: str, user_id: str, impression_id: str, session_ids: (G, L) int32,
-    candidate_ids: (C, Lc) int32 (positive first), candidate_item_ids: list<str> (C)
-valid_examples/        the same format, from valid users (in-loop validation AUC)
+    candidate_ids: (T*C, Lc) int32 (blocks of [positive, K negatives]), candidate_item_ids: list<str>
+    (T*C), labels: list<int8> (T*C: 1 positive, 0 negative, -1 padding of an example short of T)
+valid_examples/        the same format with T = 1, from valid users (in-loop validation AUC)
 valid/, test/          evaluation impressions (parquet datasets)
     impression_id: str, user_id: str, session_ids: (G, L) int32, history: list<str>,
     candidate_item_ids: list<str>, labels: list<int8>

@@ -185,3 +185,27 @@ def test_valid_users_in_random_order_validate_on_their_held_out_positives():
     for ev, ex in zip(evals, examples, strict=True):
         assert ex["candidates"][0] == ev["candidates"][ev["labels"].index(1)] and ex["history"] == ev["history"]
         assert ex["labels"] == [1, 0, 0, 0, 0]
+
+
+def test_grouped_targets_share_a_history_that_holds_none_of_them():
+    pos = [f"i{k}" for k in range(11)]
+    rows = [("u1", "", None, [], [i], [1]) for i in pos]
+    for random_order in (True, False):
+        spec = _spec(random_order=random_order, targets=3, history_len=20, negatives=2)
+        train = _kind(plan_batch(_records(rows), spec, INDEX), "train")
+        covered = []
+        for ex in train:
+            blocks = [ex["candidates"][k:k + 3] for k in range(0, len(ex["candidates"]), 3)]
+            labels = [ex["labels"][k:k + 3] for k in range(0, len(ex["labels"]), 3)]
+            assert len(blocks) == 3 and all(len(b) == 3 for b in blocks)
+            targets = [b[0] for b, lab in zip(blocks, labels, strict=True) if lab == [1, 0, 0]]
+            assert all(lab in ([1, 0, 0], [-1, -1, -1]) for lab in labels)
+            assert targets and not set(targets) & set(ex["history"])  # no target in its own history
+            assert not {c for b in blocks for c in b[1:]} & set(pos)  # negatives: never the user's items
+            if not random_order:  # time order: the history is what came before the group
+                first = min(int(x[1:]) for x in targets)
+                assert set(ex["history"]) == {f"i{k}" for k in range(first)}
+            covered += targets
+        assert len(covered) == len(set(covered))
+        # random order: every positive is a target once; file order loses the first group (no history)
+        assert len(covered) == (11 if random_order else 8)

@@ -35,8 +35,8 @@ def output_schema(kind: str, cfg: EmbSumConfig, negatives: int, targets: int = 1
         t = targets if kind == "train" else 1
         cands = pa.fixed_shape_tensor(pa.int32(), [t * (1 + negatives), cfg.content_tokens])  # (T*C, Lc)
         return pa.schema([("example_id", pa.string()), ("user_id", pa.string()), ("impression_id", pa.string()),
-                          ("session_ids", sessions), ("candidate_ids", cands), ("candidate_item_ids", _STR_LIST),
-                          ("labels", pa.list_(pa.int8()))])
+                          ("session_ids", sessions), ("history", _STR_LIST), ("candidate_ids", cands),
+                          ("candidate_item_ids", _STR_LIST), ("labels", pa.list_(pa.int8()))])
     if kind in EVAL_KINDS:
         return pa.schema([("impression_id", pa.string()), ("user_id", pa.string()), ("session_ids", sessions),
                           ("history", _STR_LIST), ("candidate_item_ids", _STR_LIST), ("labels", pa.list_(pa.int8()))])
@@ -174,6 +174,7 @@ def tensorize(plan: pa.Table, kind: str, index: CatalogIndex, negatives: int, ta
     hist = _list_array(plan.column("history")).cast(_STR_LIST)
     cols: dict[str, pa.Array] = {"session_ids": _tensor(session_ids(hist, index))}
     if kind in EXAMPLE_KINDS:
+        cols["history"] = hist  # what the teacher summarizes for this example
         width = (targets if kind == "train" else 1) * (1 + negatives)
         cands = _list_array(plan.column("candidates")).cast(_STR_LIST)
         if pc.any(pc.not_equal(pc.list_value_length(cands), width)).as_py():

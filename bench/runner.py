@@ -1,7 +1,7 @@
 """The benchmark runner: runs the benchmark scripts, reads their JSON results, prints one table.
 
-    python -m bench all [--quick]            # prepare, train, embed, serve, quality, sweep
-    python -m bench train [--quick]          # one benchmark (prepare|train|embed|serve|quality|sweep)
+    python -m bench all [--quick]            # prepare, train, embed, serve, fleet, quality, sweep
+    python -m bench train [--quick]          # one benchmark (prepare|train|embed|serve|fleet|quality|sweep)
     python -m bench table [--quick]          # rebuild the table from the results already written
     python -m bench all --reuse quality,sweep   # run the others, take these from earlier results
 
@@ -43,11 +43,12 @@ BENCHMARKS: dict[str, tuple[str, tuple[int, int]]] = {
     "train": ("bench.train_bench", (1, 1)),
     "embed": ("bench.embed_bench", (1, 1)),
     "serve": ("bench.serve_bench", (1, 1)),
+    "fleet": ("bench.fleet_bench", (1, 1)),
     "quality": ("bench.quality", (1, 1)),
     "sweep": ("bench.sweep", (1, 1)),
 }
-SUMMARY_LINE = re.compile(r"^(\[bench\]|\[train bench\]|\[embed bench\]|\[sweep\]|(prepare|train|embed|serve|quality|"
-                          r"sweep) bench:|score\(\) over|targets:|error)")
+SUMMARY_LINE = re.compile(r"^(\[bench\]|\[train bench\]|\[embed bench\]|\[fleet bench\]|\[sweep\]|(prepare|train|embed|"
+                          r"serve|fleet|quality|sweep) bench:|score\(\) over|targets:|error)")
 
 
 @dataclass
@@ -224,6 +225,35 @@ def serve_figures(runs: list[dict[str, Any]]) -> list[Figure]:
     return figs
 
 
+def fleet_figures(runs: list[dict[str, Any]]) -> list[Figure]:
+    r = runs[0]
+    results = [x for run in runs for x in run["results"]]
+    ours, ray_default = r["policies"][-1], r["policies"][0]
+
+    def of(policy: str, key: str) -> list[float]:
+        return [x[key]["success_rate"] * 100 for x in results if x["retry_on"] == policy]
+
+    load = f"{r['clients']} closed-loop clients, 1-2 replicas"
+    figs = [Figure("fleet", f"requests answered 200 with 2 replicas killed (ray.kill) under load, {load}, "
+                   f"HAProxy retry-on '{ours}'", "%", of(ours, "total"), of(ours, "before_kill"),
+                   "same run before the first kill", target=0.999),
+            Figure("fleet", f"requests answered 200 with 2 replicas killed, retry-on '{ours}' vs Ray's default",
+                   "%", of(ours, "total"), of(ray_default, "total"), f"retry-on '{ray_default}'"),
+            Figure("fleet", f"requests answered 200 in the kill windows (kill -> replacement up + "
+                   f"{r['settle_s']:g} s), retry-on '{ours}'", "%", of(ours, "kill_windows"),
+                   of(ray_default, "kill_windows"), f"retry-on '{ray_default}'")]
+    d = r["autoscaling"]
+    for key, what in (("scale_up_s", f"seconds from load start to 2 replicas (upscale_delay_s "
+                                     f"{d['upscale_delay_s']:g}, reports every {d['metrics_interval_s']:g} s)"),
+                      ("scale_down_s", f"seconds from load stop to 1 replica (downscale_delay_s "
+                                       f"{d['downscale_delay_s']:g}, look-back {d['look_back_period_s']:g} s)")):
+        figs.append(Figure("fleet", what, "s", [x[key] for x in results], [], "", higher_is_better=False))
+    figs.append(Figure("fleet", "rollout to a new version under load, every replica, failed requests: "
+                       f"{sum(x['rollout_window']['failed'] for x in results)}", "s",
+                       [x["rollout"]["seconds"] for x in results], [], "", higher_is_better=False))
+    return figs
+
+
 def quality_figures(runs: list[dict[str, Any]]) -> list[Figure]:
     r = runs[0]
     table = r["bx"]["table"]
@@ -271,7 +301,7 @@ def sweep_figures(runs: list[dict[str, Any]]) -> list[Figure]:
 
 EXTRACT: dict[str, Callable[[list[dict[str, Any]]], list[Figure]]] = {
     "prepare": prepare_figures, "train": train_figures, "embed": embed_figures, "serve": serve_figures,
-    "quality": quality_figures, "sweep": sweep_figures,
+    "fleet": fleet_figures, "quality": quality_figures, "sweep": sweep_figures,
 }
 
 

@@ -40,19 +40,28 @@ def free_port() -> int:
 
 
 class MlflowServer:
-    def __init__(self, root: Path) -> None:
-        self.root = root
+    """``start_script``: run the server through this script (cluster/base/mlflow-start.sh) instead of
+    `mlflow server`; it gets the options only, the backend store from MLFLOW_BACKEND_STORE_URI, and
+    ``env`` on top of this process's environment."""
+
+    def __init__(self, root: Path, start_script: Path | None = None, env: dict[str, str] | None = None) -> None:
+        self.root, self.start_script, self.env = root, start_script, env or {}
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout_s: float = 90.0) -> MlflowServer:
         self.root.mkdir(parents=True, exist_ok=True)
-        mlflow = Path(sys.executable).with_name("mlflow")
-        cmd = [str(mlflow), "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
-               "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
-               "--serve-artifacts", "--artifacts-destination", str(self.root / "artifacts")]
-        env = dict(os.environ, MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="true")
+        bin_dir = Path(sys.executable).parent
+        options = ["--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
+                   "--serve-artifacts", "--artifacts-destination", str(self.root / "artifacts")]
+        store = f"sqlite:///{self.root / 'mlflow.db'}"
+        env = dict(os.environ, MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="true", **self.env)
+        if self.start_script is None:
+            cmd = [str(bin_dir / "mlflow"), "server", "--backend-store-uri", store, *options]
+        else:
+            cmd = ["sh", str(self.start_script), *options]
+            env.update(MLFLOW_BACKEND_STORE_URI=store, PATH=f"{bin_dir}{os.pathsep}{env.get('PATH', '')}")
         self.log = open(self.root / "server.log", "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + timeout_s

@@ -3,7 +3,10 @@ server` process: versions, aliases, the promotion gate (which promotes only vers
 embeddings exist), downloads that never unpickle, and failing closed: a registry that errors on
 alias lookups (a proxy answering 503) or is gone (the proxy stopped) makes `embsum promote` fail
 with a message naming the registry and the error and leaves the alias where it was; `models
-list` says the registry failed instead of "no versions". No Ray needed."""
+list` says the registry failed instead of "no versions". And the cluster's MLflow behind its
+basic-auth app (cluster/base/mlflow-start.sh, run for real): without the Secret's credentials a
+client is refused, with them (MLFLOW_TRACKING_USERNAME/PASSWORD, as every Ray pod reads them) it
+registers and promotes. No Ray needed."""
 
 from __future__ import annotations
 
@@ -178,3 +181,35 @@ def test_a_registry_that_is_gone_is_an_error_not_an_empty_registry(served_regist
     line = one_error_line(embsum("models", "show", "99", f"workdir={tmp_path}", f"mlflow.tracking_uri={registry.uri}",
                                  f"mlflow.registered_model={NAME}"))
     assert "no version or alias '99'" in line and "failed to" not in line
+
+
+def test_the_clusters_mlflow_requires_the_secrets_credentials(tmp_path: Path, model_dir: Path, monkeypatch) -> None:
+    import httpx
+
+    from embsum.registry import Registry, RegistryError
+    from tests.mlflow_server import MlflowServer
+
+    user, password = "embsum", "test-only-password-8f3c2a"
+    server = MlflowServer(tmp_path / "server", start_script=REPO / "cluster" / "base" / "mlflow-start.sh",
+                          env={"MLFLOW_AUTH_ADMIN_USERNAME": user, "MLFLOW_AUTH_ADMIN_PASSWORD": password,
+                               "MLFLOW_FLASK_SERVER_SECRET_KEY": "test-only-csrf-key",
+                               "MLFLOW_AUTH_CONFIG_PATH": str(tmp_path / "auth" / "basic_auth.ini")}).start()
+    try:
+        assert httpx.get(server.url + "/health").status_code == 200  # probes need no credentials
+        cfg = config_from_dict({"workdir": str(tmp_path), "mlflow": {
+            "tracking_uri": server.url, "registered_model": "auth-test", "http_retries": 0,
+            "artifact_location": "mlflow-artifacts:/auth-test"}})
+        for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+            monkeypatch.delenv(k, raising=False)
+        with pytest.raises(RegistryError, match=rf"the model registry at {server.url} failed to list its versions"):
+            Registry(cfg).versions()
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", user)
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "wrong-password")
+        with pytest.raises(RegistryError):
+            Registry(cfg).versions()
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password)
+        registry = Registry(cfg)
+        v = _version(registry, model_dir, 0.7)
+        assert registry.gate(v)[0] and registry.champion().version == v
+    finally:
+        server.stop()

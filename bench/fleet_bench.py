@@ -9,8 +9,9 @@ Setup as bench/serve_bench.py: a registered t5-small-width model (d_model 512, M
 random embeddings of 2,000 items for two versions; POST /v1/score of 1 known user x 100 candidates
 from ``--clients`` closed-loop clients (Python threads, keep-alive HTTP). Serve: serve.app.deploy
 on a local Ray cluster, HAProxy ingress, 1 to 2 replicas of 1 CPU on short autoscaling delays
-(replicas report every 0.5 s, 2 s averaged; 1 s over target adds a replica, 3 s under removes one;
-production defaults are 10 s / 300 s, see cluster/README.md) so a run takes minutes.
+(target 1 request in flight per replica; replicas report every 0.5 s, 2 s averaged; 1 s over target
+adds a replica, 3 s under removes one; production defaults are 10 s / 300 s, see cluster/README.md)
+so a run takes minutes. The clients are threads of this process, on the same cores as the cluster.
 
 A/B: HAProxy's retry policy when a replica dies mid-request. 'conn-failure' is Ray's default (replay
 only requests that never reached a replica); 'conn-failure empty-response' is serve/app.py's
@@ -37,9 +38,8 @@ from bench import harness
 from bench.fleet import ClosedLoop, FleetRun, run_fleet, tally
 from embsum.config import Config, config_from_dict, replace
 
-RESULTS = harness.results_dir() / "fleet.json"
 POLICIES = ("conn-failure", "conn-failure empty-response")  # Ray's default, then serve/app.py's
-AUTOSCALING = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2, "upscale_delay_s": 1.0,
+AUTOSCALING = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1, "upscale_delay_s": 1.0,
                "downscale_delay_s": 3.0, "look_back_period_s": 2.0, "metrics_interval_s": 0.5}
 
 
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="1 run per policy, 4 clients, 1 s settles")
     p.add_argument("--runs", type=int, default=None, help="runs per policy (default 2, quick 1)")
     p.add_argument("--clients", type=int, default=None, help="closed-loop clients (default 8, quick 4)")
-    p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--out", default=None, help="result JSON (default bench/results/fleet.json, quick/ for --quick)")
     a = p.parse_args(argv)
     runs = a.runs or (1 if a.quick else 2)
     clients = a.clients or (4 if a.quick else 8)

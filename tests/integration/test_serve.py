@@ -112,9 +112,12 @@ class Served:
 
 # Autoscaling on short delays, so the fleet test sees 1 -> 2 -> 1 in seconds: replicas report their
 # load every 0.5 s (Serve's default is 10 s), averaged over 2 s; 1 s above target adds a replica, 3 s
-# below removes it. A stopping replica keeps answering 1 s (default 30 s) so HAProxy can drain it.
+# below removes it. Target 1 request in flight per replica: 8 closed-loop clients keep 2 replicas
+# well above it (target 2 flapped: client threads on a busy 2-core machine keep fewer requests in
+# flight than there are clients). A stopping replica keeps answering 1 s (default 30 s) so HAProxy
+# can drain it.
 SERVE_ENV = {"RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1"}
-AUTOSCALING = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2, "upscale_delay_s": 1.0,
+AUTOSCALING = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1, "upscale_delay_s": 1.0,
                "downscale_delay_s": 3.0, "look_back_period_s": 2.0, "metrics_interval_s": 0.5}
 
 

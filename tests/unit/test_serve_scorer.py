@@ -147,6 +147,14 @@ def test_build_app_args_and_deployment_options(tmp_path, monkeypatch):
     from serve.scorer import Scorer
 
     assert issubclass(d.func_or_class, Scorer) and d.func_or_class is EmbSumScorer.func_or_class
+    # A RayService builds the app on the head: a bind beyond loopback without a token fails the build
+    # (the application never deploys), with the reason as Serve's message.
+    monkeypatch.delenv("EMBSUM_API_TOKEN", raising=False)
+    with pytest.raises(ValueError, match="serve.host='0.0.0.0' binds beyond loopback and no API token is set"):
+        app_mod.build_app({"config": str(path), "overrides": ["serve.host=0.0.0.0"]})
+    monkeypatch.setenv("EMBSUM_API_TOKEN", "CHANGE-ME")
+    with pytest.raises(ValueError, match="placeholder"):
+        app_mod.build_app({"config": str(path), "overrides": ["serve.host=0.0.0.0"]})
 
 
 def test_serve_env_selects_the_ingress_and_forwards_serve_settings(tmp_path):

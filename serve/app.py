@@ -68,7 +68,9 @@ INGRESS_ENV = {
 # HAProxy replays a request on another replica when its replica's connection failed before or
 # closed without an answer (a replica that died mid-request: ray.kill, OOM, node loss); Ray's
 # default replays connection failures only. Safe here because every route is a read: replaying
-# a score or a recommendation changes nothing. The fleet benchmark measures both (bench/fleet_bench.py).
+# a score or a recommendation changes nothing. HAProxy keeps a copy of each request for this
+# (requests larger than its buffer, 16 KB by default, are not replayed). The fleet benchmark
+# measures both policies (bench/fleet_bench.py).
 HAPROXY_RETRY = {"RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response"}
 # HAProxy's stats and Prometheus ports are fixed defaults bound on every interface: two local Serve
 # instances on one machine (tests, a benchmark, a colleague's) would collide and HAProxy would not

@@ -15,6 +15,7 @@ from __future__ import annotations
 import http.client
 import os
 import random
+import signal
 import socket
 import subprocess
 import sys
@@ -50,7 +51,7 @@ class MlflowServer:
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
 
-    def start(self, timeout_s: float = 90.0) -> MlflowServer:
+    def start(self, timeout_s: float = 240.0) -> MlflowServer:
         self.root.mkdir(parents=True, exist_ok=True)
         bin_dir = Path(sys.executable).parent
         options = ["--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
@@ -63,7 +64,8 @@ class MlflowServer:
             cmd = ["sh", str(self.start_script), *options]
             env.update(MLFLOW_BACKEND_STORE_URI=store, PATH=f"{bin_dir}{os.pathsep}{env.get('PATH', '')}")
         self.log = open(self.root / "server.log", "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
+        # Its own process group: stop() ends the server and its uvicorn workers, nothing else.
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -79,13 +81,17 @@ class MlflowServer:
         raise RuntimeError(f"mlflow server did not answer /health within {timeout_s}s")
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()  # our own child, by its handle
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        if self.proc is not None:
+            for sig, wait_s in ((signal.SIGTERM, 30), (signal.SIGKILL, 30)):
+                try:
+                    os.killpg(self.proc.pid, sig)  # the group this server started (our child's id)
+                except ProcessLookupError:
+                    break
+                try:
+                    self.proc.wait(wait_s)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
         if getattr(self, "log", None):
             self.log.close()
 

@@ -19,7 +19,8 @@ def ray_cluster():
     from embsum.runtime import setup_env, worker_env
 
     setup_env()
-    ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": worker_env()})
+    # address="local": a new cluster even when a `ray start` cluster runs on this machine.
+    ray.init(address="local", num_cpus=4, include_dashboard=False, runtime_env={"env_vars": worker_env()})
     try:
         yield ray
     finally:

@@ -109,7 +109,7 @@ def test_download_by_alias_and_number(registry, model_dir: Path, tmp_path: Path)
 NAME = "gate-test"
 
 
-def embsum(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+def embsum(*args: str, timeout: int = 400) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "embsum.cli", *args], cwd=REPO, capture_output=True, text=True,
                           timeout=timeout)
 

@@ -32,7 +32,7 @@ from tests.conftest import TINY
 from tests.mlflow_server import free_port
 from tests.unit.test_serve_store import history_of, item_text, write_version
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(400)]
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
 N_ITEMS, N_USERS = 40, 12
 TOKEN = "integration-token-42"

@@ -82,7 +82,7 @@ class MlflowServer:
 
     def stop(self) -> None:
         if self.proc is not None:
-            for sig, wait_s in ((signal.SIGTERM, 30), (signal.SIGKILL, 30)):
+            for sig, wait_s in ((signal.SIGTERM, 10), (signal.SIGKILL, 30)):
                 try:
                     os.killpg(self.proc.pid, sig)  # the group this server started (our child's id)
                 except ProcessLookupError:

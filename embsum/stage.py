@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from embsum.config import Config, load_config
+from embsum.registry import RegistryError
 
-USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, ConnectionError, KeyError)
+USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, ConnectionError, KeyError, RegistryError)
 
 
 def write_result(path: str | Path | None, result: dict[str, Any]) -> None:

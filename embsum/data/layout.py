@@ -13,8 +13,9 @@ users/                 one row per user with at least one engagement (parquet da
 train/                 training examples (parquet dataset): T = data.targets_per_example positives
     sharing one history, each followed by its K negatives
     example_id: str, user_id: str, impression_id: str, session_ids: (G, L) int32, history: list<str>
-    (the item ids session_ids encodes), candidate_ids: (T*C, Lc) int32 (blocks of [positive, K negatives]), candidate_item_ids: list<str>
-    (T*C), labels: list<int8> (T*C: 1 positive, 0 negative, -1 padding of an example short of T)
+    (the item ids session_ids encodes), candidate_ids: (T*C, Lc) int32 (blocks of [positive,
+    K negatives]), candidate_item_ids: list<str> (T*C), labels: list<int8> (T*C: 1 positive,
+    0 negative, -1 padding of an example short of T)
 valid_examples/        the same format with T = 1, from valid users (in-loop validation AUC)
 valid/, test/          evaluation impressions (parquet datasets)
     impression_id: str, user_id: str, session_ids: (G, L) int32, history: list<str>,

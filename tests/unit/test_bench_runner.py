@@ -218,3 +218,28 @@ def test_set_yaml_defaults_keeps_comments(tmp_path: Path) -> None:
 
     cfg = load_config(p)
     assert cfg.model.user_codes == 16 and cfg.train.summary_weight == 0.2
+
+
+def test_fleet_figures_count_lost_requests_per_policy() -> None:
+    def run(policy: str, failed: int, window_failed: int) -> dict:
+        def t(requests: int, f: int) -> dict:
+            return {"requests": requests, "ok": requests - f, "failed": f}
+
+        return {"retry_on": policy, "total": t(20000, failed), "kill_windows": t(10000, window_failed),
+                "scale_up_s": 12.0, "scale_down_s": 6.0, "rollout": {"seconds": 4.0},
+                "rollout_window": t(3000, 0), "replica_peak_rss_mb": 1200.0}
+
+    result = {"clients": 8, "settle_s": 3, "policies": ["conn-failure", "conn-failure empty-response"],
+              "autoscaling": {"upscale_delay_s": 1, "downscale_delay_s": 3, "look_back_period_s": 2,
+                              "metrics_interval_s": 0.5},
+              "results": [run("conn-failure", 8, 8), run("conn-failure empty-response", 2, 1)]}
+    figs = runner.figures_for("fleet", [result])
+    total = figs[0]
+    assert total.value == pytest.approx(1.0) and total.reference == pytest.approx(4.0)  # per 10k
+    assert total.ratio == pytest.approx(4.0) and total.met is True and total.target_text() == "<= 10 per 10k"
+    assert figs[1].value == pytest.approx(1.0) and figs[1].reference == pytest.approx(8.0)
+    assert [f.value for f in figs[2:]] == [12.0, 6.0, 4.0, 1200.0]
+    assert "0 requests failed in 2 rollouts" in figs[4].name
+    over = runner.figures_for("fleet", [{**result, "results": [run("conn-failure empty-response", 30, 30),
+                                                                run("conn-failure", 30, 30)]}])[0]
+    assert over.met is False  # 15 per 10k: more than 0.1% lost

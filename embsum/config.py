@@ -116,6 +116,9 @@ class DataConfig:
     targets_per_example: int = _f(1, "T: positives per training example, sharing one history: the user side "
                                   "(sessions, summary, UPE: most of a step) is encoded once for T positives, each "
                                   "with its own K negatives.", lo=1, hi=256)
+    views_per_user: int = _f(1, "Random event order only: each train user's positives are regrouped this many "
+                             "times, each time with fresh random histories (more, and more varied, examples per "
+                             "pass; a pass over V views is like V passes with new histories).", lo=1, hi=1000)
     seed: int = _f(0, "Seed for splits and negative sampling.")
     synth_users: int = _f(400, "Synthetic set: number of users.", lo=1, hi=10_000_000)
     synth_items: int = _f(600, "Synthetic set: number of items.", lo=10, hi=10_000_000)

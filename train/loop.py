@@ -39,11 +39,11 @@ log = logging.getLogger("embsum.train")
 
 
 def _collate(summaries: dict[str, np.ndarray], empty_summary: np.ndarray, device: Any):
-    """Numpy batch -> tensors; attaches each user's teacher summary ids (EOS-only if none)."""
+    """Numpy batch -> tensors; attaches each example's teacher summary ids (EOS-only if none)."""
     import torch
 
     def collate(batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        summ = np.stack([summaries.get(str(u), empty_summary) for u in batch["user_id"]])  # (B, S)
+        summ = np.stack([summaries.get(str(e), empty_summary) for e in batch["example_id"]])  # (B, S)
         cands = torch.as_tensor(np.asarray(batch["candidate_ids"]), dtype=torch.long, device=device)  # (B, T*C, Lc)
         labels = [np.asarray(x, dtype=np.int64) for x in batch["labels"]]
         return {

@@ -92,6 +92,7 @@ class PlanSpec:
     random_order: bool = False  # no timestamps and no declared file order: events in a seeded random order
     eval_positives: int = 1  # held-out positives per evaluation user (logs)
     targets: int = 1  # positives per training example sharing one history
+    views: int = 1  # random order: times each train user's positives are regrouped with fresh histories
 
     @classmethod
     def from_config(cls, cfg: Config, mind: bool) -> PlanSpec:
@@ -105,7 +106,7 @@ class PlanSpec:
                    from_log=(not mind) or d.history_source == "log", impressions=mind or bool(d.impression_col),
                    whole_impressions=mind, timestamps=timestamps,
                    random_order=not timestamps and order in ("auto", "random"), eval_positives=d.eval_positives,
-                   targets=d.targets_per_example)
+                   targets=d.targets_per_example, views=d.views_per_user)
 
 
 def sample_excluding(rng: random.Random, n: int, excluded: set[int], k: int, *,
@@ -178,11 +179,20 @@ def _train_groups(events: list[Event], hists: list[list[str]], spec: PlanSpec, r
     out = []
     if spec.random_order:
         positives = list(dict.fromkeys(p for _, _, p in flat))
-        for chunk in chunks:
-            mine = {p for _, _, p in chunk}
-            others = [p for p in positives if p not in mine]
-            size = rng.randint(min(len(others), max(1, spec.min_history)), len(others)) if others else 0
-            out.append((chunk, rng.sample(others, size)[: spec.history_len]))
+        for view in range(spec.views):  # each view: the positives regrouped, fresh histories
+            if view:
+                order = flat[:]
+                rng.shuffle(order)
+                chunks = [[(k + view * len(flat), ev, p) for k, ev, p in order[i:i + targets]]
+                          for i in range(0, len(order), targets)]
+            cap = max(1, spec.max_examples_per_user // spec.views)  # the cap is shared by the views
+            if len(chunks) > cap:
+                stats["skipped.over max_examples_per_user"] += sum(len(c) for c in chunks[:-cap])
+            for chunk in chunks[-cap:]:
+                mine = {p for _, _, p in chunk}
+                others = [p for p in positives if p not in mine]
+                size = rng.randint(min(len(others), max(1, spec.min_history)), len(others)) if others else 0
+                out.append((chunk, rng.sample(others, size)[: spec.history_len]))
     else:
         first = {id(ev): h for ev, h in zip(events, hists, strict=True)}
         out = [(chunk, first[id(chunk[0][1])]) for chunk in chunks]
@@ -196,7 +206,8 @@ def _examples(user_id: str, split: str, events: list[Event], hists: list[list[st
               stats: Counter) -> list[PlanRow]:
     """Training (or, time order, in-loop validation) examples: per group of targets sharing a
     history, each target followed by its K negatives; a group short of ``targets`` repeats its
-    first block with labels -1 (ignored by the loss), so every row has T * (1 + K) candidates."""
+    first block with labels -1 (ignored by the loss), so every row has T * (1 + K) candidates.
+    ``max_examples_per_user`` counts every view's examples."""
     kind = "train" if split == "train" else "valid_examples"
     targets = spec.targets if kind == "train" else 1
     groups = _train_groups(events, hists, spec, rng, targets, stats)

@@ -22,11 +22,11 @@ valid/, test/          evaluation impressions (parquet datasets)
     candidate_item_ids: list<str>, labels: list<int8>
 quarantine/            malformed input rows (parquet dataset)
     source: str (file), line: int64 (1-based, header = line 1), reason: str, raw: str
-summaries/             one teacher summary per training user (parquet dataset)
-    user_id: str, summary: str, teacher: str, prompt_version: str, summary_ids: (S,) int32
-summaries_failed/      training users the teacher could not summarize (parquet dataset; may be empty)
-    user_id: str, error: str (why, e.g. 'gave up after 5 attempts: HTTP 503 ...')
-summarize_report.json  users_in, summarized, cached_hits, failed, requests, teacher, prompt_version,
+summaries/             one teacher summary per training example: of its own history (parquet dataset)
+    example_id: str, user_id: str, summary: str, teacher: str, prompt_version: str, summary_ids: (S,) int32
+summaries_failed/      training examples the teacher could not summarize (parquet dataset; may be empty)
+    example_id: str, user_id: str, error: str (why, e.g. 'gave up after 5 attempts: HTTP 503 ...')
+summarize_report.json  examples_in, summarized, cached_hits, failed, requests, teacher, prompt_version,
     seconds, status ('ok'|'failed'), first_errors
 prepare_report.json    counts: rows in/out, quarantined by reason, examples per split, fingerprint
 """

@@ -209,3 +209,19 @@ def test_grouped_targets_share_a_history_that_holds_none_of_them():
         assert len(covered) == len(set(covered))
         # random order: every positive is a target once; file order loses the first group (no history)
         assert len(covered) == (11 if random_order else 8)
+
+
+def test_views_regroup_every_positive_with_fresh_histories():
+    pos = [f"i{k}" for k in range(9)]
+    rows = [("u1", "", None, [], [i], [1]) for i in pos]
+    spec = _spec(random_order=True, targets=3, views=3, history_len=20, negatives=1)
+    train = _kind(plan_batch(_records(rows), spec, INDEX), "train")
+    assert len(train) == 9 and len({ex["example_id"] for ex in train}) == 9  # 3 views x 3 groups, unique ids
+    per_view = [train[v * 3:(v + 1) * 3] for v in range(3)]
+    for view in per_view:  # each view has every positive as a target exactly once
+        targets = [ex["candidates"][k] for ex in view for k in (0, 2, 4)]
+        assert sorted(targets) == pos
+    assert len({tuple(ex["history"]) for ex in train}) > 3  # histories differ across views
+    capped = _kind(plan_batch(_records(rows), _spec(random_order=True, targets=3, views=3, negatives=1,
+                                                    max_examples_per_user=6), INDEX), "train")
+    assert len(capped) == 6  # 2 groups per view: the cap is shared by the views

@@ -221,7 +221,7 @@ def summarize_parquet(folder: Path) -> dict[str, float]:
 
 
 def format_table(results: dict[str, Any]) -> str:
-    splits = [s for s in results if isinstance(results[s], dict)]
+    splits = [s for s in results if isinstance(results[s], dict) and "auc" in results[s]]
     head = f"{'split':<8}" + "".join(f"{m:>9}" for m in METRIC_NAMES) + f"{'impr':>8}{'skipped':>9}"
     rows = [head] + [f"{s:<8}" + "".join(f"{results[s][m]:>9.4f}" for m in METRIC_NAMES)
                      + f"{results[s]['impressions']:>8}{results[s]['skipped']:>9}" for s in splits]

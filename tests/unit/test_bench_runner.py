@@ -1,5 +1,6 @@
 """The benchmark runner's table logic on fake results: ratios, orientation, targets, spreads, the
-Markdown table, unreadable results, `python -m bench table`. No timing is asserted anywhere: timing belongs in the benchmarks themselves."""
+Markdown table, unreadable results, `python -m bench table`. No timing is asserted anywhere: timing
+belongs in the benchmarks themselves."""
 
 from __future__ import annotations
 

@@ -185,6 +185,8 @@ class TrainConfig:
     checkpoint_every: int = _f(200, "Save (collectively) every N steps; also at the end.", lo=1, hi=100_000_000)
     keep_checkpoints: int = _f(2, "Checkpoints kept, best by validation AUC.", lo=1, hi=1000)
     eval_batches: int = _f(20, "Validation batches per checkpoint (0 = no validation).", lo=0, hi=1_000_000)
+    eval_batch_size: int = _f(0, "Validation micro-batch per worker (0 = batch_size). Validation has no backward "
+                              "pass, so a larger batch reads more of the valid set for the same time.", lo=0, hi=65536)
     log_every: int = _f(10, "Report metrics every N steps.", lo=1, hi=1_000_000)
     max_failures: int = _f(1, "Worker failures a run survives (restart from the latest checkpoint).", lo=-1, hi=1000)
     run_name: str = _f("", "Ray Train run name; rerunning a name resumes from its latest checkpoint. "

@@ -195,8 +195,8 @@ def validate(w: Worker) -> dict[str, float]:
     w.engine.eval()
     aucs: list[np.ndarray] = []
     with torch.no_grad():
-        for i, b in enumerate(w.valid_shard.iter_torch_batches(batch_size=t.batch_size, collate_fn=w.collate,
-                                                               drop_last=False)):
+        for i, b in enumerate(w.valid_shard.iter_torch_batches(batch_size=t.eval_batch_size or t.batch_size,
+                                                               collate_fn=w.collate, drop_last=False)):
             if i >= t.eval_batches:
                 break
             with _autocast(w):

@@ -34,10 +34,15 @@ TINY_RUN = [
 ]
 
 
+def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    # This checkout's embsum wherever the command runs (another cwd would import an installed copy).
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONPATH": path, **(extra or {})}
+
+
 def embsum(*args: str, cwd: Path = REPO, timeout: int = 900, env: dict[str, str] | None = None
            ) -> subprocess.CompletedProcess:
-    return subprocess.run([*EMBSUM, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
-                          env=None if env is None else {**os.environ, **env})
+    return subprocess.run([*EMBSUM, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=_env(env))
 
 
 @dataclass
@@ -134,7 +139,7 @@ def test_the_console_is_for_a_person_and_the_logs_hold_the_rest(first_run: First
 def _start(args: list[str], cwd: Path) -> subprocess.Popen:
     # Its own process group, as a terminal's foreground job: Ctrl-C is SIGINT to that group.
     return subprocess.Popen([*EMBSUM, *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+                            start_new_session=True, env=_env())
 
 
 def _wait_for_line(p: subprocess.Popen, needle: str, timeout_s: float = 300) -> list[str]:

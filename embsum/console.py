@@ -107,13 +107,14 @@ class StageState:
     started: float = field(default_factory=time.monotonic)
     phase_started: float = field(default_factory=time.monotonic)
     first: tuple[float, float] | None = None  # (time, done) of the phase's first count: the rate's origin
+    last: tuple[float, float] | None = None  # (time, done) of its latest count
     summary: str = ""
     version: int = 0  # bumps on every change
 
     def update(self, fields: dict[str, Any]) -> None:
         phase = str(fields.get("phase") or self.phase)
         if phase != self.phase:  # a new phase starts its counts, rate and metrics afresh
-            self.phase, self.phase_started, self.first = phase, time.monotonic(), None
+            self.phase, self.phase_started, self.first, self.last = phase, time.monotonic(), None, None
             self.done = self.total = None
             self.unit, self.metrics = "", {}
         if "done" in fields:
@@ -123,15 +124,19 @@ class StageState:
         if fields.get("unit"):
             self.unit = str(fields["unit"])
         self.metrics.update(fields.get("metrics") or {})
-        if self.done is not None and self.first is None:
-            self.first = (time.monotonic(), float(self.done))
+        if self.done is not None:
+            now = time.monotonic()
+            if self.first is None:
+                self.first = (now, float(self.done))
+            if "done" in fields:
+                self.last = (now, float(self.done))
         self.version += 1
 
     def rate(self) -> float | None:
-        """Units per second since the phase's first count (None until two counts apart)."""
-        if self.first is None or self.done is None:
+        """Units per second between the phase's first and latest counts (None until they differ)."""
+        if self.first is None or self.last is None:
             return None
-        dt, dn = time.monotonic() - self.first[0], float(self.done) - self.first[1]
+        dt, dn = self.last[0] - self.first[0], self.last[1] - self.first[1]
         return dn / dt if dt > 0.5 and dn > 0 else None
 
     def counts(self) -> str:

@@ -129,6 +129,9 @@ def _stage(module: str, config: str, overrides: list[str], *extra: str, title: s
     log = cfg.workdir_path / "logs" / f"{_log_name(module, extra)}.log"
     stage_header(title, log)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    # Its output is a file: Ray Data's progress from workers (a Train dataset's split coordinator) as
+    # plain log lines, not tqdm bars redrawn with cursor codes that only a terminal can undo.
+    env.setdefault("RAY_TQDM", "0")
     repo = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = repo + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     out = run_stage(cmd, name=title.split()[-1], log=log, console=console, env=env, verbose=_verbose())

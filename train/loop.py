@@ -346,10 +346,13 @@ def _probe_scores(model: Any, probe: dict[str, np.ndarray]) -> np.ndarray:
     """Scores of the fixed probe batch under this exact model (eval mode, teacher-forced)."""
     import torch
 
+    from embsum.arrow_tensors import writable
+
     was_training = model.training
     model.eval()
-    with torch.no_grad():
-        out = model(*(torch.as_tensor(probe[k], dtype=torch.long, device=next(model.parameters()).device)
+    device = next(model.parameters()).device
+    with torch.no_grad():  # the probe came through Ray's object store: read-only arrays
+        out = model(*(torch.from_numpy(writable(probe[k], np.int64)).to(device)
                       for k in ("session_ids", "candidate_ids", "summary_ids")))
     model.train(was_training)
     return out.scores.float().cpu().numpy()

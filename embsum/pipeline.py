@@ -189,8 +189,9 @@ def _report(cfg: Config, out: dict[str, Any], console: Console) -> None:
         console.print(t)
     tr = out.get("train", {})
     if tr:
-        console.print(f"trained: run {tr.get('run_name')} best step {tr.get('step')} val_auc={tr.get('val_auc')}; "
-                      f"registered v{tr.get('version')}")
+        auc = tr.get("val_auc")
+        console.print(f"trained: run {tr.get('run_name')} best step {tr.get('step')} val_auc="
+                      f"{f'{auc:.4f}' if isinstance(auc, float) else auc}; registered v{tr.get('version')}")
     pr = out.get("promote")
     if pr:
         console.print(f"gate: {pr['reason']}")
@@ -201,13 +202,16 @@ def _report(cfg: Config, out: dict[str, Any], console: Console) -> None:
     if sv:
         console.print(Text.assemble("user ", (str(sv["user"]), "bold"), ", generated interest summary: ",
                                     (repr(sv["summary"].get("summary", "")), "italic")), soft_wrap=True)
+        rows = [(str(i), str(it.get("item_id")), f"{it.get('score', 0):.4f}", str(it.get("text", "")))
+                for i, it in enumerate(sv["recommend"].get("items", []), 1)]
+        # One line per item: the text cut to what the console's width leaves (13 = borders and padding).
+        room = max(10, console.width - 13 - sum(max([len(h), *(len(r[j]) for r in rows)])
+                                                 for j, h in enumerate(("#", "item", "score"))))
         recs = Table(title=f"top 5 for {sv['user']} from {sv['url']} (model v{sv['recommend'].get('model_version')})")
-        recs.add_column("#")
-        recs.add_column("item")
-        recs.add_column("score", justify="right")
-        recs.add_column("text", no_wrap=True, overflow="ellipsis")  # one line per item
-        for i, it in enumerate(sv["recommend"].get("items", []), 1):
-            recs.add_row(str(i), str(it.get("item_id")), f"{it.get('score', 0):.4f}", str(it.get("text", ""))[:60])
+        for name in ("#", "item", "score", "text"):
+            recs.add_column(name, no_wrap=True, justify="right" if name == "score" else "left")
+        for r in rows:
+            recs.add_row(*r[:3], r[3] if len(r[3]) <= room else r[3][:room - 1] + "…")
         console.print(recs)
     console.print(_where(cfg), highlight=False, soft_wrap=True)
     console.print(f"open the MLflow UI: mlflow ui --backend-store-uri {cfg.tracking_uri}\n"

@@ -27,12 +27,18 @@ DeepSpeed, and why it is not fixed here:
   worker): DeepSpeed's ZeRO-1/2 optimizer calls it (deepspeed/runtime/zero/stage_1_and_2.py,
   deepspeed/runtime/utils.py); torch 2.13 renamed it all_gather_single. Our code calls no
   deprecated collective.
+- ``(raylet) WARNING: 16 PYTHON worker processes have been started ... 4x the maximum expected
+  startup concurrency (4)``, once or twice per train stage, in run.log and the stage's log: a
+  heuristic for leaked workers (ray-project/ray#3644). A train run holds about that many workers
+  for real: Train's controller, cleaner and preemption watcher, two train workers, Ray Data's
+  split coordinators and stats, autoscaling and location actors, read tasks, and the idle
+  workers runtime.local_system_config keeps (which it also sets the startup concurrency for).
 - Ray Train's ``Reporting training result ...`` and Ray Data's execution plans and progress
   blocks: INFO lines, useful when reading a log.
 Fixed in our setup instead: Train's ``PlacementGroupCleaner ... State API may be temporarily
 unavailable`` (every second: the local cluster ran without the dashboard that serves the State
-API; embsum/runtime.py now starts it and pins its address) and the raylet's ``N PYTHON worker
-processes have been started ... maximum expected startup concurrency`` (runtime.local_system_config).
+API; embsum/runtime.py now starts it and pins its address; under heavy machine load the State
+API can still time out now and then), and read-only arrays handed to torch.
 """
 
 from __future__ import annotations
@@ -53,6 +59,7 @@ from typing import IO, Any
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Column
 
 from embsum import events
 
@@ -175,8 +182,12 @@ class _Display:
         if self.live:
             self.progress = Progress(
                 SpinnerColumn(), TextColumn("[bold]{task.fields[name]}[/bold] {task.description}"),
-                BarColumn(bar_width=24), TextColumn("{task.fields[counts]}"), TextColumn("[dim]{task.fields[detail]}"),
-                TimeElapsedColumn(), console=console, transient=True)
+                BarColumn(bar_width=20), TextColumn("{task.fields[counts]}"),
+                TextColumn("[dim]{task.fields[detail]}", table_column=Column(no_wrap=True, overflow="ellipsis")),
+                TimeElapsedColumn(), console=console, transient=True,
+                # Not the process's own stdout/stderr: what Ray prints in this process belongs in its
+                # log (embsum run sends fds 1 and 2 there), and a Live display would pass it through.
+                redirect_stdout=False, redirect_stderr=False)
             self.task = self.progress.add_task(state.phase, total=None, name=state.name, counts="", detail="")
             self.progress.start()
 

@@ -118,7 +118,7 @@ def stage_header(title: str, log: Path) -> None:
 def _stage(module: str, config: str, overrides: list[str], *extra: str, title: str | None = None) -> dict[str, Any]:
     """Run ``python -m MODULE`` as its own Ray driver; return the JSON result it writes. Its output
     goes to WORKDIR/logs/<stage>.log, its progress and summary to the console (embsum/console.py)."""
-    from embsum.console import run_stage
+    from embsum.console import run_stage, shown_path
 
     cfg = _config(config, overrides)
     result = cfg.workdir_path / "stages" / f"{module.split('.')[-1]}-{os.getpid()}-{time.time_ns()}.json"
@@ -137,7 +137,7 @@ def _stage(module: str, config: str, overrides: list[str], *extra: str, title: s
     out = run_stage(cmd, name=title.split()[-1], log=log, console=console, env=env, verbose=_verbose())
     if out.interrupted:
         console.print(f"[yellow]stopped[/yellow] {title} after {out.seconds:.1f}s (exit code {out.returncode}; "
-                      f"log {log})", soft_wrap=True, highlight=False)
+                      f"log {shown_path(log)})", soft_wrap=True, highlight=False)
         result.unlink(missing_ok=True)
         raise Interrupted(out.returncode)
     if out.returncode != 0:

@@ -220,8 +220,10 @@ def run_embed(cfg: Config, version: str | None = None) -> dict[str, Any]:
     print(f"[embed] v{version}: {st_items.rows} items ({st_items.per_s:.1f}/s; {st_items.steady_per_s:.1f}/s once "
           f"the pool ran, start-up {st_items.startup_s:.1f}s), {st_users.rows} users ({st_users.per_s:.1f}/s; "
           f"{st_users.steady_per_s:.1f}/s once running, start-up {st_users.startup_s:.1f}s) -> {out}", flush=True)
+    from embsum.console import shown_path
+
     events.summary(f"v{version}: {st_items.rows:,} items ({st_items.per_s:.1f}/s), {st_users.rows:,} users "
-                   f"({st_users.per_s:.1f}/s) -> {out}")
+                   f"({st_users.per_s:.1f}/s) -> {shown_path(out)}")
     _log_to_registry(registry, version, report)
     return report
 

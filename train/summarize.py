@@ -7,7 +7,7 @@ The teacher summarizes each example's own history, the items its encoder sees: t
 taught to summarize its input, and the global vector it reads from the summary never carries the
 example's targets. (A summary of the user's whole history would name them: measured on
 Book-Crossing, the model then leans on that shortcut, which inference does not have, and its
-validation AUC falls as training goes on; bench/results/recipe.md.) Identical histories cost one
+validation AUC falls as training goes on; bench/results/recipe_lab.md, runs J and N.) Identical histories cost one
 request: the response cache is keyed by the prompt.
 
 Reads WORKDIR/data/train/ (summaries supervise training, never evaluation) and items.parquet, runs

@@ -29,7 +29,9 @@ class RayConfig:
     num_cpus: int | None = _f(None, "Logical CPUs of a local cluster; null = detected cores, at least 4 "
                               "(oversubscribed so Data read tasks never starve train workers).", lo=1)
     namespace: str = _f("embsum", "Ray namespace for named actors and Serve.")
-    include_dashboard: bool = _f(False, "Start the Ray dashboard with a local cluster (about 0.6 GB more memory).")
+    include_dashboard: bool = _f(True, "Start the Ray dashboard with a local cluster, on 127.0.0.1: the State API "
+                                 "(Ray Train's placement-group cleaner polls it, and warns every second without "
+                                 "it), `ray list`, the web UI. About 0.25 GB more memory (PSS).")
     temp_dir: str | None = _f(None, "Ray's temp/session directory for a local cluster; null = Ray's default.")
 
 

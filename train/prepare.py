@@ -50,6 +50,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from embsum import events
 from embsum.config import Config
 from embsum.data import layout, synth
 from embsum.data.catalog import QUARANTINE_SCHEMA, CatalogIndex, build_catalog, cached_tokenizer
@@ -269,13 +270,20 @@ def run_prepare(cfg: Config) -> dict[str, Any]:
     fp = fingerprint([inter, items], {"data": shaping, "model": {k: getattr(cfg.model, k) for k in model_keys}},
                      mtimes=d.format != "synthetic")  # synthetic files are a pure function of the config
 
+    events.progress("connecting to Ray")
     init_ray(cfg.ray)
     ray.data.DataContext.get_current().enable_progress_bars = True
     t0 = time.perf_counter()
     stages: dict[str, float] = {}
+    doing = {"catalog": "reading the item catalog", "parse": "parsing interactions", "checks": "checking records",
+             "plan_write": "planning and writing examples"}
+    events.progress(doing["catalog"], 0, len(doing), "steps")
 
     def lap(name: str) -> None:
         stages[name] = round(time.perf_counter() - t0 - sum(stages.values()), 3)
+        following = list(doing)[len(stages)] if len(stages) < len(doing) else None
+        if following:
+            events.progress(doing[following], len(stages), len(doing), "steps")
 
     data_dir = cfg.data_dir
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -324,8 +332,9 @@ def run_prepare(cfg: Config) -> dict[str, Any]:
                 catalog_quarantine_ref=ray.put(catalog.quarantine), spec=PlanSpec.from_config(cfg, mind),
                 index_ref=index_ref, negatives=d.negatives, out=str(staging)))
         stats: Counter = Counter()
-        for s in out.take_all():
+        for i, s in enumerate(out.iter_rows(), 1):  # one row per unit, as it finishes
             stats.update(json.loads(s["stats"]))
+            events.progress(doing["plan_write"], i, len(units), "partitions")
         users_out = sum(v for k, v in stats.items() if k.startswith("users."))
         if users_out != n_users:
             raise AssertionError(f"plan saw {users_out} users, the records hold {n_users}: a user was missed "
@@ -348,7 +357,7 @@ def run_prepare(cfg: Config) -> dict[str, Any]:
             _replace(staging / name, data_dir / name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    print(_summary_line(report), flush=True)
+    events.summary(_summary_line(report))
     return report
 
 
@@ -408,10 +417,10 @@ def _report(cfg: Config, fp: str, mind: bool, inter: Source, items: Source, smal
 
 def _summary_line(r: dict[str, Any]) -> str:
     ex = r["examples"]
-    return (f"prepare: rows in {r['rows_in']:,} | rows out {r['rows_out']:,} | quarantined {r['quarantined']:,} | "
-            f"items {r['items']['items']:,} | examples {ex['train']:,} train + {ex['valid_examples']:,} valid | "
-            f"eval impressions {r['eval_impressions']['valid']:,} valid + {r['eval_impressions']['test']:,} test | "
-            f"users {r['users']['total']:,} | {r['examples_per_s']:,} examples/s in {r['seconds']:.1f} s")
+    return (f"{r['rows_in']:,} rows in, {r['rows_out']:,} out, {r['quarantined']:,} quarantined; "
+            f"{r['items']['items']:,} items, {r['users']['total']:,} users; examples {ex['train']:,} train + "
+            f"{ex['valid_examples']:,} valid; eval impressions {r['eval_impressions']['valid']:,} valid + "
+            f"{r['eval_impressions']['test']:,} test; {r['examples_per_s']:,} examples/s")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -52,6 +52,11 @@ SEEDS = (0, 1, 2)
 METRICS = ("auc", "mrr", "ndcg10")
 CURVE_KEYS = ("val_auc", "nce_loss", "summary_loss", "epoch")
 SUMMARY_CHECK = 2  # embsum.summary_text's rules; cached runs probed under older rules are probed again
+# How summaries are decoded: not part of a run's key. A cached run decoded otherwise than the study config says
+# is decoded again (its registered weights, the config's decoding) and scored in process (rescore).
+GENERATION = ("summary_num_beams", "summary_no_repeat_ngram")
+UNRECORDED = {"summary_num_beams": 1, "summary_no_repeat_ngram": 3}  # runs cached before decoding was recorded
+KEYED_GENERATION = {"summary_no_repeat_ngram": 3}
 
 
 # ---- configs and runs ----------------------------------------------------------------------------------
@@ -79,7 +84,10 @@ def run_key(cfg: Config) -> str:
     t = {k: v for k, v in cfg.to_dict()["train"].items()
          if k not in ("run_name", "storage_path", "log_every") and not k.startswith("infer_")}
     t["deepspeed_config"] = hashlib.sha256(Path(cfg.train.deepspeed_config).read_bytes()).hexdigest()[:16]
-    blob = {"data": harness.data_key(cfg), "model": cfg.to_dict()["model"], "train": t}
+    # Decoding left the key after runs were cached under keys holding its then-fixed value: keep that value
+    # in the key (a constant), so those runs are still found.
+    model = {**{k: v for k, v in cfg.to_dict()["model"].items() if k not in GENERATION}, **KEYED_GENERATION}
+    blob = {"data": harness.data_key(cfg), "model": model, "train": t}
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -95,7 +103,12 @@ def train_eval(cfg: Config, label: str, *, cached_only: bool = False) -> dict[st
         print(f"[bench] {label}: cached run {cache.name}", flush=True)
         out = json.loads(cache.read_text())
         model_dir = cfg.workdir_path / "models" / f"v{out['version']}"
-        if (out.get("summaries") or {}).get("check") != SUMMARY_CHECK and model_dir.is_dir():
+        if out.get("generation", UNRECORDED) != generation(cfg) and model_dir.is_dir():
+            print(f"[bench] {label}: decoding {generation(cfg)} (the run decoded {out.get('generation')}): "
+                  "scored again in process", flush=True)
+            out.update(rescore(cfg, model_dir), generation=generation(cfg), summaries=summary_probe(cfg, model_dir))
+            cache.write_text(json.dumps(out, default=str))
+        elif (out.get("summaries") or {}).get("check") != SUMMARY_CHECK and model_dir.is_dir():
             out["summaries"] = summary_probe(cfg, model_dir)  # the same version, today's summary check
             cache.write_text(json.dumps(out, default=str))
         return {**out, "cached": True}
@@ -115,10 +128,44 @@ def train_eval(cfg: Config, label: str, *, cached_only: bool = False) -> dict[st
            "valid": ev.get("valid"), "test": ev.get("test"),
            "scores": {s: scored(cfg, tr["version"], s) for s in ("valid", "test")},
            "curves": {k: registry.metric_history(tr["mlflow_run_id"], k) for k in CURVE_KEYS},
+           "generation": generation(cfg),
            "summaries": summary_probe(cfg, cfg.workdir_path / "models" / f"v{tr['version']}")}
     cache.parent.mkdir(parents=True, exist_ok=True)
     cache.write_text(json.dumps(out, default=str))
     print(f"[bench] {label}: test auc {out['test']['auc']:.4f} ({out['train_seconds']:.0f}s training)", flush=True)
+    return out
+
+
+def generation(cfg: Config) -> dict[str, Any]:
+    return {k: getattr(cfg.model, k) for k in GENERATION}
+
+
+def rescore(cfg: Config, model_dir: Path) -> dict[str, Any]:
+    """valid/test metrics and per-impression scores of a registered version decoded as cfg says, in process
+    (the same Predictor, tokenizer, score and metrics as the evaluate job; greedy reproduces its numbers)."""
+    import dataclasses
+
+    import pyarrow.parquet as pq
+
+    from embsum.metrics import summarize
+    from embsum.predictor import Predictor
+
+    pred = Predictor.from_dir(model_dir, batch_size=64)
+    pred.model.cfg = pred.cfg = dataclasses.replace(pred.cfg, **generation(cfg))
+    tokens = {str(r["item_id"]): r["token_ids"] for r in pq.read_table(cfg.data_dir / "items.parquet").to_pylist()}
+    out: dict[str, Any] = {"scores": {}}
+    for split in ("valid", "test"):
+        imps = read_impressions(cfg.data_dir, split)
+        hists = list(dict.fromkeys(tuple(im.history) for im in imps))
+        row = {h: i for i, h in enumerate(hists)}
+        cands = sorted({c for im in imps for c in im.candidates})
+        col = {c: i for i, c in enumerate(cands)}
+        items = pred.encode_item_tokens([tokens[c] for c in cands])
+        users = pred.encode_users(pred.tok.sessions_batch([[tokens[i] for i in h] for h in hists]), with_text=False)
+        all_pairs = Predictor.score(users.upe, items.cpe, items.key)  # (histories, candidates)
+        out["scores"][split] = {im.impression_id: [float(all_pairs[row[tuple(im.history)], col[c]])
+                                                   for c in im.candidates] for im in imps}
+        out[split] = summarize((im.labels, out["scores"][split][im.impression_id]) for im in imps).as_dict()
     return out
 
 
@@ -132,15 +179,15 @@ def scored(cfg: Config, version: str, split: str) -> dict[str, list[float]]:
                                                           t.column("scores").to_pylist(), strict=True)}
 
 
-def summary_probe(cfg: Config, model_dir: Path, n: int = 100) -> dict[str, Any]:
-    """Generated summaries of n test histories vs the teacher's summary of the same history."""
+def summary_probe(cfg: Config, model_dir: Path, n: int = 100, split: str = "test") -> dict[str, Any]:
+    """Generated summaries of n histories of a split vs the teacher's summary of the same history."""
     import pyarrow.parquet as pq
 
     from embsum.data.teachers import make_teacher
     from embsum.predictor import Predictor
     from embsum.summary_text import degenerate, unigram_f1
 
-    imps = read_impressions(cfg.data_dir, "test")
+    imps = read_impressions(cfg.data_dir, split)
     hists = list(dict.fromkeys(tuple(im.history) for im in imps))[:n]
     rows = pq.read_table(cfg.data_dir / "items.parquet").to_pylist()
     records = {str(r["item_id"]): {k: "" if v is None else str(v) for k, v in r.items() if k != "token_ids"}
@@ -332,7 +379,8 @@ def markdown(res: dict[str, Any]) -> str:
                          f"{statistics.fmean(x['degenerate'] for x in sm):.1f} | "
                          f"{statistics.fmean(x['distinct_share'] for x in sm):.2f} | {ex} |")
     lines += ["", f"Attribute baseline: `{s['attribute']}` match weight {s['attribute_weight']} (chosen on valid). "
-              f"Training: median {s['train_minutes']:.1f} min per run on this machine "
+              + (f"Training: median {s['train_minutes']:.1f} min per run on this machine " if s["train_minutes"]
+               else "No EmbSum run has finished yet on this machine ") +
               f"({res['machine'].get('cpus')} CPUs, {res['machine'].get('cpu_model', '?')}); "
               f"learning curves: quality_curves.png.", "", f"Command: `{res['command']}`", ""]
     return "\n".join(lines)

@@ -153,9 +153,12 @@ class EmbSumConfig:
     content_tokens: int = _f(48, "Tokens per candidate item (marker + text + EOS).", lo=4, hi=4096)
     summary_tokens: int = _f(48, "Max summary tokens (teacher-forced length and generation bound, incl. EOS).",
                              lo=2, hi=1024)
-    summary_no_repeat_ngram: int = _f(3, "Greedy summary generation never repeats an n-gram of this size "
+    summary_no_repeat_ngram: int = _f(3, "Summary generation never repeats an n-gram of this size "
                                       "(the standard summarization guard against 'and and and' loops); 0 = off.",
                                       lo=0, hi=64)
+    summary_num_beams: int = _f(1, "Beam width of summary generation (1 = greedy). The UPE's global vector is read "
+                                "from the generated summary, so this is part of the model: stored with each version "
+                                "and used by validation, evaluate, embed and serve alike.", lo=1, hi=16)
     user_codes: int = _f(8, "M: user poly-embedding codes.", lo=1, hi=1024)
     content_codes: int = _f(4, "N: content poly-embedding codes.", lo=1, hi=1024)
 

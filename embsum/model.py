@@ -155,13 +155,14 @@ class EmbSum(nn.Module):
 
     @torch.no_grad()
     def generate_summary_ids(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Greedy summary, bounded by summary_tokens: -> ids (B, S), EOS-terminated, 0-padded."""
+        """Greedy (or beam, summary_num_beams) summary, bounded by summary_tokens: -> ids (B, S), EOS-terminated,
+        0-padded."""
         b = states.shape[0]
         s = self.cfg.summary_tokens
         enc = states.reshape(b, -1, states.shape[-1])  # (B, G*L, D)
         gen = self.t5.generate(
             encoder_outputs=BaseModelOutput(last_hidden_state=enc), attention_mask=mask.reshape(b, -1).long(),
-            max_new_tokens=s, min_new_tokens=1, do_sample=False, num_beams=1,
+            max_new_tokens=s, min_new_tokens=1, do_sample=False, num_beams=self.cfg.summary_num_beams,
             no_repeat_ngram_size=self.cfg.summary_no_repeat_ngram,
             decoder_start_token_id=self.pad_id, eos_token_id=self.eos_id, pad_token_id=self.pad_id,
             synced_gpus=self.synced_generation,

@@ -280,3 +280,22 @@ def test_t5_small_shaped_parameter_count(capsys) -> None:
     assert count_parameters(m) == T5_SMALL_PARAMS + heads
     with capsys.disabled():
         print(f"\n[t5-small-shaped EmbSum] backbone {backbone:,} + heads {heads:,} = total {backbone + heads:,}")
+
+
+def test_beam_summaries_are_padded_unrepeated_and_read_back_as_generated(tiny_cfg: EmbSumConfig,
+                                                                           tokenizer: EmbSumTokenizer, batch) -> None:
+    cfg = dataclasses.replace(tiny_cfg, summary_num_beams=4, summary_no_repeat_ngram=2)
+    beam = EmbSum.from_config(cfg, tokenizer.sos_id, seed=0).eval()
+    with torch.no_grad():
+        states, mask = beam.encode_sessions(batch["sessions"])
+        gen = beam.generate_summary_ids(states, mask)  # (B, S)
+        enc = beam.user_encoding(batch["sessions"])
+        tf = beam.user_encoding(batch["sessions"], enc.summary_ids)
+    assert gen.shape == (batch["sessions"].shape[0], cfg.summary_tokens)
+    torch.testing.assert_close(enc.summary_ids, gen)  # deterministic: the same beam search both times
+    torch.testing.assert_close(enc.upe, tf.upe, atol=1e-6, rtol=1e-6)  # the UPE reads the beam's summary
+    for row in gen.tolist():
+        text = row[:row.index(beam.eos_id)] if beam.eos_id in row else [x for x in row if x != beam.pad_id]
+        assert beam.pad_id not in text  # padding only after EOS
+        grams = list(zip(text, text[1:], strict=False))
+        assert len(grams) == len(set(grams)), "a bigram repeats"

@@ -42,6 +42,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fastapi import Request
+from fastapi.responses import PlainTextResponse
+
 from bench import harness
 
 
@@ -57,8 +60,7 @@ def free_port() -> int:
 def run_replica(port: int, drain_s: float) -> None:
     """uvicorn on ``port``; on SIGUSR1 drain as a Serve replica behind HAProxy does, then exit."""
     import uvicorn
-    from fastapi import FastAPI, Request
-    from fastapi.responses import PlainTextResponse
+    from fastapi import FastAPI
 
     app, state = FastAPI(), {"draining": False}
 

@@ -61,7 +61,7 @@ class ClosedLoop:
         self._threads: list[threading.Thread] = []
 
     def start(self) -> float:
-        self._threads = [threading.Thread(target=self._client, daemon=True, name=f"load-{i}")
+        self._threads = [threading.Thread(target=self._client, args=(i,), daemon=True, name=f"load-{i}")
                          for i in range(self.clients)]
         t0 = time.monotonic()
         for t in self._threads:
@@ -81,10 +81,9 @@ class ClosedLoop:
             thread.join(self.timeout_s + 5)
         return t
 
-    def _client(self) -> None:
+    def _client(self, index: int) -> None:
         import httpx
 
-        index = int(threading.current_thread().name.rsplit("-", 1)[1])
         with httpx.Client(headers=self.headers, timeout=self.timeout_s) as http:
             while not self._stop.is_set():
                 if index >= self._active:  # lightened: this client sends no more

@@ -1,6 +1,6 @@
 """Benchmark: requests lost when a replica behind HAProxy is removed under load, by drain period.
 
-    python -m bench.drain_bench              # 2 x 30 removals per drain period, interleaved (~15 min)
+    python -m bench.drain_bench              # 2 x 30 removals per drain period, interleaved (22 min at load 16)
     python -m bench.drain_bench --quick      # 2 x 5 removals each, a smoke pass
 
 Why (issue 13b): a scale-down under load lost 1 request in ~10,000 in the integration test. Ray

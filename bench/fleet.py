@@ -158,11 +158,20 @@ def kill_replica(app: str, deployment: str) -> str:
     return names[0]
 
 
-def served_versions(app: str, replicas: int) -> list[str | None]:
-    """What each of ``replicas`` distinct replicas serves (their own report, not a response)."""
+def served_versions(app: str, replicas: int, timeout_s: float = 120.0) -> list[str | None]:
+    """What each of ``replicas`` distinct replicas serves (their own report, not a response), asked
+    until that many have answered or ``timeout_s`` passed (then fewer are returned). The driver's
+    handle picks the replica itself and learns of a new one a while after Serve reports it
+    RUNNING (later on a loaded machine), so a fixed number of calls may all reach the same one."""
     from serve.app import _replica_reports
 
-    return sorted(r["serving"] for r in _replica_reports(app, replicas, 40 * replicas))
+    seen: dict[str, dict[str, Any]] = {}
+    deadline = time.monotonic() + timeout_s
+    while len(seen) < replicas and time.monotonic() < deadline:
+        seen.update((r["replica"], r) for r in _replica_reports(app, replicas, 10 * replicas))
+        if len(seen) < replicas:
+            time.sleep(0.5)
+    return sorted((r["serving"] for r in seen.values()), key=str)
 
 
 @dataclass
@@ -241,7 +250,7 @@ def run_fleet(cfg: Config, load: ClosedLoop, *, app: str, deployment: str, move_
             time.sleep(settle_s)
             m["kill"] = time.monotonic()
             run.killed.append(kill_replica(app, deployment))
-            wait_until("the killed replica's death seen by Serve", lambda: not running(2)(), 30, 0.05)
+            wait_until("the killed replica's death seen by Serve", lambda: not running(2)(), timeout_s, 0.05)
             m["recovered"] = wait_until("a replacement for the killed replica", only(2), timeout_s)
             time.sleep(settle_s)
             m["kill_window_end"] = time.monotonic()
@@ -251,9 +260,10 @@ def run_fleet(cfg: Config, load: ClosedLoop, *, app: str, deployment: str, move_
                 Registry(cfg).promote(move_alias_to)
                 m["alias_moved"] = time.monotonic()
                 run.killed.append(kill_replica(app, deployment))
-                wait_until("the second killed replica's death seen by Serve", lambda: not running(2)(), 30, 0.05)
+                wait_until("the second killed replica's death seen by Serve", lambda: not running(2)(),
+                           timeout_s, 0.05)
                 m["restarted"] = wait_until("a replacement after the alias moved", only(2), timeout_s)
-                run.pinned_after_restart = served_versions(app, 2)
+                run.pinned_after_restart = served_versions(app, 2, timeout_s)
                 time.sleep(settle_s)
                 m["restart_window_end"] = time.monotonic()
             if rollout:

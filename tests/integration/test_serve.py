@@ -32,7 +32,8 @@ from tests.conftest import TINY, assert_f32_close
 from tests.mlflow_server import free_port
 from tests.unit.test_serve_store import history_of, item_text, write_version
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
+# Hang guards: the served fixture took 13 min on a saturated 2-core machine.
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(1800)]
 
 N_ITEMS, N_USERS = 40, 12
 TOKEN = "integration-token-42"
@@ -123,6 +124,11 @@ class Served:
 # period (embsum/runtime.py, LOCAL_SERVE_DRAIN_S): the product's setting, not a test value.
 AUTOSCALING = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1, "upscale_delay_s": 1.0,
                "downscale_delay_s": 3.0, "look_back_period_s": 2.0, "metrics_interval_s": 0.5}
+# Waits on the fleet's state, generous: a replica's start took 35 s on a quiet 2-core machine and
+# can take minutes on one shared at load average 20-300. A hang guard for the fleet tests, whose
+# first one also pays the served and fleet fixtures (about 4 minutes on a quiet machine).
+STATE_TIMEOUT_S = 600.0
+fleet_timeout = pytest.mark.timeout(2400)
 
 
 @pytest.fixture(scope="module")
@@ -162,7 +168,7 @@ def served(ray_cluster, mlflow_server, tmp_path_factory):
     try:
         deploy(cfg)
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + STATE_TIMEOUT_S
         while True:  # the proxy may accept before the app is ready
             try:
                 if httpx.get(url + "/readyz", timeout=5).status_code == 200:
@@ -371,11 +377,13 @@ def fleet(served):
     from serve.app import APP_NAME, DEPLOYMENT_NAME
 
     v1, v2 = served.versions[:2]
-    wait_until("1 replica before the load", lambda: replica_states(APP_NAME, DEPLOYMENT_NAME) == {"RUNNING": 1}, 60)
+    wait_until("1 replica before the load", lambda: replica_states(APP_NAME, DEPLOYMENT_NAME) == {"RUNNING": 1},
+               STATE_TIMEOUT_S)
     items = [f"n{j}" for j in range(0, N_ITEMS, 4)]
     body = {"user_id": "U3", "candidates": [{"item_id": i} for i in items]}
     load = ClosedLoop(served.url + "/v1/score", body, clients=8, token=TOKEN, keep_bodies=True)
-    run = run_fleet(served.cfg, load, app=APP_NAME, deployment=DEPLOYMENT_NAME, move_alias_to=v2, rollout=True)
+    run = run_fleet(served.cfg, load, app=APP_NAME, deployment=DEPLOYMENT_NAME, move_alias_to=v2, rollout=True,
+                    timeout_s=STATE_TIMEOUT_S)
     print(f"[serve-test] fleet: {len(load.outcomes)} requests; timeline (s from load start): {run.timeline()}")
     return SimpleNamespace(run=run, load=load, v1=v1, v2=v2,
                            expected={v: served.offline(v, "U3", items) for v in (v1, v2)})
@@ -389,6 +397,7 @@ def _outside(fleet, windows):
     return [o for o in fleet.load.outcomes if not _in_windows(o.sent, windows)]
 
 
+@fleet_timeout
 def test_fleet_scales_1_2_1_under_load_without_a_failed_request(fleet):
     from bench.fleet import tally
 
@@ -418,6 +427,7 @@ def test_fleet_scales_1_2_1_under_load_without_a_failed_request(fleet):
     assert rest["failed"] == 0, rest["failure_samples"]
 
 
+@fleet_timeout
 def test_a_killed_replica_costs_under_a_tenth_of_a_percent(fleet):
     from bench.fleet import tally
 
@@ -429,6 +439,7 @@ def test_a_killed_replica_costs_under_a_tenth_of_a_percent(fleet):
     assert total["failed"] / total["requests"] < 0.001, in_windows["failure_samples"]
 
 
+@fleet_timeout
 def test_a_replica_restarted_after_the_alias_moved_serves_the_pinned_version(fleet):
     from bench.fleet import tally
 
@@ -438,6 +449,7 @@ def test_a_replica_restarted_after_the_alias_moved_serves_the_pinned_version(fle
     assert moved["ok"] > 0 and moved["versions"] == {fleet.v1: moved["ok"]}
 
 
+@fleet_timeout
 def test_a_rollout_moves_every_replica_under_load(fleet, served):
     from bench.fleet import tally
 
@@ -454,6 +466,7 @@ def test_a_rollout_moves_every_replica_under_load(fleet, served):
     assert served.http.get("/v1/model").json()["model_version"] == fleet.v2  # the replica left after scale-down
 
 
+@fleet_timeout
 def test_failed_rollout_keeps_serving_and_reports(served, fleet):
     from serve.app import rollout, status
 

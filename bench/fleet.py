@@ -10,7 +10,14 @@ and the benchmark (bench/fleet_bench.py, which reports it), so both exercise one
 4. optionally the alias moves to another version and a replica is killed again: its replacement
    must load the fleet's pinned version, not the alias's;
 5. optionally ``serve.app.rollout`` moves every replica to the alias's version, under load;
-6. the load stops; autoscaling removes the extra replica: the time to 1 replica is recorded.
+6. the load drops to one client (at most one request in flight: below a target of 1 per
+   replica on any machine, but traffic all the same): autoscaling removes the extra replica while
+   requests keep arriving, so the scale-down and the stopping replica's drain happen under load;
+   the time to 1 replica (the stopped one gone) is recorded, then the load stops.
+
+The replica states Serve reports are sampled throughout (``FleetRun.states``), so a caller can
+check the shape of the run: one scale-up, one scale-down, no replica stopped in between other
+than the killed ones.
 
 Every request's send time, status and the model version it was answered by are kept, so any
 window (before the kill, around it, during the rollout) can be counted afterwards. Needs a running
@@ -41,7 +48,7 @@ class Outcome:
 
 class ClosedLoop:
     """``clients`` threads, each with one keep-alive HTTP connection, POSTing ``body`` to ``url``
-    back to back until ``stop()``."""
+    back to back until ``stop()``; ``lighten()`` keeps fewer of them sending, with a pause."""
 
     def __init__(self, url: str, body: dict[str, Any], clients: int, token: str | None = None, *,
                  timeout_s: float = 30.0, keep_bodies: bool = False) -> None:
@@ -49,16 +56,23 @@ class ClosedLoop:
         self.headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.keep_bodies = keep_bodies
         self.outcomes: list[Outcome] = []  # appended by the client threads (list.append is atomic)
+        self._active, self._pause_s = clients, 0.0  # read by the client threads
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
 
     def start(self) -> float:
-        self._threads = [threading.Thread(target=self._client, daemon=True, name=f"load-{i}")
+        self._threads = [threading.Thread(target=self._client, args=(i,), daemon=True, name=f"load-{i}")
                          for i in range(self.clients)]
         t0 = time.monotonic()
         for t in self._threads:
             t.start()
         return t0
+
+    def lighten(self, clients: int = 1, pause_s: float = 0.05) -> float:
+        """From now on only the first ``clients`` threads send, each pausing ``pause_s`` after every
+        answer (a light load: in flight at most clients x latency / (latency + pause_s))."""
+        self._pause_s, self._active = pause_s, clients
+        return time.monotonic()
 
     def stop(self) -> float:
         self._stop.set()
@@ -67,11 +81,16 @@ class ClosedLoop:
             thread.join(self.timeout_s + 5)
         return t
 
-    def _client(self) -> None:
+    def _client(self, index: int) -> None:
         import httpx
 
         with httpx.Client(headers=self.headers, timeout=self.timeout_s) as http:
             while not self._stop.is_set():
+                if index >= self._active:  # lightened: this client sends no more
+                    self._stop.wait(0.1)
+                    continue
+                if self._pause_s:
+                    self._stop.wait(self._pause_s)
                 t0 = time.monotonic()
                 try:
                     r = http.post(self.url, json=self.body)
@@ -120,23 +139,39 @@ def wait_until(what: str, check: Callable[[], bool], timeout_s: float, poll_s: f
 
 
 def kill_replica(app: str, deployment: str) -> str:
-    """``ray.kill`` one RUNNING replica of the deployment (its process dies, no graceful stop)."""
+    """``ray.kill`` one RUNNING replica of the deployment (its process dies, no graceful stop). A
+    replica that is stopping (draining after a scale-down) is never picked: killing it would not
+    change the running count the scenario waits on."""
     import ray
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeInstanceDetails
 
-    prefix = f"SERVE_REPLICA::{app}#{deployment}#"
-    names = sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-                   if a["namespace"] == "serve" and a["name"].startswith(prefix))
+    details = ServeInstanceDetails(**_get_global_client().get_serve_details())
+    app_details = details.applications.get(app)
+    replicas = app_details.deployments[deployment].replicas if app_details and deployment in \
+        app_details.deployments else []
+    names = sorted(r.actor_name for r in replicas if str(getattr(r.state, "value", r.state)) == "RUNNING"
+                   and r.actor_name)
     if not names:
-        raise RuntimeError(f"no replica actor of {app}/{deployment} found")
+        raise RuntimeError(f"no RUNNING replica of {app}/{deployment} found")
     ray.kill(ray.get_actor(names[0], namespace="serve"), no_restart=True)
     return names[0]
 
 
-def served_versions(app: str, replicas: int) -> list[str | None]:
-    """What each of ``replicas`` distinct replicas serves (their own report, not a response)."""
+def served_versions(app: str, replicas: int, timeout_s: float = 120.0) -> list[str | None]:
+    """What each of ``replicas`` distinct replicas serves (their own report, not a response), asked
+    until that many have answered or ``timeout_s`` passed (then fewer are returned). The driver's
+    handle picks the replica itself and learns of a new one a while after Serve reports it
+    RUNNING (later on a loaded machine), so a fixed number of calls may all reach the same one."""
     from serve.app import _replica_reports
 
-    return sorted(r["serving"] for r in _replica_reports(app, replicas, 40 * replicas))
+    seen: dict[str, dict[str, Any]] = {}
+    deadline = time.monotonic() + timeout_s
+    while len(seen) < replicas and time.monotonic() < deadline:
+        seen.update((r["replica"], r) for r in _replica_reports(app, replicas, 10 * replicas))
+        if len(seen) < replicas:
+            time.sleep(0.5)
+    return sorted((r["serving"] for r in seen.values()), key=str)
 
 
 @dataclass
@@ -144,6 +179,7 @@ class FleetRun:
     """Times (time.monotonic()) of each step, and what the replicas reported."""
 
     marks: dict[str, float] = field(default_factory=dict)
+    states: list[tuple[float, dict[str, int]]] = field(default_factory=list)  # (time, replica states)
     killed: list[str] = field(default_factory=list)
     pinned_after_restart: list[str | None] = field(default_factory=list)
     rollout: dict[str, Any] = field(default_factory=dict)
@@ -157,14 +193,47 @@ class FleetRun:
         spans = [("kill", "kill_window_end"), ("alias_moved", "restart_window_end")]
         return [(m[a], m[b]) for a, b in spans if a in m and b in m]
 
+    def states_between(self, start: float, end: float = float("inf")) -> list[dict[str, int]]:
+        """The replica states sampled in [start, end)."""
+        return [st for t, st in self.states if start <= t < end]
+
     def timeline(self) -> dict[str, float]:
         """Seconds of each step from the load start (the figures the bench reports)."""
         return {k: round(v - self.marks["load_start"], 2) for k, v in sorted(self.marks.items(), key=lambda kv: kv[1])}
 
 
+class _StateSampler:
+    """Samples the deployment's replica states every ``interval_s`` into ``run.states``."""
+
+    def __init__(self, run: FleetRun, app: str, deployment: str, interval_s: float = 0.25) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, args=(run, app, deployment, interval_s), daemon=True,
+                                        name="fleet-states")
+
+    def _loop(self, run: FleetRun, app: str, deployment: str, interval_s: float) -> None:
+        while not self._stop.is_set():
+            t = time.monotonic()
+            try:
+                run.states.append((t, replica_states(app, deployment)))
+            except Exception:  # noqa: BLE001 - a missed sample is not a failed run
+                pass
+            self._stop.wait(interval_s)
+
+    def __enter__(self) -> _StateSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+
 def run_fleet(cfg: Config, load: ClosedLoop, *, app: str, deployment: str, move_alias_to: str | None = None,
-              rollout: bool = False, settle_s: float = 3.0, timeout_s: float = 180.0) -> FleetRun:
-    """The scenario of the module docstring on a deployed app with max_replicas >= 2."""
+              rollout: bool = False, settle_s: float = 3.0, timeout_s: float = 180.0,
+              light_pause_s: float = 0.05) -> FleetRun:
+    """The scenario of the module docstring on a deployed app with max_replicas >= 2 and a target
+    of at least 1 request in flight per replica (the light load, one client with ``light_pause_s``
+    between requests, must stay below it)."""
     run = FleetRun()
     m = run.marks
 
@@ -174,35 +243,38 @@ def run_fleet(cfg: Config, load: ClosedLoop, *, app: str, deployment: str, move_
     def only(n: int) -> Callable[[], bool]:
         return lambda: replica_states(app, deployment) == {"RUNNING": n}
 
-    m["load_start"] = load.start()
-    try:
-        m["two_replicas"] = wait_until("autoscaling to 2 replicas under load", running(2), timeout_s)
-        time.sleep(settle_s)
-        m["kill"] = time.monotonic()
-        run.killed.append(kill_replica(app, deployment))
-        wait_until("the killed replica's death seen by Serve", lambda: not running(2)(), 30, 0.05)
-        m["recovered"] = wait_until("a replacement for the killed replica", only(2), timeout_s)
-        time.sleep(settle_s)
-        m["kill_window_end"] = time.monotonic()
-        if move_alias_to is not None:
-            from embsum.registry import Registry
-
-            Registry(cfg).promote(move_alias_to)
-            m["alias_moved"] = time.monotonic()
+    with _StateSampler(run, app, deployment):
+        m["load_start"] = load.start()
+        try:
+            m["two_replicas"] = wait_until("autoscaling to 2 replicas under load", running(2), timeout_s)
+            time.sleep(settle_s)
+            m["kill"] = time.monotonic()
             run.killed.append(kill_replica(app, deployment))
-            wait_until("the second killed replica's death seen by Serve", lambda: not running(2)(), 30, 0.05)
-            m["restarted"] = wait_until("a replacement after the alias moved", only(2), timeout_s)
-            run.pinned_after_restart = served_versions(app, 2)
+            wait_until("the killed replica's death seen by Serve", lambda: not running(2)(), timeout_s, 0.05)
+            m["recovered"] = wait_until("a replacement for the killed replica", only(2), timeout_s)
             time.sleep(settle_s)
-            m["restart_window_end"] = time.monotonic()
-        if rollout:
-            from serve.app import rollout as roll
+            m["kill_window_end"] = time.monotonic()
+            if move_alias_to is not None:
+                from embsum.registry import Registry
 
-            m["rollout_start"] = time.monotonic()
-            run.rollout = roll(cfg, name=app)
-            m["rollout_end"] = time.monotonic()
-            time.sleep(settle_s)
-    finally:
-        m["load_stop"] = load.stop()
-    m["one_replica"] = wait_until("autoscaling back to 1 replica after the load", only(1), timeout_s)
+                Registry(cfg).promote(move_alias_to)
+                m["alias_moved"] = time.monotonic()
+                run.killed.append(kill_replica(app, deployment))
+                wait_until("the second killed replica's death seen by Serve", lambda: not running(2)(),
+                           timeout_s, 0.05)
+                m["restarted"] = wait_until("a replacement after the alias moved", only(2), timeout_s)
+                run.pinned_after_restart = served_versions(app, 2, timeout_s)
+                time.sleep(settle_s)
+                m["restart_window_end"] = time.monotonic()
+            if rollout:
+                from serve.app import rollout as roll
+
+                m["rollout_start"] = time.monotonic()
+                run.rollout = roll(cfg, name=app)
+                m["rollout_end"] = time.monotonic()
+                time.sleep(settle_s)
+            m["load_light"] = load.lighten(1, light_pause_s)
+            m["one_replica"] = wait_until("autoscaling back to 1 replica under light load", only(1), timeout_s)
+        finally:
+            m["load_stop"] = load.stop()
     return run

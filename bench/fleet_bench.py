@@ -1,6 +1,7 @@
 """Benchmark: a serving fleet under closed-loop load (bench/fleet.py's scenario, the one the
 integration test asserts on): autoscaling 1 -> 2 -> 1, two replicas killed with ``ray.kill``, the
-alias moved in between, a rollout to the new version, all while the load runs.
+alias moved in between, a rollout to the new version, all while the load runs; the scale-down
+under a light load (one client).
 
     python -m bench.fleet_bench            # 2 runs per HAProxy retry policy, interleaved (about 12 min)
     python -m bench.fleet_bench --quick    # 1 run each, 4 clients
@@ -9,9 +10,12 @@ Setup as bench/serve_bench.py: a registered t5-small-width model (d_model 512, M
 random embeddings of 2,000 items for two versions; POST /v1/score of 1 known user x 100 candidates
 from ``--clients`` closed-loop clients (Python threads, keep-alive HTTP). Serve: serve.app.deploy
 on a local Ray cluster, HAProxy ingress, 1 to 2 replicas of 1 CPU on short autoscaling delays
-(target 1 request in flight per replica; replicas report every 0.5 s, 2 s averaged; 1 s over target
-adds a replica, 3 s under removes one; production defaults are 10 s / 300 s, see cluster/README.md)
-so a run takes minutes. The clients are threads of this process, on the same cores as the cluster.
+(target 1 request in flight per replica, a 20 ms @serve.batch wait so the closed-loop clients keep
+several in flight: the integration test's comment says why; replicas report every 0.5 s, 2 s
+averaged; 1 s over target adds a replica, 3 s under removes one;
+production defaults are 10 s / 300 s, see cluster/README.md) and Serve's local drain period
+(embsum/runtime.py), so a run takes minutes. The clients are threads of this process, on the same
+cores as the cluster.
 
 A/B: HAProxy's retry policy when a replica dies mid-request. 'conn-failure' is Ray's default (replay
 only requests that never reached a replica); 'conn-failure empty-response' is serve/app.py's
@@ -19,7 +23,8 @@ only requests that never reached a replica); 'conn-failure empty-response' is se
 Reported per policy: the share of requests answered 200 over the whole run (2 kills in it) and in
 the kill windows (each kill until its replacement had run 3 s), the reference being the same run's
 requests before the first kill; seconds from load start to 2 replicas and from load stop to 1; the
-rollout's duration and failures. Writes bench/results/fleet.json.
+rollout's duration and failures; the scale-down under light load (seconds from the load lightening
+to 1 replica, failures). Writes bench/results/fleet.json.
 """
 
 from __future__ import annotations
@@ -47,7 +52,8 @@ def fleet_config(work: Path, port: int) -> Config:
     from bench.serve_bench import MODEL
 
     return config_from_dict({"workdir": str(work), "model": MODEL, "ray": {"num_cpus": 4},
-                             "serve": {"port": port, "num_cpus": 1, "memory_gb": 0.5, **AUTOSCALING}})
+                             "serve": {"port": port, "num_cpus": 1, "memory_gb": 0.5, "batch_wait_timeout_s": 0.02,
+                                       **AUTOSCALING}})
 
 
 def prepare(cfg: Config) -> tuple[str, str]:
@@ -121,11 +127,12 @@ def summarize(policy: str, load: ClosedLoop, run: FleetRun, load1: float) -> dic
     out = {
         "retry_on": policy, "loadavg_1m": round(load1, 2), "timeline_s": run.timeline(),
         "scale_up_s": run.seconds("load_start", "two_replicas"),
-        "scale_down_s": run.seconds("load_stop", "one_replica"),
+        "scale_down_s": run.seconds("load_light", "one_replica"),
         "kills": len(run.killed), "pinned_after_restart": run.pinned_after_restart,
         "rollout": {k: v for k, v in run.rollout.items() if k != "error"} | {"error": run.rollout.get("error")},
         "total": tally(load.outcomes), "before_kill": tally(load.between(m["load_start"], m["kill"])),
-        "kill_windows": tally(windows), "rollout_window": tally(load.between(m["rollout_start"], m["load_stop"])),
+        "kill_windows": tally(windows), "rollout_window": tally(load.between(m["rollout_start"], m["load_light"])),
+        "scale_down_window": tally(load.between(m["load_light"], m["load_stop"])),
         "requests_per_s": len(load.outcomes) / seconds,
     }
     for key in ("total", "before_kill", "kill_windows"):
@@ -146,7 +153,6 @@ def main(argv: list[str] | None = None) -> int:
     clients = a.clients or (4 if a.quick else 8)
     settle = 1.0 if a.quick else 3.0
     harness.setup()
-    os.environ["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] = "1"
     from bench.serve_bench import free_port
     from embsum.runtime import init_ray
 
@@ -167,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[fleet bench] run {i + 1} retry-on '{policy}': {r['total']['ok']}/{r['total']['requests']} ok "
                   f"({r['total']['success_rate']:.5%}; kill windows {r['kill_windows']['ok']}/"
                   f"{r['kill_windows']['requests']}), {r['requests_per_s']:.0f} req/s, 2 replicas after "
-                  f"{r['scale_up_s']:.1f}s, 1 after {r['scale_down_s']:.1f}s of no load, rollout "
+                  f"{r['scale_up_s']:.1f}s, 1 after {r['scale_down_s']:.1f}s of light load "
+                  f"({r['scale_down_window']['failed']} of {r['scale_down_window']['requests']} failed), rollout "
                   f"{r['rollout'].get('seconds', float('nan')):.1f}s with {r['rollout_window']['failed']} "
                   f"failed; replica peak RSS {r['replica_peak_rss_mb']:.0f} MB", flush=True)
     import ray
@@ -181,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
                for pol, rs in by.items()}
     for pol, s in summary.items():
         print(f"fleet bench: retry-on '{pol}': success {s['success_rate_median']:.5%} with 2 replicas killed; "
-              f"load start -> 2 replicas {s['scale_up_s_median']:.1f}s, load stop -> 1 replica "
+              f"load start -> 2 replicas {s['scale_up_s_median']:.1f}s, light load -> 1 replica "
               f"{s['scale_down_s_median']:.1f}s (medians of {runs})", flush=True)
     harness.write_result("fleet", {
         "bench": "fleet", "quick": a.quick, "clients": clients, "runs_per_policy": runs, "policies": list(POLICIES),

@@ -247,11 +247,19 @@ def fleet_figures(runs: list[dict[str, Any]]) -> list[Figure]:
                    f"{r['settle_s']:g} s), retry-on '{ours}'", "per 10k", lost(ours, "kill_windows"),
                    lost(ray_default, "kill_windows"), ref, higher_is_better=False)]
     d = r["autoscaling"]
+    # Results since issue 13b scale down under a light load (one client) and report that window;
+    # older ones scaled down after the load stopped.
+    light = all("scale_down_window" in x for x in results)
+    since = "the load dropping to one client" if light else "load stop"
     for key, what in (("scale_up_s", f"seconds from load start to 2 replicas (upscale_delay_s "
                                      f"{d['upscale_delay_s']:g}, reports every {d['metrics_interval_s']:g} s)"),
-                      ("scale_down_s", f"seconds from load stop to 1 replica (downscale_delay_s "
+                      ("scale_down_s", f"seconds from {since} to 1 replica, the removed one drained (downscale_delay_s "
                                        f"{d['downscale_delay_s']:g}, look-back {d['look_back_period_s']:g} s)")):
         figs.append(Figure("fleet", what, "s", [x[key] for x in results], [], "", higher_is_better=False))
+    if light:
+        figs.append(Figure("fleet", "requests failed per 10k while scaling 2 -> 1 under a light load", "per 10k",
+                           lost(ours, "scale_down_window"), lost(ray_default, "scale_down_window"), ref,
+                           higher_is_better=False))
     failed = sum(x["rollout_window"]["failed"] for x in results)
     figs.append(Figure("fleet", f"seconds of a rollout to a new version under load, every replica ({failed} requests "
                        f"failed in {len(results)} rollouts)", "s", [x["rollout"]["seconds"] for x in results], [], "",

@@ -12,7 +12,6 @@ is the one ordered list; the RayJob (cluster/base/pipeline.sh) runs ``embsum run
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -48,7 +47,7 @@ def run_pipeline(cfg: Config, config_path: str, overrides: list[str], *, stage: 
     to the console too (every stage's own logs are in WORKDIR/logs/ either way)."""
     import ray
 
-    from embsum.runtime import init_ray, shutdown_serve
+    from embsum.runtime import default_local_serve_drain, init_ray, shutdown_serve
 
     stages = select_stages(stages)
     if version is None and "train" not in stages and any(s in _NEEDS_VERSION for s in stages):
@@ -57,11 +56,10 @@ def run_pipeline(cfg: Config, config_path: str, overrides: list[str], *, stage: 
     t0 = time.perf_counter()
     own_cluster = cfg.ray.address is None
     if own_cluster:
-        # This cluster goes away with the process: at the end nothing routes to its replicas, and
-        # the direct-ingress drain (replicas keep answering 30 s so an HAProxy can stop sending to
-        # them) only delayed the exit by those 30 s. A local HAProxy reloads in well under a second.
-        # The serve stage forwards RAY_SERVE_* variables to the controller and replicas.
-        os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "2")
+        # A stopping Serve replica keeps answering for the local drain period (not Ray's 30 s, never
+        # less than HAProxy takes to stop routing to it: embsum/runtime.py). The serve stage
+        # forwards RAY_SERVE_* variables to the controller and replicas.
+        default_local_serve_drain()
     # This process only holds the cluster (the stages are its drivers): no worker of its own logs
     # anything, and Ray's cluster-wide messages (e.g. the raylet's) belong in the logs, not here.
     init_ray(cfg.ray, log_to_driver=verbose)
@@ -117,7 +115,7 @@ def run_pipeline(cfg: Config, config_path: str, overrides: list[str], *, stage: 
     finally:
         if own_cluster:
             # Bounded: a stuck Serve must not keep Ctrl-C waiting (and Serve first: see shutdown_serve).
-            shutdown_serve(timeout_s=15.0)
+            shutdown_serve()
             ray.shutdown()
 
 

@@ -24,6 +24,30 @@ QUIET_ENV = {
 }
 
 
+# How long a Serve replica that is being stopped keeps answering on a local cluster (Ray Serve's
+# RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S; a RayService keeps Ray's default, 30 s). Behind
+# HAProxy a stopping replica (a scale-down, a shutdown) must keep answering until no HAProxy sends
+# to it any more: the controller's update reaches the HAProxy manager, which writes a new config
+# and starts a new HAProxy that takes the listeners over. That took 0.7-2.3 s on a 2-core machine
+# in the integration tests' Serve logs ("Stopping Replica" to "Successfully performed graceful
+# HAProxy reload"), up to 9 s on the same machine saturated. A replica that closes earlier closes
+# HAProxy's keep-alive connections while HAProxy still sends on them, and HAProxy then drops the
+# client's connection without an answer (its rule for a keep-alive request that fails: the client
+# is to retry); a client that does not retry POSTs loses the request. With the 1-2 s drains used
+# before, a scale-down under load lost ~1 request in 10,000 (bench/drain_bench.py reproduces it).
+# 10 s is over 4x the quiet-machine worst case; the cost is at a stop, which waits for the drain.
+SERVE_DRAIN_ENV = "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"
+LOCAL_SERVE_DRAIN_S = 10.0
+# A local stop waits this long for serve.shutdown() (the drain, then the replicas' and HAProxy's exit).
+SERVE_STOP_TIMEOUT_S = LOCAL_SERVE_DRAIN_S + 10.0
+
+
+def default_local_serve_drain() -> None:
+    """Set LOCAL_SERVE_DRAIN_S for the Serve processes of a local cluster (serve/app.py forwards
+    RAY_SERVE_* variables to them), unless the caller set the variable."""
+    os.environ.setdefault(SERVE_DRAIN_ENV, f"{LOCAL_SERVE_DRAIN_S:g}")
+
+
 def setup_env(offline: bool = True) -> None:
     for k, v in QUIET_ENV.items():
         if not offline and k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
@@ -138,7 +162,7 @@ def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
         raise ValueError(f"cannot reach the Ray cluster at ray.address={address!r}: {e}") from None
 
 
-def shutdown_serve(timeout_s: float = 15.0) -> bool:
+def shutdown_serve(timeout_s: float = SERVE_STOP_TIMEOUT_S) -> bool:
     """``serve.shutdown()``, waited on for at most ``timeout_s``: False if it did not finish (a dead
     or stuck controller: Serve retries its graceful-shutdown call forever and waits 30 s for it).
     For a cluster this process is about to stop, where a stuck Serve must not hold the exit up;

@@ -31,7 +31,8 @@ and replicas: ``deploy`` passes them in the controller's and the application's r
 they hold on a cluster it did not start as long as Serve itself is not running yet; a RayService
 sets them as container env of its pods. Other RAY_SERVE_* variables in the caller's environment
 travel the same way (e.g. RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S, 30 s by default: how
-long a stopping replica keeps answering so HAProxy can take it out of rotation).
+long a stopping replica keeps answering so HAProxy can take it out of rotation; ``deploy`` sets
+10 s on a local cluster, embsum/runtime.py says why it must not be shorter).
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ from ray.serve import Application
 
 from embsum import events
 from embsum.config import Config, ServeConfig, config_from_dict, load_config, replace
-from embsum.runtime import setup_env, shutdown_serve, worker_env
+from embsum.runtime import SERVE_STOP_TIMEOUT_S, default_local_serve_drain, setup_env, shutdown_serve, worker_env
 from serve.auth import api_token
 from serve.bundle import resolve_version
 from serve.deployment import DEPLOYMENT_NAME, EmbSumScorer
@@ -257,10 +258,10 @@ def deploy(cfg: Config, blocking: bool = False, *, name: str = APP_NAME, timeout
         # A local cluster's replicas read the token where this process does: decide before binding.
         # (On a remote cluster the pods' environment decides, in build_app and in each replica.)
         api_token(cfg.serve)
-        # This cluster stops with this process: nothing routes to a stopping replica afterwards, and
-        # the direct-ingress drain (30 s by default: replicas keep answering so HAProxy can take them
-        # out of rotation) only held the exit up. serve_env forwards it to Serve's processes.
-        os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "2")
+        # How long a stopping replica keeps answering (a scale-down under load, a shutdown): Ray's
+        # 30 s, shorter on a local cluster, never shorter than HAProxy takes to stop routing to it
+        # (embsum/runtime.py, LOCAL_SERVE_DRAIN_S). serve_env forwards it to Serve's processes.
+        default_local_serve_drain()
     events.progress("connecting to Ray")
     init_ray(cfg.ray)
     env = serve_env(cfg)
@@ -276,7 +277,7 @@ def deploy(cfg: Config, blocking: bool = False, *, name: str = APP_NAME, timeout
     return result
 
 
-def serve_until_stopped(*, own_cluster: bool, stop_timeout_s: float = 15.0) -> None:
+def serve_until_stopped(*, own_cluster: bool, stop_timeout_s: float = SERVE_STOP_TIMEOUT_S) -> None:
     """Block until SIGINT (Ctrl-C) or SIGTERM (`embsum serve stop`, a background `serve run`, Kubernetes),
     then shut Serve down, waiting at most ``stop_timeout_s`` for it, and stop the local Ray cluster
     if this process started it. Further signals are ignored while stopping: a second Ctrl-C must not

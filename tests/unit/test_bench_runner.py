@@ -187,3 +187,10 @@ def test_fleet_figures_count_lost_requests_per_policy() -> None:
     over = runner.figures_for("fleet", [{**result, "results": [run("conn-failure empty-response", 30, 30),
                                                                 run("conn-failure", 30, 30)]}])[0]
     assert over.met is False  # 15 per 10k: more than 0.1% lost
+    assert "from load stop to 1 replica" in figs[3].name  # results from before the light-load scale-down
+    light = [{**run(p, 0, 0), "scale_down_window": {"requests": 500, "ok": 500 - f, "failed": f}}
+             for p, f in (("conn-failure", 1), ("conn-failure empty-response", 0))]
+    lfigs = runner.figures_for("fleet", [{**result, "results": light}])
+    assert "from the load dropping to one client to 1 replica" in lfigs[3].name
+    down = next(f for f in lfigs if "while scaling 2 -> 1 under a light load" in f.name)
+    assert down.value == 0.0 and down.reference == pytest.approx(20.0)  # per 10k

@@ -6,6 +6,7 @@ deployment's options, and the Serve environment that selects the HTTP ingress.""
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 
 import pytest
@@ -155,6 +156,20 @@ def test_build_app_args_and_deployment_options(tmp_path, monkeypatch):
     monkeypatch.setenv("EMBSUM_API_TOKEN", "CHANGE-ME")
     with pytest.raises(ValueError, match="placeholder"):
         app_mod.build_app({"config": str(path), "overrides": ["serve.host=0.0.0.0"]})
+
+
+def test_a_local_cluster_drains_stopping_replicas_longer_than_haproxy_takes_to_reload(monkeypatch):
+    """Local clusters get LOCAL_SERVE_DRAIN_S (not Ray's 30 s, not the 1-2 s that lost requests on a
+    scale-down: HAProxy reloads took up to 2.3 s on a 2-core machine); a caller's setting wins."""
+    from embsum.runtime import LOCAL_SERVE_DRAIN_S, SERVE_DRAIN_ENV, SERVE_STOP_TIMEOUT_S, default_local_serve_drain
+
+    monkeypatch.delenv(SERVE_DRAIN_ENV, raising=False)
+    default_local_serve_drain()
+    assert float(os.environ[SERVE_DRAIN_ENV]) == LOCAL_SERVE_DRAIN_S >= 4 * 2.3
+    assert SERVE_STOP_TIMEOUT_S > LOCAL_SERVE_DRAIN_S  # a local stop waits the drain out
+    monkeypatch.setenv(SERVE_DRAIN_ENV, "30")
+    default_local_serve_drain()
+    assert os.environ[SERVE_DRAIN_ENV] == "30"
 
 
 def test_serve_env_selects_the_ingress_and_forwards_serve_settings(tmp_path):

@@ -1,36 +1,38 @@
-"""Benchmark: precompute items/s of the Ray Data actor-pool job (``train.embed.run_embed``) vs a
-single-process forward over the same items with the same batch size.
+"""Benchmark: precompute items/s and users/s of the Ray Data actor-pool job
+(``train.embed.run_embed``) vs a single-process forward over the same items and users with the
+same batch size.
 
-    python -m bench.embed_bench            # 200k items (Book-Crossing's catalog tiled), 400 users, 3 repeats
-    python -m bench.embed_bench --quick    # 2k items, 50 users, 1 repeat
+    python -m bench.embed_bench            # 200k items (Book-Crossing's catalog tiled), 20k users, 3 repeats
+    python -m bench.embed_bench --quick    # 2k items, 200 users, 1 repeat
 
 Model: the quality study's config (random-init T5, d_model 64, 2+2 layers), registered once in the
 bench MLflow store; throughput does not depend on the weights' values (user summaries are
 generated greedily up to summary_tokens either way). Items: Book-Crossing's prepared catalog
 (2,030 books, their token ids from the prepare job) repeated under new ids up to the item count;
-users: the first of the prepared users (G x L session ids; user encoding generates a summary of up to
+users: the prepared users (G x L session ids) likewise (user encoding generates a summary of up to
 32 tokens per user, so users cost far more than items).
 
-- Ray: ``run_embed`` on a local cluster that is already up: Ray Data reads items.parquet, an actor
-  pool of ``train.infer_actors`` = 2 model replicas (1 CPU and 1 torch thread each) encodes batches
-  of ``train.infer_batch_size`` = 64, and writes parquet. Its job figure is the items/s it reports:
-  items over the wall time of the items phase (read -> encode -> write, the actors' start-up
-  included: process start, torch/transformers imports, model load). Its steady figure: items over
-  the first actor call's start to the last one's end. Users likewise (encode + greedy summary).
-  Each Ray Data call carries up to ``train.infer_rows_per_call`` = 2048 rows (split so both actors
-  get work); the model inside sees batches of 64.
+- Ray: ``run_embed`` on a local cluster that is already up: ONE actor pool of
+  ``train.infer_actors`` = 2 model replicas (1 CPU and 1 torch thread each) runs every call, items
+  first, then users; each call reads its rows of items.parquet / users/, encodes them in batches
+  of ``train.infer_batch_size`` = 64 and writes a parquet part. Its items figure is items over the
+  time from the job start to the last item call's end (the pool's start-up included: process
+  start, torch/transformers imports, model load); the users figure is users over the span of the
+  user calls (the pool is running by then: one start-up serves both). Steady figures: rows over
+  the kind's own call span.
 - Single process: a fresh interpreter (``--single-process``), torch threads = 2: imports torch and
   transformers, loads the model, reads items.parquet, the same ``Predictor.encode_item_tokens``
-  per batch of 64, writes the same columns with the same writer; then loads the model again (the
-  Ray job's user phase starts its own actors) and does the users likewise. Three figures: as a
-  job (items over spawn -> items file written: what the Ray job's figure pays too), with imports
-  done (from the model load: the reference the previous version of this benchmark used), steady
-  (first batch -> file written).
+  per batch of 64, writes the same columns with the same writer; then the users likewise with the
+  same model (``Predictor.encode_users``). Figures: items as a job (spawn -> items file written:
+  what the Ray job's item figure pays too), items with imports done (from the model load), items
+  steady (first batch -> file written), users (items written -> users written), and the whole job
+  (spawn -> users written).
 
-Ratio = Ray job items/s / single-process job items/s (target >= 0.9), medians over repeats,
-alternating Ray and single-process runs; the steady and imports-done ratios beside it. The Ray
-job's driver is this already-running process (connected, imports done), as a pipeline's is.
-Peak memory of each side's process tree. Writes bench/results/embed.json.
+Ratios = Ray / single process, medians over repeats, alternating single-process and Ray runs
+(targets: items as a job >= 0.9, users >= 0.9); the whole job's ratio (single-process seconds /
+Ray seconds, both from their start to the last file) beside them. The Ray job's driver is this
+already-running process (connected, imports done), as a pipeline's is. Peak memory of each
+side's process tree. Writes bench/results/embed.json.
 """
 
 from __future__ import annotations
@@ -64,8 +66,7 @@ def bench_config(quick: bool) -> Any:
 
 
 def build_inputs(src: Any, cfg: Any, n_items: int, n_users: int) -> dict[str, int]:
-    """items.parquet (the source catalog repeated under new ids) and users/ in cfg.data_dir."""
-    import pyarrow as pa
+    """items.parquet and users/ in cfg.data_dir: the source catalog and users repeated under new ids."""
     import pyarrow.dataset as pads
     import pyarrow.parquet as pq
 
@@ -78,17 +79,27 @@ def build_inputs(src: Any, cfg: Any, n_items: int, n_users: int) -> dict[str, in
         return {"items": n_items, "users": n_users}
     out.mkdir(parents=True, exist_ok=True)
     items = pq.read_table(src.data_dir / layout.ITEMS, columns=["item_id", "text", "token_ids"])
-    reps = -(-n_items // items.num_rows)
-    ids = [f"{i}#{k}" for k in range(reps) for i in items.column("item_id").to_pylist()][:n_items]
-    tiled = pa.concat_tables([items] * reps).slice(0, n_items)
-    tiled = tiled.set_column(0, "item_id", pa.array(ids, pa.string()))
-    pq.write_table(tiled, out / layout.ITEMS)
-    users = pads.dataset(str(src.data_dir / layout.USERS), format="parquet").to_table(
-        columns=["user_id", "history", "session_ids"]).slice(0, n_users)
+    pq.write_table(_tiled(items, n_items), out / layout.ITEMS)
+    users = _tiled(pads.dataset(str(src.data_dir / layout.USERS), format="parquet").to_table(
+        columns=["user_id", "history", "session_ids"]), n_users)
     (out / layout.USERS).mkdir(exist_ok=True)
+    for old in (out / layout.USERS).glob("*.parquet"):
+        old.unlink()
     pq.write_table(users, out / layout.USERS / "part-0.parquet")
     marker.write_text(want)
     return {"items": n_items, "users": users.num_rows}
+
+
+def _tiled(table: Any, n: int) -> Any:
+    """The first ``n`` rows of ``table`` repeated as often as needed, ids (column 0) made unique
+    from the second copy on ('U1#1')."""
+    import pyarrow as pa
+
+    reps = -(-n // max(table.num_rows, 1))
+    ids = table.column(0).to_pylist()
+    new_ids = [i if k == 0 else f"{i}#{k}" for k in range(reps) for i in ids][:n]
+    tiled = pa.concat_tables([table] * reps).slice(0, n)
+    return tiled.set_column(0, table.schema.names[0], pa.array(new_ids, pa.string()))
 
 
 def register_random_model(cfg: Any) -> tuple[str, Path]:
@@ -111,7 +122,8 @@ def register_random_model(cfg: Any) -> tuple[str, Path]:
 def single_process(cfg: Any, model_dir: Path, out_dir: Path, threads: int = 2) -> dict[str, Any]:
     """The items and users of cfg.data_dir through one Predictor in this process. Times: from the
     model load (``items_seconds``) and from the first encoded batch to the written file
-    (``items_steady_seconds``, what Ray's steady rate measures); users likewise."""
+    (``items_steady_per_s``, what Ray's steady rate measures); users from the items file written to
+    the users file written (the same model: one load per job, as the Ray job's one pool)."""
     import pyarrow.dataset as pads
     import pyarrow.parquet as pq
     import torch
@@ -139,7 +151,6 @@ def single_process(cfg: Any, model_dir: Path, out_dir: Path, threads: int = 2) -
                 str(out_dir / "items.parquet"))
     t_items_end = time.perf_counter()
     items_end_wall = time.time()
-    pred = Predictor.from_dir(model_dir, batch_size=bs)  # the Ray job's user phase starts its own replicas
     users = pads.dataset(str(cfg.data_dir / layout.USERS), format="parquet").to_table(
         columns=["user_id", "history", "session_ids"])
     sess = table_tensor(users, "session_ids")
@@ -153,7 +164,7 @@ def single_process(cfg: Any, model_dir: Path, out_dir: Path, threads: int = 2) -
                                  "upe": np.concatenate(upe), "summary": summ}), str(out_dir / "users.parquet"))
     t_end = time.perf_counter()
     n_i, n_u = items.num_rows, users.num_rows
-    return {"items": n_i, "users": n_u, "threads": threads, "items_end_wall": items_end_wall,
+    return {"items": n_i, "users": n_u, "threads": threads, "items_end_wall": items_end_wall, "end_wall": time.time(),
             "items_seconds": t_items_end - t0, "items_per_s": n_i / (t_items_end - t0),
             "items_steady_per_s": n_i / (t_items_end - t_steady),
             "users_seconds": t_end - t_items_end, "users_per_s": n_u / (t_end - t_items_end),
@@ -178,7 +189,8 @@ def single_job(cfg: Any, model_dir: Path, out_dir: Path) -> dict[str, Any]:
         raise RuntimeError(f"single-process job failed ({done.returncode}): {done.stderr[-2000:]}")
     res = json.loads(done.stdout.strip().splitlines()[-1])
     return {**res, "cold_items_seconds": res["items_end_wall"] - spawned,
-            "cold_items_per_s": res["items"] / (res["items_end_wall"] - spawned)}
+            "cold_items_per_s": res["items"] / (res["items_end_wall"] - spawned),
+            "job_seconds": res["end_wall"] - spawned}
 
 
 def _single_process_main(cfg_json: str, model_dir: str, out_dir: str) -> int:
@@ -196,7 +208,7 @@ def _single_process_main(cfg_json: str, model_dir: str, out_dir: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.embed_bench", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="2k items, 50 users, 1 repeat")
+    ap.add_argument("--quick", action="store_true", help="2k items, 200 users, 1 repeat")
     ap.add_argument("--items", type=int, default=None)
     ap.add_argument("--users", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=None)
@@ -208,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         return _single_process_main(*args.single_process)
     harness.setup()
     n_items = args.items or (2000 if args.quick else 200_000)
-    n_users = args.users or (50 if args.quick else 400)
+    n_users = args.users or (200 if args.quick else 20_000)
     repeats = args.repeats or (1 if args.quick else 3)
     src, cfg = bench_config(args.quick)
     t_start = time.perf_counter()
@@ -233,15 +245,15 @@ def main(argv: list[str] | None = None) -> int:
             x = singles[-1]
             print(f"[embed bench] single process repeat {r}: items {x['cold_items_per_s']:.0f}/s as a job, "
                   f"{x['items_per_s']:.0f}/s imports done, {x['items_steady_per_s']:.0f}/s steady; "
-                  f"{x['users_per_s']:.1f} users/s", flush=True)
+                  f"{x['users_per_s']:.1f} users/s; job {x['job_seconds']:.1f}s", flush=True)
             with mem_ray:  # a fresh cluster per repeat, shut down after: the single process runs without one
                 init_ray(cfg.ray)
                 rep = run_embed(cfg, version)
                 ray.shutdown()
             rays.append({k: v for k, v in rep.items() if k not in ("version", "path")})
             print(f"[embed bench] Ray Data repeat {r}: items {rep['items_per_s']:.0f}/s as a job, "
-                  f"{rep['items_steady_per_s']:.0f}/s steady (pool start-up {rep['items_startup_s']:.1f}s); "
-                  f"{rep['users_per_s']:.1f} users/s", flush=True)
+                  f"{rep['items_steady_per_s']:.0f}/s steady (pool start-up {rep['startup_s']:.1f}s); "
+                  f"{rep['users_per_s']:.1f} users/s; job {rep['seconds']:.1f}s", flush=True)
     finally:
         ray.shutdown()
 
@@ -261,8 +273,12 @@ def main(argv: list[str] | None = None) -> int:
         "items_ratio_steady": ri_s["median"] / si_s["median"],
         # the Ray job vs a single process that had imported torch and transformers already
         "single_items_warm_per_s": si_w, "items_ratio_vs_warm": ri["median"] / si_w["median"],
-        "ray_items_startup_s": med(rays, "items_startup_s"),
+        "ray_startup_s": med(rays, "startup_s"),
         "ray_users_per_s": ru, "single_users_per_s": su, "users_ratio": ru["median"] / su["median"],
+        "users_target": 0.9,
+        # the whole job, start to last file: single-process seconds / Ray seconds (> 1: Ray faster)
+        "ray_job_seconds": med(rays, "seconds"), "single_job_seconds": med(singles, "job_seconds"),
+        "job_ratio": harness.spread([x["job_seconds"] / y["seconds"] for x, y in zip(singles, rays, strict=True)]),
         "ray": rays, "single": singles, "actors": cfg.train.infer_actors, "batch_size": cfg.train.infer_batch_size,
         "memory": {"ray": mem_ray.report(), "single": mem_single.report()},
         "model": {k: getattr(cfg.model, k) for k in ("d_model", "num_layers", "num_decoder_layers", "user_codes",
@@ -274,8 +290,10 @@ def main(argv: list[str] | None = None) -> int:
           f"{ri['median']:.0f} items/s vs one process (2 threads) {si['median']:.0f} items/s as jobs: ratio "
           f"{res['items_ratio']:.3f} (target >= 0.9) | steady {ri_s['median']:.0f} vs {si_s['median']:.0f}/s: "
           f"{res['items_ratio_steady']:.3f} | vs a process with imports done {si_w['median']:.0f}/s: "
-          f"{res['items_ratio_vs_warm']:.3f} | pool start-up {res['ray_items_startup_s']['median']:.1f}s | users "
-          f"{ru['median']:.1f} vs {su['median']:.1f}/s (ratio {res['users_ratio']:.3f}) | peak RSS Ray tree "
+          f"{res['items_ratio_vs_warm']:.3f} | pool start-up {res['ray_startup_s']['median']:.1f}s | "
+          f"{counts['users']:,} users {ru['median']:.1f} vs {su['median']:.1f}/s (ratio {res['users_ratio']:.3f}, "
+          f"target >= 0.9) | whole job {res['ray_job_seconds']['median']:.0f}s vs "
+          f"{res['single_job_seconds']['median']:.0f}s (ratio {res['job_ratio']['median']:.3f}) | peak RSS Ray tree "
           f"{mem_ray.report()['peak_rss_mb']:.0f} MB, single {mem_single.report()['peak_rss_mb']:.0f} MB -> {path}",
           flush=True)
     return 0

@@ -112,7 +112,9 @@ class TreeMemory:
     Ray cluster on the same machine is not. Per sample the tree's total RSS and total PSS are summed
     (PSS splits shared pages, e.g. the object store's shared memory, between the processes that map
     them, so summed PSS does not double-count them; summed RSS does). The peaks are the largest
-    sums seen, plus the largest single process.
+    sums seen, plus the largest single process. ``breakdown``: at the sample with the largest
+    summed RSS, the processes grouped by what they are (``process_label``: gcs_server, raylet,
+    ``ray::TrainWorker``, an idle worker, the driver ...) with their count, RSS and PSS.
     """
 
     def __init__(self, pid: int | None = None, interval: float = 0.5) -> None:
@@ -122,6 +124,7 @@ class TreeMemory:
         self.max_processes = 0
         self.samples = 0
         self.seen: set[tuple[int, float]] = set()
+        self.breakdown: dict[str, dict[str, float]] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -135,6 +138,7 @@ class TreeMemory:
             return
         rss = pss = single = 0
         n = 0
+        groups: dict[str, dict[str, float]] = {}
         for p in procs:
             try:
                 mem = p.memory_full_info()  # PSS from /proc/PID/smaps_rollup
@@ -152,7 +156,14 @@ class TreeMemory:
             rss += mem.rss
             pss += getattr(mem, "pss", mem.rss)
             single = max(single, mem.rss)
+            g = groups.setdefault(process_label(p, root=p.pid == self.pid), {"n": 0, "rss_mb": 0.0, "pss_mb": 0.0})
+            g["n"] += 1
+            g["rss_mb"] += mem.rss / 2**20
+            g["pss_mb"] += getattr(mem, "pss", mem.rss) / 2**20
         self.samples += 1
+        if rss > self.peak_rss:
+            self.breakdown = {k: {**v, "rss_mb": round(v["rss_mb"], 1), "pss_mb": round(v["pss_mb"], 1)}
+                              for k, v in sorted(groups.items(), key=lambda kv: -kv[1]["rss_mb"])}
         self.peak_rss, self.peak_pss = max(self.peak_rss, rss), max(self.peak_pss, pss)
         self.peak_single_rss = max(self.peak_single_rss, single)
         self.max_processes = max(self.max_processes, n)
@@ -182,13 +193,37 @@ class TreeMemory:
         return {"peak_rss_mb": round(self.peak_rss / mb, 1), "peak_pss_mb": round(self.peak_pss / mb, 1),
                 "peak_single_process_rss_mb": round(self.peak_single_rss / mb, 1),
                 "max_processes": self.max_processes, "processes_seen": len(self.seen), "samples": self.samples,
-                "interval_s": self.interval}
+                "interval_s": self.interval, "breakdown_at_peak": self.breakdown}
 
     def __enter__(self) -> TreeMemory:
         return self.start()
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
+
+
+def process_label(p: Any, root: bool = False) -> str:
+    """What a process of a Ray tree is: Ray's process title for workers and actors ('ray::IDLE',
+    'ray::RayTrainWorker', 'ray::MapBatches(...)' cut at the parenthesis), the script of a Python
+    service (dashboard agent, log monitor), else the executable's name; 'driver' for the root."""
+    if root:
+        return "driver"
+    try:
+        cmd = p.cmdline()
+        name = p.name()
+    except Exception:  # noqa: BLE001 - the process went away between listing and reading
+        return "gone"
+    title = cmd[0] if len(cmd) == 1 and cmd[0].startswith("ray::") else next(
+        (c for c in cmd if c.startswith("ray::")), "")
+    if title:
+        return title.split("(")[0].split(".")[0].split()[0]
+    script = next((c for c in cmd[1:3] if c.endswith(".py")), "")
+    if script.endswith("default_worker.py"):
+        return "ray::worker (starting)"
+    if script:
+        parts = Path(script).parts
+        return "/".join(parts[-2:]) if parts[-1] in ("main.py", "agent.py") else parts[-1]
+    return name
 
 
 # ---- data: prepare + summarize once per data config ------------------------------------------------------

@@ -185,8 +185,13 @@ def embed_figures(runs: list[dict[str, Any]]) -> list[Figure]:
                    *pairs("items_steady_per_s", "items_steady_per_s"), f"{ref}: its encode loop + write"),
             Figure("embed", f"precompute items/s as a job vs a process with torch/transformers imported, {pool}",
                    "items/s", *pairs("items_per_s", "items_per_s"), f"{ref}, imports done (model load timed)"),
-            Figure("embed", f"precompute users/s (UPE + generated summary), {r['users']:,} users", "users/s",
-                   *pairs("users_per_s", "users_per_s"), "1 process x 2 threads")]
+            Figure("embed", f"precompute users/s (UPE + generated summary), {r['users']:,} users, same pool",
+                   "users/s", *pairs("users_per_s", "users_per_s"), "1 process x 2 threads, same model",
+                   target=r.get("users_target"))]
+    if all("seconds" in a and "job_seconds" in b for x in runs for a, b in zip(x["ray"], x["single"], strict=True)):
+        job = f"whole precompute job, {r['items']:,} items + {r['users']:,} users (start to last file)"
+        figs.append(Figure("embed", job, "s", *pairs("seconds", "job_seconds"), "1 process x 2 threads, as a job",
+                           higher_is_better=False))
     return figs + _memory_figure("embed", "embed process tree (Ray cluster + actors)", runs, "single",
                                  "single process")
 

@@ -32,6 +32,7 @@ import math
 import os
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -145,6 +146,48 @@ def ray_fit(cfg: Any, repeat: int, warmup: int, window: int) -> dict[str, Any]:
             "first_loss": loss[0][1] if loss else None, "last_loss": loss[-1][1] if loss else None}
 
 
+def ray_job(cfg: Any, repeat: int, warmup: int, window: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``ray_fit`` in a fresh driver process (``--ray-fit``), as `embsum train` runs: its local Ray
+    cluster and workers descend from it, so the memory sampled is the training process tree alone
+    (this process has run the plain loop: its model, arrays and allocator caches are not part of
+    what training on Ray costs). -> (the fit's figures, that tree's memory report)."""
+    import json
+    import subprocess
+    import tempfile as tf
+
+    with tf.TemporaryDirectory() as tmp:
+        cfg_path, out_path = Path(tmp) / "config.json", Path(tmp) / "fit.json"
+        cfg_path.write_text(json.dumps(cfg.to_dict()))
+        proc = subprocess.Popen([sys.executable, "-m", "bench.train_bench", "--ray-fit", str(cfg_path), str(repeat),
+                                 str(warmup), str(window), str(out_path)], cwd=harness.REPO,
+                                env={**os.environ, "PYTHONPATH": str(harness.REPO)})
+        mem = harness.TreeMemory(proc.pid).start()
+        code = proc.wait()
+        report = mem.stop()
+        if code != 0:
+            raise RuntimeError(f"the Ray Train fit (repeat {repeat}) failed with exit code {code}")
+        return json.loads(out_path.read_text()), report
+
+
+def _ray_fit_main(cfg_json: str, repeat: str, warmup: str, window: str, out: str) -> int:
+    import json
+
+    import ray
+
+    from embsum.config import config_from_dict
+    from embsum.runtime import init_ray
+
+    harness.setup()
+    cfg = config_from_dict(json.loads(Path(cfg_json).read_text()))
+    init_ray(cfg.ray)
+    try:
+        fit = {**ray_fit(cfg, int(repeat), int(warmup), int(window)), "worker_torch_threads": worker_threads()}
+    finally:
+        ray.shutdown()
+    Path(out).write_text(json.dumps(fit))
+    return 0
+
+
 def worker_threads() -> int:
     """torch's intra-op threads in a 1-CPU Ray task: what each Train worker gets."""
     import ray
@@ -165,7 +208,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=None, help="timed steps per run")
     ap.add_argument("--warmup", type=int, default=None)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--ray-fit", nargs=5, metavar=("CONFIG_JSON", "REPEAT", "WARMUP", "WINDOW", "OUT"),
+                    help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.ray_fit:
+        return _ray_fit_main(*args.ray_fit)
     harness.setup()
     repeats = args.repeats or (1 if args.quick else 3)
     steps = args.steps or (10 if args.quick else 40)
@@ -190,17 +237,19 @@ def main(argv: list[str] | None = None) -> int:
         plain: list[dict[str, Any]] = []
         fits: list[dict[str, Any]] = []
         mem_plain = harness.TreeMemory()
-        mem_ray = harness.TreeMemory()
+        mem_rays: list[dict[str, Any]] = []
         threads = None
         for r in range(repeats):
             with mem_plain:
                 plain.append(plain_loop(cfg, arrays, summaries, warmup, steps, window))
             print(f"[train bench] plain loop repeat {r}: {plain[-1]['examples_per_s']:.1f} ex/s", flush=True)
-            with mem_ray:  # a fresh cluster per repeat, shut down after: the plain loop runs without one
-                init_ray(cfg.ray)
-                threads = threads or worker_threads()
-                fits.append(ray_fit(cfg, r, warmup, window))
-                ray.shutdown()
+            fit, mem = ray_job(cfg, r, warmup, window)  # a fresh driver and cluster per repeat
+            threads = threads or fit.pop("worker_torch_threads")
+            fits.append(fit)
+            mem_rays.append(mem)
+            print(f"[train bench] Ray tree peak RSS {mem['peak_rss_mb']:.0f} MB (PSS {mem['peak_pss_mb']:.0f}): "
+                  + ", ".join(f"{k} x{v['n']} {v['rss_mb']:.0f}/{v['pss_mb']:.0f}"
+                              for k, v in mem["breakdown_at_peak"].items()), flush=True)
             print(f"[train bench] Ray Train + DeepSpeed repeat {r}: {fits[-1]['examples_per_s']:.1f} ex/s "
                   f"(fit {fits[-1]['fit_wall_seconds']:.0f} s)", flush=True)
     finally:
@@ -215,7 +264,8 @@ def main(argv: list[str] | None = None) -> int:
         "ratio": q["median"] / p["median"], "ratio_per_repeat": ratio, "target": 0.95,
         "ray": fits, "plain": plain, "ray_worker_torch_threads": threads, "plain_torch_threads": 2,
         "ray_workers": cfg.train.num_workers, "zero_stage": cfg.train.zero_stage,
-        "memory": {"ray": mem_ray.report(), "plain": mem_plain.report()},
+        "memory": {"ray": max(mem_rays, key=lambda m: m["peak_rss_mb"]), "plain": mem_plain.report(),
+                   "ray_per_repeat": [m["peak_rss_mb"] for m in mem_rays]},
         "data": {"train_examples": (data["prepare"].get("examples") or {}).get("train"), "reused": data["reused"]},
         "model": {k: getattr(cfg.model, k) for k in ("d_model", "num_layers", "num_decoder_layers", "user_codes",
                                                       "content_codes", "num_sessions", "items_per_session")},
@@ -225,8 +275,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"train bench: Ray Train + DeepSpeed ZeRO-{cfg.train.zero_stage} ({cfg.train.num_workers} workers x "
           f"{threads} thread) {q['median']:.1f} ex/s vs plain PyTorch (1 process x 2 threads) {p['median']:.1f} ex/s | "
           f"ratio {res['ratio']:.3f} (target >= 0.95) | spread ray ±{(q['rel_spread'] or 0):.1%} plain "
-          f"±{(p['rel_spread'] or 0):.1%} | peak RSS ray tree {mem_ray.report()['peak_rss_mb']:.0f} MB "
-          f"(PSS {mem_ray.report()['peak_pss_mb']:.0f}), plain {mem_plain.report()['peak_rss_mb']:.0f} MB -> {path}",
+          f"±{(p['rel_spread'] or 0):.1%} | peak RSS ray tree {res['memory']['ray']['peak_rss_mb']:.0f} MB "
+          f"(PSS {res['memory']['ray']['peak_pss_mb']:.0f}), plain {mem_plain.report()['peak_rss_mb']:.0f} MB "
+          f"-> {path}",
           flush=True)
     return 0
 

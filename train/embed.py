@@ -1,12 +1,21 @@
 """`embsum embed`: precompute CPE for the whole catalog and UPE (+ generated summary) for every user
-with a Ray Data actor pool, for one registered model version. Serving then scores known users and
-items with no T5 call at all (DESIGN.md 2, the offline/online split).
+with ONE Ray Data actor pool, for one registered model version. Serving then scores known users
+and items with no T5 call at all (DESIGN.md 2, the offline/online split).
 
 Writes EMBEDDINGS_ROOT/v<VERSION>/{items,users}/ + manifest.json (see embsum/embeddings.py): into a
 temporary sibling folder first, renamed into place at the end, so a reader never sees half a set.
-Reports items/s and users/s end to end and once the actor pool runs (and the pool's start-up:
-worker processes, torch/transformers imports, model load), printed and logged as ``embed_*``
-metrics on the version's MLflow run.
+
+One pool for items and users: the job's input is a small dataset of calls (``Call``: a kind and a
+row range of one parquet row group, planned from the footers), items first, then users, and each
+model actor reads its call's rows itself, encodes them and writes one parquet part. Ray Data gives
+every ``map_batches`` its own actor pool, and a pool's start-up (worker processes,
+torch/transformers imports, model load: 8-10 s on 2 cores) was paid twice when items and users
+were two map_batches (400 users then took 0.30x a single process's time). Reading in the actor
+also keeps the plan free of read or repartition tasks that would compete with the pool for CPUs
+(a union of the two read+repartition inputs in front of one pool stalled on a 2-CPU cluster), and
+no input or embedding row travels through the object store. Reports items/s and users/s, the
+pool's start-up and its busy time per kind, printed and logged as ``embed_*`` metrics on the
+version's MLflow run.
 
 Per-session encoder states (so that a user could be refreshed by encoding only a new session) are
 not stored: the session encoder is about 15% of a user's encoding time (256 users, d_model 64:
@@ -18,11 +27,12 @@ the states would take G x L x D floats per user (98 KB at G=4, L=96, D=64; 50x t
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +43,17 @@ from embsum.config import Config
 from embsum.data import layout
 from embsum.embeddings import ITEMS, USERS, Manifest, version_dir, write_manifest
 from embsum.runtime import init_ray
+
+# What each kind's call reads from its input (items.parquet, users/).
+COLUMNS = {ITEMS: ("item_id", "text", "token_ids"), USERS: ("user_id", "history", "session_ids")}
+# A user costs about this many items (a 32-token greedy summary on top of G session encodings;
+# measured 85 users/s vs 8,000 items/s in one process at d_model 64), so user calls carry this
+# many times fewer rows: each call stays a few seconds, and the pool's last call ends close to
+# the others.
+USER_ROW_COST = 8
+# Ray Data queues this many calls per actor (its default of 4 could leave one actor with a queue
+# of expensive user calls while the other idles at the end).
+CALLS_IN_FLIGHT = 2
 
 
 class _ModelActor:
@@ -51,52 +72,153 @@ class _ModelActor:
         self.predictor = Predictor.from_dir(model_dir, batch_size=cfg.train.infer_batch_size)
 
 
+def encode_items(predictor: Any, token_ids: Any) -> dict[str, np.ndarray]:
+    emb = predictor.encode_item_tokens([list(t) for t in token_ids])
+    return {"cpe": emb.cpe, "cpe_key": emb.key}  # (I, N, D) x2
+
+
 class ItemEncoder(_ModelActor):
+    """Ray Data batches of items.parquet rows -> their CPE (the evaluate job's item bank)."""
+
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        emb = self.predictor.encode_item_tokens([list(t) for t in batch["token_ids"]])
-        return {"item_id": batch["item_id"], "text": batch["text"], "cpe": emb.cpe, "cpe_key": emb.key}
+        return {"item_id": batch["item_id"], "text": batch["text"], **encode_items(self.predictor, batch["token_ids"])}
 
 
-class UserEncoder(_ModelActor):
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        emb = self.predictor.encode_users(np.asarray(batch["session_ids"]))
-        return {"user_id": batch["user_id"], "history": batch["history"], "upe": emb.upe,
-                "summary": np.asarray(emb.summaries, dtype=object)}
+# ---- the plan: calls over row ranges of the inputs' row groups ------------------------------------------
+@dataclass(frozen=True)
+class Call:
+    """One actor call: rows [offset, offset + rows) of row group ``row_group`` of one parquet file.
+    ``index`` numbers the calls of a kind and names the output part, so a retried call (a lost
+    actor) overwrites its own file instead of adding rows twice."""
+
+    kind: str
+    index: int
+    path: str
+    row_group: int
+    offset: int
+    rows: int
 
 
-class _WritesItsOutput:
-    """Mixin for an encoder actor: writes each encoded batch as one parquet file under ``out_dir``
-    from the actor itself and returns only its row count and when the call ran, so the embeddings
-    (2 x N x D floats per item, 0.4 GB per 200k items at d_model 64) never travel through the
-    object store to separate write tasks. Files are named by a uuid: a restarted actor's retry
-    never collides with a file."""
+def rows_per_call(n_rows: int, t: Any, cost: int = 1) -> int:
+    """The rows of one actor call: large (per-call overhead is paid per call, not per row), but
+    split so that every actor of the pool gets work; ``cost``: how many items one row costs (fewer
+    rows per call for users); never below the model batch."""
+    spread = -(-max(n_rows, 1) // max(t.infer_actors, 1))
+    return max(t.infer_batch_size, min(t.infer_rows_per_call // max(cost, 1), spread))
+
+
+def in_calls(ds: Any, n_rows: int, t: Any) -> tuple[Any, int]:
+    """-> (``ds`` cut into blocks of one actor call each, that call size), for jobs that read with
+    Ray Data (evaluate). Without it a single-file table (one parquet row group) is one block, and
+    Ray Data hands a block to ONE actor, which batches it alone while the rest of the pool idles
+    (measured: 2 actors ran at 1 actor's speed)."""
+    rows = rows_per_call(n_rows, t)
+    return ds.repartition(target_num_rows_per_block=rows), rows
+
+
+def plan_calls(kind: str, path: str | Path, rows: int) -> list[Call]:
+    """Every row of the parquet file or folder ``path`` in calls of at most ``rows`` rows, in file
+    and row-group order, from the footers alone (nothing is read). A call never spans two row
+    groups."""
+    import pyarrow.dataset as pads
+    import pyarrow.parquet as pq
+
+    calls: list[Call] = []
+    for file in sorted(pads.dataset(str(path), format="parquet").files):
+        meta = pq.ParquetFile(file).metadata
+        for g in range(meta.num_row_groups):
+            n = meta.row_group(g).num_rows
+            calls += [Call(kind, len(calls) + k, file, g, s, min(rows, n - s))
+                      for k, s in enumerate(range(0, n, rows))]
+    return calls
+
+
+class RowGroupReader:
+    """Reads row ranges of parquet row groups, streaming. An actor's calls come in file order
+    (offsets increase within a row group), so one open iterator per actor moves forward through a
+    row group: each row group is decoded at most once per actor and never held whole in memory
+    (a prepared items.parquet is a single row group of up to a million rows)."""
+
+    def __init__(self, columns: tuple[str, ...], io_rows: int = 1024) -> None:
+        self.columns, self.io_rows = list(columns), io_rows
+        self._at: tuple[str, int] | None = None
+        self._it: Any = None
+        self._pos = 0  # row-group row of self._buf's first row
+        self._buf: Any = None
+
+    def read(self, path: str, row_group: int, offset: int, rows: int) -> Any:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        if self._at != (path, row_group) or offset < self._pos:
+            self._at, self._pos, self._buf = (path, row_group), 0, None
+            self._it = pq.ParquetFile(path).iter_batches(batch_size=self.io_rows, row_groups=[row_group],
+                                                         columns=self.columns)
+        parts, end = [], offset + rows
+        while self._pos < end:
+            if self._buf is None or len(self._buf) == 0:
+                try:
+                    self._buf = next(self._it)
+                except StopIteration:
+                    raise ValueError(f"{path} row group {row_group} has fewer than {end} rows: the input "
+                                     f"changed while the embed job ran") from None
+            n = min(len(self._buf), end - self._pos)
+            skip = max(0, offset - self._pos)
+            if skip < n:
+                parts.append(self._buf.slice(skip, n - skip))
+            self._buf, self._pos = self._buf.slice(n), self._pos + n
+        return pa.Table.from_batches(parts, schema=parts[0].schema if parts else None)
+
+
+class EmbedWriter(_ModelActor):
+    """A model actor that runs whole ``Call``s: reads the rows, encodes them (CPE for items; UPE and
+    the generated summary for users), writes them as one parquet part under ``out_dir/<kind>/``
+    and returns only the row count and when the call ran, so the embeddings (2 x N x D floats per
+    item, 0.4 GB per 200k items at d_model 64) never travel through the object store."""
 
     def __init__(self, out_dir: str, **kw: Any) -> None:
         super().__init__(**kw)
-        self.out_dir = out_dir
+        self.out_dir = out_dir.rstrip("/")
+        self.readers = {kind: RowGroupReader(cols) for kind, cols in COLUMNS.items()}
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        import uuid
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out: dict[str, list[Any]] = {"kind": [], "rows": [], "start": [], "end": [], "pid": []}
+        for j in range(len(batch["kind"])):
+            call = Call(**{k: batch[k][j].item() if hasattr(batch[k][j], "item") else batch[k][j]
+                           for k in Call.__dataclass_fields__})
+            start = time.time()
+            n = self._run(call)
+            for k, v in (("kind", call.kind), ("rows", n), ("start", start), ("end", time.time()),
+                         ("pid", os.getpid())):
+                out[k].append(v)
+        return {k: np.asarray(v) for k, v in out.items()}
 
+    def _run(self, call: Call) -> int:
         import pyarrow.fs as pafs
 
+        from embsum.arrow_tensors import table_tensor
         from embsum.embeddings import embedding_table, write_shard
 
-        start = time.time()
-        table = embedding_table(super().__call__(batch))
-        fs, root = pafs.FileSystem.from_uri(self.out_dir) if "://" in self.out_dir else (None, self.out_dir)
-        write_shard(table, f"{root.rstrip('/')}/part-{uuid.uuid4().hex}.parquet", filesystem=fs)
-        return {"rows": np.asarray([table.num_rows]), "start": np.asarray([start]), "end": np.asarray([time.time()])}
+        rows = self.readers[call.kind].read(call.path, call.row_group, call.offset, call.rows)
+        if call.kind == ITEMS:
+            cols = {"item_id": rows.column("item_id"), "text": rows.column("text"),
+                    **encode_items(self.predictor, rows.column("token_ids").to_pylist())}
+        else:
+            emb = self.predictor.encode_users(table_tensor(rows, "session_ids", np.int32))  # (B, G, L) in
+            cols = {"user_id": rows.column("user_id"), "history": rows.column("history"), "upe": emb.upe,
+                    "summary": emb.summaries}
+        target = f"{self.out_dir}/{call.kind}/part-{call.index:06d}.parquet"
+        if "://" in self.out_dir:
+            fs, path = pafs.FileSystem.from_uri(target)
+            write_shard(embedding_table(cols), path, filesystem=fs)
+        else:  # written aside, then renamed: a retried call replaces its part whole
+            tmp = f"{target}.{time.time_ns()}.tmp"
+            write_shard(embedding_table(cols), tmp)
+            Path(tmp).replace(target)
+        return rows.num_rows
 
 
-class ItemWriter(_WritesItsOutput, ItemEncoder):
-    pass
-
-
-class UserWriter(_WritesItsOutput, UserEncoder):
-    pass
-
-
+# ---- the job ---------------------------------------------------------------------------------------------
 def parquet_rows(path: str | Path) -> int:
     """Row count from the parquet footers (no Ray Data execution); Ray Data's count where pyarrow
     cannot open the path itself."""
@@ -110,21 +232,6 @@ def parquet_rows(path: str | Path) -> int:
         return int(ray.data.read_parquet(str(path)).count())
 
 
-def in_calls(ds: Any, n_rows: int, t: Any) -> tuple[Any, int]:
-    """-> (``ds`` cut into blocks of one actor call each, that call size). Without it a single-file
-    table (one parquet row group) is one block, and Ray Data hands a block to ONE actor, which
-    batches it alone while the rest of the pool idles (measured: 2 actors ran at 1 actor's speed)."""
-    rows = rows_per_call(n_rows, t)
-    return ds.repartition(target_num_rows_per_block=rows), rows
-
-
-def rows_per_call(n_rows: int, t: Any) -> int:
-    """The Ray Data batch: large (per-call overhead is paid per batch, not per row), but split so that
-    every actor of the pool gets work; never below the model batch."""
-    spread = -(-max(n_rows, 1) // max(t.infer_actors, 1))
-    return max(t.infer_batch_size, min(t.infer_rows_per_call, spread))
-
-
 def resolve_version(cfg: Config, version: str | None) -> tuple[Any, str]:
     """-> (registry, version number) for an explicit version, serve.model_version, or the alias."""
     from embsum.registry import Registry
@@ -135,45 +242,77 @@ def resolve_version(cfg: Config, version: str | None) -> tuple[Any, str]:
 
 
 @dataclass(frozen=True)
-class PhaseStats:
-    """One encode phase (items or users). Call times are the actors' clocks, the phase start the
+class KindStats:
+    """What the pool did for one kind. Call times are the actors' clocks, the job start the
     driver's: on a multi-node cluster they agree to NTP's precision."""
 
     rows: int
-    seconds: float  # wall time: read -> encode -> write, actor start-up included
-    startup_s: float  # phase start -> the first actor call (worker start, imports, model load)
-    steady_per_s: float  # rows / (first call start -> last call end): the pool once it runs
+    calls: int
+    first_start: float  # the kind's first call started (epoch seconds)
+    last_end: float  # its last call ended
+    busy_s: float  # the calls' durations summed (actor-seconds)
 
     @property
-    def per_s(self) -> float:
-        return self.rows / max(self.seconds, 1e-9)
+    def span_s(self) -> float:
+        return max(self.last_end - self.first_start, 1e-9)
 
 
-def run_phase(ds: Any, writer: type, n_rows: int, out_dir: Path, pool: dict[str, Any],
-              model_kw: dict[str, Any], t: Any, what: str = "rows") -> PhaseStats:
-    """Encode ``ds`` with an actor pool of ``writer``s that write their parquet parts to ``out_dir``."""
-    t0 = time.time()
-    ds, rows = in_calls(ds, n_rows, t)
-    out_dir.mkdir()
-    events.progress(f"encoding {what}", 0, n_rows, what)
-    calls, done = [], 0
-    for c in ds.map_batches(writer, batch_size=rows, **pool,
-                            fn_constructor_kwargs={"out_dir": str(out_dir), **model_kw}).iter_rows():
-        calls.append(c)  # one row per actor call, as each finishes
-        done += int(c["rows"])
-        events.progress(f"encoding {what}", done, n_rows, what)
-    seconds = time.time() - t0
-    if not calls:
-        return PhaseStats(rows=0, seconds=seconds, startup_s=seconds, steady_per_s=0.0)
-    n = sum(int(c["rows"]) for c in calls)
-    first, last = min(float(c["start"]) for c in calls), max(float(c["end"]) for c in calls)
-    return PhaseStats(rows=n, seconds=seconds, startup_s=max(0.0, first - t0), steady_per_s=n / max(last - first, 1e-9))
+def kind_stats(calls: list[dict[str, Any]], kind: str) -> KindStats:
+    mine = [c for c in calls if str(c["kind"]) == kind]
+    if not mine:
+        return KindStats(rows=0, calls=0, first_start=0.0, last_end=0.0, busy_s=0.0)
+    return KindStats(rows=sum(int(c["rows"]) for c in mine), calls=len(mine),
+                     first_start=min(float(c["start"]) for c in mine), last_end=max(float(c["end"]) for c in mine),
+                     busy_s=sum(float(c["end"]) - float(c["start"]) for c in mine))
+
+
+def embed_report(t0: float, wall_s: float, items: KindStats, users: KindStats, actors: int,
+                 processes: int = 0) -> dict[str, Any]:
+    """The job's figures. ``startup_s``: job start -> the pool's first call (worker processes,
+    imports, model load), paid once for both kinds. Items come first, so ``items_seconds`` runs
+    from the job start (start-up included) to the last item call's end; ``users_seconds`` is the
+    span of the user calls (the pool is running by then; while one actor finishes its last items
+    the other starts on users, so this span is a little longer than users alone would take).
+    ``*_steady_per_s``: rows over the kind's own call span; ``*_busy_s``: actor-seconds spent on it;
+    ``actor_processes``: the distinct processes that ran calls (at most ``actors``: one pool)."""
+    first = min((s.first_start for s in (items, users) if s.calls), default=t0 + wall_s)
+    rep: dict[str, Any] = {"seconds": wall_s, "startup_s": max(0.0, first - t0), "actors": actors,
+                           "actor_processes": processes}
+    for kind, st, since in ((ITEMS, items, t0), (USERS, users, users.first_start)):
+        seconds = max(st.last_end - since, 1e-9) if st.calls else 0.0
+        rep.update({kind: st.rows, f"{kind}_calls": st.calls, f"{kind}_seconds": seconds,
+                    f"{kind}_per_s": st.rows / seconds if st.calls else 0.0,
+                    f"{kind}_steady_per_s": st.rows / st.span_s if st.calls else 0.0, f"{kind}_busy_s": st.busy_s})
+    return rep
+
+
+def run_calls(plan: list[Call], t: Any, writer_kw: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every call of ``plan`` through ONE pool of ``EmbedWriter``s -> one row per call (kind, rows,
+    start, end, pid), collected as each call finishes, with a progress event per kind."""
+    import ray.data
+
+    if not plan:
+        return []
+    totals = {kind: sum(c.rows for c in plan if c.kind == kind) for kind in (ITEMS, USERS)}
+    done = dict.fromkeys(totals, 0)
+    for kind, n in totals.items():
+        events.progress(f"encoding {kind}", 0, n, kind)
+    calls = []
+    for c in ray.data.from_items([asdict(c) for c in plan], override_num_blocks=len(plan)).map_batches(
+            EmbedWriter, batch_size=1, batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=t.infer_actors, max_tasks_in_flight_per_actor=CALLS_IN_FLIGHT),
+            num_cpus=t.infer_cpus, num_gpus=t.infer_gpus or None, fn_constructor_kwargs=writer_kw).iter_rows():
+        calls.append(c)
+        kind = str(c["kind"])
+        done[kind] += int(c["rows"])
+        events.progress(f"encoding {kind}", done[kind], totals[kind], kind)
+    return calls
 
 
 def run_embed(cfg: Config, version: str | None = None) -> dict[str, Any]:
     import ray.data
 
-    t0 = time.perf_counter()
+    t_start = time.perf_counter()
     data_dir = cfg.data_dir
     for need in (layout.ITEMS, layout.USERS):
         if not (data_dir / need).exists():
@@ -185,27 +324,28 @@ def run_embed(cfg: Config, version: str | None = None) -> dict[str, Any]:
     local_model = registry.download(version, cfg.workdir_path / "models" / f"v{version}")
     meta = json.loads((local_model / "embsum.json").read_text())
     t = cfg.train
-    model_kw = {"cfg_dict": cfg.to_dict(), "version": version, "model_dir": str(local_model)}
-    pool = dict(compute=ray.data.ActorPoolStrategy(size=t.infer_actors),
-                num_cpus=t.infer_cpus, num_gpus=t.infer_gpus or None, batch_format="numpy")
 
     out = version_dir(cfg.embeddings_dir, version)
     tmp = out.parent / f".tmp-{out.name}-{int(time.time())}"
-    tmp.mkdir(parents=True, exist_ok=True)
     try:
-        items = ray.data.read_parquet(str(data_dir / layout.ITEMS)).select_columns(["item_id", "text", "token_ids"])
-        st_items = run_phase(items, ItemWriter, parquet_rows(data_dir / layout.ITEMS), tmp / ITEMS, pool, model_kw, t,
-                             "items")
-        users = ray.data.read_parquet(str(data_dir / layout.USERS)).select_columns(
-            ["user_id", "history", "session_ids"])
-        st_users = run_phase(users, UserWriter, parquet_rows(data_dir / layout.USERS), tmp / USERS, pool, model_kw, t,
-                             "users")
+        for kind in (ITEMS, USERS):
+            (tmp / kind).mkdir(parents=True, exist_ok=True)
+        plan = [*plan_calls(ITEMS, data_dir / layout.ITEMS, rows_per_call(parquet_rows(data_dir / layout.ITEMS), t)),
+                *plan_calls(USERS, data_dir / layout.USERS,
+                            rows_per_call(parquet_rows(data_dir / layout.USERS), t, cost=USER_ROW_COST))]
+        t0 = time.time()
+        calls = run_calls(plan, t, {"out_dir": str(tmp), "cfg_dict": cfg.to_dict(), "version": version,
+                                    "model_dir": str(local_model)})
+        items, users = kind_stats(calls, ITEMS), kind_stats(calls, USERS)
+        report = {"version": version, "path": str(out),
+                  **embed_report(t0, time.time() - t0, items, users, t.infer_actors,
+                                 len({int(c["pid"]) for c in calls}))}
         manifest = Manifest(
             model_name=registry.name, model_version=str(version),
             model_fingerprint=str(meta.get("metadata", {}).get("model_fingerprint", "")),
-            items=st_items.rows, users=st_users.rows, dtype="float32", user_codes=int(meta["embsum"]["user_codes"]),
+            items=items.rows, users=users.rows, dtype="float32", user_codes=int(meta["embsum"]["user_codes"]),
             content_codes=int(meta["embsum"]["content_codes"]), d_model=int(meta["t5"]["d_model"]),
-            seconds=time.perf_counter() - t0)
+            seconds=time.perf_counter() - t_start)
         write_manifest(tmp, manifest)  # last: a folder with a manifest is complete
         if out.exists():
             shutil.rmtree(out)
@@ -213,17 +353,14 @@ def run_embed(cfg: Config, version: str | None = None) -> dict[str, Any]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    report: dict[str, Any] = {"version": version, "path": str(out), "seconds": time.perf_counter() - t0}
-    for kind, st in ((ITEMS, st_items), (USERS, st_users)):
-        report.update({kind: st.rows, f"{kind}_per_s": st.per_s, f"{kind}_steady_per_s": st.steady_per_s,
-                       f"{kind}_startup_s": st.startup_s, f"{kind}_seconds": st.seconds})
-    print(f"[embed] v{version}: {st_items.rows} items ({st_items.per_s:.1f}/s; {st_items.steady_per_s:.1f}/s once "
-          f"the pool ran, start-up {st_items.startup_s:.1f}s), {st_users.rows} users ({st_users.per_s:.1f}/s; "
-          f"{st_users.steady_per_s:.1f}/s once running, start-up {st_users.startup_s:.1f}s) -> {out}", flush=True)
+    report["seconds"] = time.perf_counter() - t_start
+    print(f"[embed] v{version}: one pool of {t.infer_actors} (start-up {report['startup_s']:.1f}s): "
+          f"{items.rows} items ({report['items_per_s']:.1f}/s incl. start-up, {report['items_steady_per_s']:.1f}/s "
+          f"running), {users.rows} users ({report['users_per_s']:.1f}/s) -> {out}", flush=True)
     from embsum.console import shown_path
 
-    events.summary(f"v{version}: {st_items.rows:,} items ({st_items.per_s:.1f}/s), {st_users.rows:,} users "
-                   f"({st_users.per_s:.1f}/s) -> {shown_path(out)}")
+    events.summary(f"v{version}: {items.rows:,} items ({report['items_per_s']:.1f}/s), {users.rows:,} users "
+                   f"({report['users_per_s']:.1f}/s) -> {shown_path(out)}")
     _log_to_registry(registry, version, report)
     return report
 

@@ -263,20 +263,48 @@ def test_summary_model_and_health(served):
 
 
 def test_embed_job_reports_its_throughput_to_the_version_run(served):
-    """run_embed's report: counts, end-to-end and steady-state rates, the pool's start-up; the same
-    figures on the version's MLflow run, beside evaluate's metrics."""
+    """run_embed's report: counts, the one pool's start-up (paid once for items and users), rates
+    end to end and once running; the same figures on the version's MLflow run."""
     from embsum.registry import Registry
 
     rep, v1 = served.embed_report, served.versions[0]
     assert rep["version"] == v1 and rep["items"] == N_ITEMS and rep["users"] == N_USERS
-    for kind in ("items", "users"):
-        assert 0.0 <= rep[f"{kind}_startup_s"] < rep[f"{kind}_seconds"]
-        # Once running, the pool is at least as fast as the phase overall (which adds its start-up).
-        assert rep[f"{kind}_steady_per_s"] >= rep[f"{kind}_per_s"] > 0
+    assert 0.0 <= rep["startup_s"] < rep["items_seconds"] <= rep["seconds"]
+    # Once running, the pool is at least as fast as the items phase overall (which adds the start-up).
+    assert rep["items_steady_per_s"] >= rep["items_per_s"] > 0 and rep["users_per_s"] > 0
+    assert rep["actor_processes"] == 1 and rep["items_calls"] >= 1 and rep["users_calls"] >= 1
     registry = Registry(served.cfg)
     logged = registry.run_metrics(registry.version(v1).run_id)
     assert logged["embed_items"] == N_ITEMS and logged["embed_users"] == N_USERS
     assert logged["embed_items_steady_per_s"] == pytest.approx(rep["items_steady_per_s"])
+    assert logged["embed_startup_s"] == pytest.approx(rep["startup_s"])
+
+
+def test_embed_job_in_many_calls_on_two_actors_writes_the_same_embeddings(served, tmp_path):
+    """The same version embedded again by a pool of 2 actors in calls of 16 rows: several calls and
+    parts per kind, every row exactly once, the same values as the one-call job, and both kinds run
+    by the same (at most 2) actor processes: one pool start-up, not one per kind."""
+    from embsum.config import replace
+    from serve.store import EmbeddingStore
+    from train.embed import run_embed
+
+    v1 = served.versions[0]
+    cfg = served.cfg
+    for key, value in (("train.infer_actors", 2), ("train.infer_rows_per_call", 16),
+                       ("serve.embeddings_dir", str(tmp_path / "emb"))):
+        cfg = replace(cfg, key, value)
+    rep = run_embed(cfg, v1)
+    assert rep["items_calls"] == 3 and rep["users_calls"] == 1 and rep["actor_processes"] <= 2
+    one = EmbeddingStore.load(served.cfg.embeddings_dir, model_name="embsum", model_version=v1)
+    many = EmbeddingStore.load(cfg.embeddings_dir, model_name="embsum", model_version=v1)
+    assert sorted(many.item_ids) == sorted(one.item_ids) and sorted(many.user_ids) == sorted(one.user_ids)
+    assert len(list((tmp_path / "emb" / f"v{v1}" / "items").glob("*.parquet"))) == 3
+    rows = [one.item_index[i] for i in many.item_ids]
+    np.testing.assert_allclose(many.cpe, one.cpe[rows], atol=1e-6)
+    np.testing.assert_allclose(many.cpe_key, one.cpe_key[rows], atol=1e-6)
+    users = [one.user_index[u] for u in many.user_ids]
+    np.testing.assert_allclose(many.upe, one.upe[users], atol=1e-5)
+    assert many.summaries == [one.summaries[u] for u in users]
 
 
 # ---- errors, limits, auth ----------------------------------------------------------------------------

@@ -57,9 +57,11 @@ def fake_results() -> dict[str, list[dict]]:
                    "plain": [{"examples_per_s": 32.0}, {"examples_per_s": 32.0}],
                    "memory": {"ray": mem, "plain": {"peak_rss_mb": 900.0, "peak_pss_mb": 900.0}}}],
         "embed": [{"actors": 2, "items": 50000, "users": 1820, "batch_size": 64,
-                   "ray": [{"items_per_s": 900.0, "items_steady_per_s": 1500.0, "users_per_s": 40.0}],
+                   "users_target": 0.9,
+                   "ray": [{"items_per_s": 900.0, "items_steady_per_s": 1500.0, "users_per_s": 40.0,
+                            "seconds": 30.0}],
                    "single": [{"cold_items_per_s": 1000.0, "items_per_s": 1200.0, "items_steady_per_s": 1250.0,
-                               "users_per_s": 50.0}],
+                               "users_per_s": 50.0, "job_seconds": 45.0}],
                    "memory": {"ray": mem, "single": {"peak_rss_mb": 800.0, "peak_pss_mb": 800.0}}}],
         "serve": [{"config": {"batch_wait_timeout_s": 0.004},
                    "inprocess_score": {"p50_ms": 0.2, "p99_ms": 4.0, "rps": 1200.0},
@@ -90,6 +92,9 @@ def test_figures_of_every_benchmark() -> None:
     assert embed.ratio == pytest.approx(0.9) and embed.met is True
     assert figs["embed"][1].ratio == pytest.approx(1.2) and figs["embed"][1].target is None  # once started
     assert figs["embed"][2].ratio == pytest.approx(0.75)  # vs a process that had its imports done
+    users, job = figs["embed"][3], figs["embed"][4]
+    assert users.ratio == pytest.approx(0.8) and users.met is False  # 40 vs 50 users/s: short of 0.9
+    assert job.ratio == pytest.approx(1.5) and job.unit == "s"  # 30 s vs 45 s: lower is better
     serve = {f.name: f for f in figs["serve"]}
     rps16 = next(f for n, f in serve.items() if "requests/s" in n and "16 clients" in n)
     assert rps16.ratio == pytest.approx(95 / 290) and rps16.met is False

@@ -90,6 +90,7 @@ def init_ray(cfg: RayConfig, *, log_to_driver: bool = True) -> Any:
     # No runtime_env here: a local cluster's raylet and workers inherit this process's environment
     # (setup_env ran above), and a job with a runtime_env cannot use the workers the raylet
     # prestarts without one: they idled while the job started its own (1-1.5 CPU-s each).
+    local_cluster_env()
     kwargs: dict[str, Any] = {}
     if cfg.temp_dir:
         kwargs["_temp_dir"] = cfg.temp_dir
@@ -104,6 +105,23 @@ def init_ray(cfg: RayConfig, *, log_to_driver: bool = True) -> Any:
     ray.init(address="local", num_cpus=num_cpus, namespace=cfg.namespace, include_dashboard=cfg.include_dashboard,
              log_to_driver=log_to_driver, **kwargs)
     return ray
+
+
+# For a cluster this process starts (its raylet, hence every worker, inherits this environment):
+# - Ray Train's preemption watcher is an actor per run (about 0.2 GB RSS) that polls Ray Core's
+#   node-drain state, which only a cloud or KubeRay autoscaler sets: a local cluster has nothing to
+#   preempt. A RayService keeps Ray's default (on).
+# - MAX_JOBS=1: DeepSpeed's CPU accelerator JIT-compiles its shared-memory comm op on a machine's
+#   first training run (cached in TORCH_EXTENSIONS_DIR after); ninja's default of one compiler per
+#   core ran two cc1plus of ~0.7 GB RSS each, the largest item of the train stage's peak on a fresh
+#   machine (bench/train_memory.py). One at a time costs seconds, once.
+LOCAL_CLUSTER_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "MAX_JOBS": "1"}
+
+
+def local_cluster_env() -> None:
+    """LOCAL_CLUSTER_ENV, unless the caller set the variables."""
+    for k, v in LOCAL_CLUSTER_ENV.items():
+        os.environ.setdefault(k, v)
 
 
 def _pin_api_server() -> int:
@@ -141,9 +159,16 @@ def local_system_config(num_cpus: int) -> dict[str, Any]:
     CPUs: a small run stays under the warning; the demo's train stage still reaches it once (in
     the logs only, see embsum/console.py).
 
-    Either is left to Ray when its environment variable (RAY_<name>) is set: Ray reads it itself.
+    ``prestart_worker_first_driver``: off. Ray starts one idle worker per logical CPU when the first
+    driver connects, for tasks without a runtime_env; Ray Train's and Ray Data's actors carry one
+    (Train forwards its RAY_TRAIN_* variables) and never use them, so in the train stage all four
+    sat idle through the run (0.33 GB RSS, bench/train_memory.py). Tasks start their workers when
+    they need them instead.
+
+    Each is left to Ray when its environment variable (RAY_<name>) is set: Ray reads it itself.
     """
-    wanted = {"num_workers_soft_limit": 2 * num_cpus, "worker_maximum_startup_concurrency": num_cpus}
+    wanted = {"num_workers_soft_limit": 2 * num_cpus, "worker_maximum_startup_concurrency": num_cpus,
+              "prestart_worker_first_driver": False}
     return {k: v for k, v in wanted.items() if not os.environ.get(f"RAY_{k}")}
 
 

@@ -115,7 +115,12 @@ def init_ray(cfg: RayConfig, *, log_to_driver: bool = True) -> Any:
 #   first training run (cached in TORCH_EXTENSIONS_DIR after); ninja's default of one compiler per
 #   core ran two cc1plus of ~0.7 GB RSS each, the largest item of the train stage's peak on a fresh
 #   machine (bench/train_memory.py). One at a time costs seconds, once.
-LOCAL_CLUSTER_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "MAX_JOBS": "1"}
+# - Ray Data's parquet reader lists a dataset's files through a pool of FooterReader actors, 32 of
+#   them by default, each a worker process (about 0.2 GB RSS) that reads footers with 128 I/O
+#   threads: for the train stage's two one-file datasets six such processes were alive at its peak
+#   (1.2 GB RSS). One actor reads the footers of every file a single machine holds.
+LOCAL_CLUSTER_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "MAX_JOBS": "1",
+                     "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": "1"}
 
 
 def local_cluster_env() -> None:
@@ -161,9 +166,9 @@ def local_system_config(num_cpus: int) -> dict[str, Any]:
 
     ``prestart_worker_first_driver``: off. Ray starts one idle worker per logical CPU when the first
     driver connects, for tasks without a runtime_env; Ray Train's and Ray Data's actors carry one
-    (Train forwards its RAY_TRAIN_* variables) and never use them, so in the train stage all four
-    sat idle through the run (0.33 GB RSS, bench/train_memory.py). Tasks start their workers when
-    they need them instead.
+    (Train forwards its RAY_TRAIN_* variables) and never use them: in the train stage all four sat
+    idle until its data was read (0.33 GB RSS, bench/train_memory.py). Tasks start the workers they
+    need instead (the read tasks' workers then idle under num_workers_soft_limit like any other).
 
     Each is left to Ray when its environment variable (RAY_<name>) is set: Ray reads it itself.
     """

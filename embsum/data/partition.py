@@ -1,31 +1,41 @@
-"""Decisions that need every row, made once from a few small columns, then applied per block.
+"""Grouping parsed records by user across blocks and nodes, and the one check that needs more
+than a user: duplicate impression ids.
 
 The plan stage needs all of a user's rows in one place (histories, the per-user negative sampler,
-example ordinals, the per-user cap), and no row whose impression id was used before. Both are
-global facts. They are computed here from the small columns the driver collects anyway (source,
-line, reason, user id, impression id), with pyarrow/numpy kernels rather than Python loops, and
-the result is small: the (source, line) of duplicate rows and, per user partition, its user ids.
+example ordinals, the per-user cap), and none of the rows whose impression id was used before.
+Both are global facts. Both are settled by hash shuffles (Ray Data's ``repartition(keys=...)``),
+so that every task sees its share of the rows and no task, and not the driver, sees them all:
 
-Each plan task then reads the parsed blocks and keeps the rows of its own users (``select_rows``),
-instead of a hash shuffle moving every row through per-partition aggregators. Why: on a small
-machine Ray Data's ``repartition(keys=...)`` cost about 12 CPU-seconds for a no-op on 200k rows
-(an aggregator actor per partition, each a fresh worker process, and a copy of every row through
-it), more than a third of all the work of the single-process transforms. On one node the blocks
-are read zero-copy from shared memory; on N nodes each node fetches the parsed rows once.
+1. duplicate impression ids (only when the data has impression ids): the good rows' small columns
+   (``impression_keys``: source, line, user id, impression id) are hash-partitioned by impression
+   id. A partition then holds every row of its impression ids, so ``duplicate_rows`` on it finds
+   exactly the rows a whole-data check would. Each becomes a *marker* (``duplicate_markers``): a
+   record-shaped row with the duplicate's source, line and user id and the reason
+   ``DUPLICATE_IMPRESSION``, which the parsers never emit.
+2. users: every parsed row and every marker is hash-partitioned by ``route`` (``with_route``): the
+   user id for good rows and markers, so a marker lands with the row it marks; a file position
+   for quarantined rows (they may have no user id, and must not all land in one partition). One
+   task per partition then splits its block (``split_partition``) into the records to plan (good,
+   unmarked), the quarantine rows (bad, or marked), and the counts for the report.
 
-Which partition a user lands in does not change any output: every plan row is a pure function
-of the user's own rows (``examples.plan_user``).
+Which partition a user lands in changes no output: every plan row is a pure function of the
+user's own rows (``examples.plan_user``), so the job writes the same rows on 1 worker or 40.
 """
 
 from __future__ import annotations
 
-import zlib
+import hashlib
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-DUPLICATES_SCHEMA = pa.schema([("source", pa.string()), ("line", pa.int64())])
+from embsum.data.records import DUPLICATE_IMPRESSION, RECORD_SCHEMA
+
+DUPLICATES_SCHEMA = pa.schema([("source", pa.string()), ("line", pa.int64()), ("user_id", pa.string())])
+IMPRESSION_KEYS = ["source", "line", "reason", "user_id", "impression_id"]
+ROUTE = "route"  # the column the user shuffle partitions on
+COUNTER_COLUMNS = ["n_candidates", "n_clicks", "n_missing_candidates", "n_history", "n_missing_history", "n_ignored"]
 
 
 def _codes(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
@@ -34,11 +44,18 @@ def _codes(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
     return np.asarray(pc.dictionary_encode(arr).indices.to_numpy(zero_copy_only=False), dtype=np.int64)
 
 
+def impression_keys(block: pa.Table) -> pa.Table:
+    """The small columns of a parsed block's good rows that have an impression id."""
+    keep = pc.and_(pc.equal(block.column("reason"), ""), pc.not_equal(block.column("impression_id"), ""))
+    return block.filter(keep).select(IMPRESSION_KEYS)
+
+
 def duplicate_rows(small: pa.Table, mind: bool) -> pa.Table:
-    """(source, line) of good rows whose impression id was already used: by an earlier row (MIND:
-    one row per impression) or by another user (logs: many rows per impression). "Earlier" and
-    "first" follow file order (source, line)."""
-    good = small.filter(pc.and_(pc.equal(small.column("reason"), ""), pc.not_equal(small.column("impression_id"), "")))
+    """(source, line, user id) of good rows whose impression id was already used: by an earlier row
+    (MIND: one row per impression) or by another user (logs: many rows per impression). "Earlier"
+    and "first" follow file order (source, line). ``small`` must hold every row of its impression
+    ids (the whole data, or one partition of the impression shuffle)."""
+    good = impression_keys(small)
     if good.num_rows == 0:
         return DUPLICATES_SCHEMA.empty_table()
     good = good.sort_by([("source", "ascending"), ("line", "ascending")])
@@ -55,28 +72,23 @@ def duplicate_rows(small: pa.Table, mind: bool) -> pa.Table:
     return good.filter(pa.array(dup)).select(DUPLICATES_SCHEMA.names).cast(DUPLICATES_SCHEMA)
 
 
-def user_partition(user_id: str, parts: int) -> int:
-    """Stable (crc32, the same in every process) partition of a user id."""
-    return zlib.crc32(user_id.encode("utf-8")) % parts
+def duplicate_markers(small: pa.Table, mind: bool) -> pa.Table:
+    """``duplicate_rows`` as record-shaped marker rows (reason ``DUPLICATE_IMPRESSION``)."""
+    dups = duplicate_rows(small, mind)
+    n = dups.num_rows
+    columns = {"source": dups.column("source"), "line": dups.column("line"), "user_id": dups.column("user_id"),
+               "reason": pa.array([DUPLICATE_IMPRESSION] * n, pa.string())}
+    return pa.table([columns[f.name] if f.name in columns else pa.nulls(n, f.type) for f in RECORD_SCHEMA],
+                    schema=RECORD_SCHEMA)
 
 
-def partition_users(users: pa.Array | pa.ChunkedArray, parts: int) -> list[pa.Array]:
-    """Distinct user ids -> ``parts`` arrays of user ids, by ``user_partition``."""
-    distinct = pc.unique(users)
-    ids = distinct.to_pylist()
-    part = np.fromiter((user_partition(u, parts) for u in ids), dtype=np.int64, count=len(ids))
-    return [distinct.filter(pa.array(part == p)) for p in range(parts)]
-
-
-def select_rows(block: pa.Table, users: pa.Array | None, duplicates: pa.Table) -> pa.Table:
-    """A parsed block's good rows that are not duplicates and, unless ``users`` is None, belong
-    to one of ``users``."""
-    keep = pc.equal(block.column("reason"), "")
-    if users is not None:
-        keep = pc.and_(keep, pc.is_in(block.column("user_id"), value_set=users))
-    if duplicates.num_rows:
-        keep = pc.and_(keep, pc.invert(is_duplicate(block, duplicates)))
-    return block.filter(keep)
+def with_route(block: pa.Table) -> pa.Table:
+    """The block with its ``route`` column: the user id for good rows and markers, else the row's
+    line number (spreads quarantined rows over the partitions)."""
+    reason = block.column("reason")
+    by_user = pc.or_(pc.equal(reason, ""), pc.equal(reason, DUPLICATE_IMPRESSION))
+    by_line = pc.binary_join_element_wise("\x00", pc.cast(block.column("line"), pa.string()), "")
+    return block.append_column(ROUTE, pc.if_else(by_user, block.column("user_id"), by_line))
 
 
 def is_duplicate(block: pa.Table, duplicates: pa.Table) -> pa.Array:
@@ -90,3 +102,41 @@ def is_duplicate(block: pa.Table, duplicates: pa.Table) -> pa.Array:
         pairs = zip(cand.column("source").to_pylist(), cand.column("line").to_pylist(), strict=True)
         mask[idx] = [p in wanted for p in pairs]
     return pa.array(mask)
+
+
+def split_partition(block: pa.Table) -> tuple[pa.Table, pa.Table, dict[str, int]]:
+    """One partition of the user shuffle -> (records to plan, quarantine rows (source, line,
+    reason, raw), counts over its parsed rows: 'input.rows', 'input.good', 'input.reason.<r>',
+    'input.sum.<counter column>')."""
+    reason = block.column("reason")
+    is_marker = pc.equal(reason, DUPLICATE_IMPRESSION)
+    markers = block.filter(is_marker)
+    rows = block.filter(pc.invert(is_marker))
+    good_mask = pc.equal(rows.column("reason"), "")
+    bad = rows.filter(pc.invert(good_mask))
+    good = rows.filter(good_mask)
+    quarantine = [bad.select(["source", "line", "reason", "raw"])]
+    if markers.num_rows:
+        dup = is_duplicate(good, markers)
+        marked = good.filter(dup)
+        good = good.filter(pc.invert(dup))
+        quarantine.append(marked.select(["source", "line", "raw"]).add_column(
+            2, "reason", pa.array([DUPLICATE_IMPRESSION] * marked.num_rows, pa.string())))
+    counts = {"input.rows": rows.num_rows, "input.good": good.num_rows}
+    if bad.num_rows:
+        vc = pc.value_counts(bad.column("reason"))
+        for value, count in zip(vc.field("values").to_pylist(), vc.field("counts").to_pylist(), strict=True):
+            counts[f"input.reason.{value}"] = count
+    if markers.num_rows:
+        counts[f"input.reason.{DUPLICATE_IMPRESSION}"] = quarantine[-1].num_rows
+    for c in COUNTER_COLUMNS:  # over every parsed row, quarantined ones included
+        counts[f"input.sum.{c}"] = int(pc.sum(rows.column(c)).as_py() or 0)
+    return good, pa.concat_tables(quarantine), counts
+
+
+def partition_key(block: pa.Table) -> str:
+    """A name for a partition's output files that is the same when the task is retried: a hash of
+    its smallest route (routes never repeat across partitions)."""
+    if block.num_rows == 0:
+        return "empty"
+    return hashlib.sha1(str(pc.min(block.column(ROUTE)).as_py()).encode()).hexdigest()[:16]

@@ -199,9 +199,11 @@ def deploy(cfg: Config, blocking: bool = False, *, name: str = APP_NAME, timeout
     it fails (e.g. the scorer could not load its version). ``blocking``: then serve until Ctrl-C
     or SIGTERM and shut Serve down.
     """
+    from embsum.resources import preflight_serve
     from embsum.runtime import init_ray
 
     init_ray(cfg.ray)
+    preflight_serve(cfg.serve.min_replicas, cfg.serve.num_cpus, cfg.serve.num_gpus)  # else: a silent wait
     env = serve_env(cfg)
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port},
                 controller_options={"runtime_env": {"env_vars": env}})

@@ -34,18 +34,20 @@ import numpy as np
 log = logging.getLogger("embsum.train")
 
 
-def _collate(summaries: dict[str, np.ndarray], empty_summary: np.ndarray, device: Any):
-    """Numpy batch -> tensors; attaches each user's teacher summary ids (EOS-only if none)."""
+def _collate(empty_summary: np.ndarray, device: Any):
+    """Numpy batch -> tensors. Training batches carry each user's teacher summary ids (joined in the
+    dataset, train/summaries.py); others (validation, no summaries) get EOS-only ones."""
     import torch
 
     def collate(batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        users = batch["user_id"]
-        summ = np.stack([summaries.get(str(u), empty_summary) for u in users])  # (B, S)
+        n = len(batch["session_ids"])
+        summ = np.asarray(batch["summary_ids"]) if "summary_ids" in batch else \
+            np.broadcast_to(empty_summary, (n, len(empty_summary)))  # (B, S)
         return {
             "session_ids": torch.as_tensor(np.asarray(batch["session_ids"]), dtype=torch.long, device=device),
             "candidate_ids": torch.as_tensor(np.asarray(batch["candidate_ids"]), dtype=torch.long, device=device),
             "summary_ids": torch.as_tensor(summ, dtype=torch.long, device=device),
-            "has_summary": int(sum(str(u) in summaries for u in users)),
+            "has_summary": int(np.sum(batch["has_summary"])) if "has_summary" in batch else 0,
         }
 
     return collate
@@ -116,10 +118,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if rank == 0:
             log.info(f"[train] resumed from step {step} ({ckpt.path})")
 
-    summaries: dict[str, np.ndarray] = loop_config.get("summaries") or {}
     empty = np.zeros((cfg.model.summary_tokens,), np.int32)
     empty[0] = tok.eos_id
-    collate = _collate(summaries, empty, device)
+    collate = _collate(empty, device)
     train_shard = ray.train.get_dataset_shard("train")
     valid_shard = ray.train.get_dataset_shard("valid") if t.eval_batches > 0 else None
     tracker = _Tracker(cfg, loop_config.get("mlflow_run_id")) if rank == 0 else None

@@ -92,7 +92,7 @@ from embsum.data.sources import (
     split_row_groups,
 )
 from embsum.data.tensorize import output_schema, tensorize, write_options
-from embsum.runtime import init_ray
+from embsum.runtime import init_ray, use_hash_shuffle
 
 BLOCKS_PER_CPU = 2  # parse blocks per cluster CPU, so a single big file is parsed by all of them
 ROWS_PER_BLOCK = (10_000, 50_000)  # ... within these bounds (smaller blocks cost more than they give)
@@ -234,14 +234,6 @@ def _partitions(rows: int, cpus: int) -> int:
     return max(1, min(max(cpus, math.ceil(rows / hi)), math.ceil(rows / lo)))
 
 
-def _hash_shuffle(ctx: Any) -> None:
-    """Key-based repartitioning needs a hash shuffle strategy (2.60's default, SHUFFLE_V2)."""
-    from ray.data.context import ShuffleStrategy
-
-    if ctx.shuffle_strategy not in (ShuffleStrategy.SHUFFLE_V2, ShuffleStrategy.HASH_SHUFFLE):
-        ctx.shuffle_strategy = ShuffleStrategy.SHUFFLE_V2
-
-
 def run_prepare(cfg: Config) -> dict[str, Any]:
     """Run the prepare job on ``cfg.ray``'s cluster; returns the report (also written to
     WORKDIR/data/prepare_report.json). Raises ``ValueError`` for inputs wrong as a whole."""
@@ -268,7 +260,7 @@ def run_prepare(cfg: Config) -> dict[str, Any]:
     init_ray(cfg.ray)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = True
-    _hash_shuffle(ctx)
+    use_hash_shuffle(ctx)
     t0 = time.perf_counter()
     stages: dict[str, float] = {}
 

@@ -6,7 +6,8 @@
 Reads WORKDIR/data/users/ (train split only: summaries supervise training, never evaluation) and
 items.parquet, runs a pool of up to data.teacher.num_workers actors that each hold one teacher
 (HTTP client and response cache, or the offline teacher), one items lookup and one tokenizer,
-and writes (see embsum/data/layout.py): summaries/, summaries_failed/ and summarize_report.json.
+and writes (see embsum/data/layout.py): summaries/ (partitioned like users/ and train/, so the
+trainer joins them file by file), summaries_failed/ and summarize_report.json.
 
 A user whose request failed after retries gets no summary: it is listed in summaries_failed/ and
 counted in the report. The job raises when every user failed, or when the failed share exceeds
@@ -30,7 +31,7 @@ import numpy as np
 from embsum.config import Config, replace
 from embsum.data import layout
 from embsum.data.teachers import load_item_records, load_prompt_template, make_teacher, resolve_cache_dir
-from embsum.runtime import init_ray
+from embsum.runtime import init_ray, use_hash_shuffle
 
 SUMMARY_COLUMNS = ["user_id", "summary", "teacher", "prompt_version", "summary_ids"]
 FIRST_ERRORS = 5  # errors quoted in the report and in the exception
@@ -60,6 +61,13 @@ class SummarizeWorker:
         self.summary_tokens = cfg.model.summary_tokens
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out = self.summarize(batch)
+        if "path" in batch:  # the users/ file (= prepare partition) each user came from
+            out[layout.PART_COLUMN] = np.array([os.path.basename(str(p)).removesuffix(".parquet")
+                                                for p in batch["path"]], dtype=object)
+        return out
+
+    def summarize(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         user_ids = [str(u) for u in batch["user_id"]]
         n = len(user_ids)
         errors = [""] * n
@@ -121,7 +129,10 @@ def run_summarize(cfg: Config) -> dict[str, Any]:
     from ray.data import ActorPoolStrategy
     from ray.data.expressions import col
 
-    users = ray.data.read_parquet(str(users_dir)).select_columns(["user_id", "split", "history"])
+    use_hash_shuffle(ray.data.DataContext.get_current())
+
+    users = ray.data.read_parquet(str(users_dir), include_paths=True).select_columns(
+        ["user_id", "split", "history", "path"])
     out = users.filter(expr=col("split") == "train").map_batches(
         SummarizeWorker,
         fn_constructor_kwargs={"cfg": cfg, "items_path": str(items_path), "template": template,
@@ -162,7 +173,12 @@ def run_summarize(cfg: Config) -> dict[str, Any]:
         summaries_dir = layout.path(data_dir, layout.SUMMARIES)
         staging = data_dir / f".{layout.SUMMARIES}.tmp-{uuid.uuid4().hex[:8]}"
         ok = (col("error") == "") & ~col("skipped")
-        out.filter(expr=ok).select_columns(SUMMARY_COLUMNS).write_parquet(str(staging))
+        # Partitioned like the training data (part=<users file stem>), one file per partition: the
+        # trainer joins each train/ file with its partition's summaries only (train/summaries.py).
+        parts = max(1, len(list(users_dir.glob("*.parquet"))))
+        out.filter(expr=ok).select_columns([*SUMMARY_COLUMNS, layout.PART_COLUMN]) \
+            .repartition(parts, keys=[layout.PART_COLUMN]) \
+            .write_parquet(str(staging), partition_cols=[layout.PART_COLUMN])
         _publish(staging, summaries_dir)
 
     report = {**counts, "teacher": teacher_name, "prompt_version": prompt_version,

@@ -21,6 +21,7 @@ import numpy as np
 from embsum.arrow_tensors import table_tensor
 from embsum.config import Config
 from embsum.data import layout
+from embsum.resources import preflight_train
 from embsum.runtime import init_ray
 
 
@@ -39,7 +40,8 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def load_summaries(data_dir: Path) -> dict[str, np.ndarray]:
-    """user_id -> summary ids (S,) int32, from the summarize stage's parquet."""
+    """user_id -> summary ids (S,) int32, from the summarize stage's parquet: every user's, in this
+    process (the single-process bench loop uses it; the Ray trainer joins them per file instead)."""
     import pyarrow.dataset as pads
 
     d = data_dir / layout.SUMMARIES
@@ -50,13 +52,14 @@ def load_summaries(data_dir: Path) -> dict[str, np.ndarray]:
     return {str(u): arr[i] for i, u in enumerate(table.column("user_id").to_pylist())}
 
 
-def probe_batch(valid_dir: Path, summaries: dict[str, np.ndarray], empty: np.ndarray,
-                n: int = 4) -> dict[str, np.ndarray]:
+def probe_batch(valid_dir: Path, data_dir: Path, empty: np.ndarray, n: int = 4) -> dict[str, np.ndarray]:
     """A few fixed examples whose scores are recorded at each checkpoint and rechecked after
     registration, so a serialization bug can never ship silently. The first rows of the validation
     examples, read from the parquet footers and first row group (a Ray Data execution for four
-    rows took 5-14 s of start-up on 2 cores)."""
+    rows took 5-14 s of start-up on 2 cores), with their users' summaries (a filtered scan)."""
     import pyarrow.dataset as pads
+
+    from train.summaries import summaries_of
 
     rows = pads.dataset(str(valid_dir), format="parquet").head(n, columns=["user_id", "session_ids",
                                                                            "candidate_ids"])
@@ -65,8 +68,7 @@ def probe_batch(valid_dir: Path, summaries: dict[str, np.ndarray], empty: np.nda
     return {
         "session_ids": table_tensor(rows, "session_ids", np.int32),
         "candidate_ids": table_tensor(rows, "candidate_ids", np.int32),
-        "summary_ids": np.stack([summaries.get(str(u), empty) for u in rows.column("user_id").to_pylist()]
-                                ).astype(np.int32),
+        "summary_ids": summaries_of(data_dir, [str(u) for u in rows.column("user_id").to_pylist()], empty),
     }
 
 
@@ -80,6 +82,7 @@ def run_train(cfg: Config, *, register: bool = True) -> dict[str, Any]:
     from embsum.registry import Registry
     from train.deepspeed_setup import build_deepspeed_config, resolve_precision, zero_stage
     from train.loop import train_loop_per_worker
+    from train.summaries import check_partitions, has_summaries, with_summaries
 
     t0 = time.perf_counter()
     t = cfg.train
@@ -87,23 +90,32 @@ def run_train(cfg: Config, *, register: bool = True) -> dict[str, Any]:
     for need in (layout.TRAIN, layout.VALID_EXAMPLES):
         if not (data_dir / need).exists():
             raise ValueError(f"{data_dir / need} not found: run `embsum prepare` first (same --config/workdir)")
-    summaries = load_summaries(data_dir)
-    if not summaries and t.summary_weight > 0:
+    summarized = has_summaries(data_dir)
+    if not summarized and t.summary_weight > 0:
         raise ValueError(f"no teacher summaries under {data_dir / layout.SUMMARIES}: run `embsum summarize` "
                          f"first, or set train.summary_weight=0")
+    if summarized:
+        check_partitions(data_dir)
     ds_config = build_deepspeed_config(cfg, t.num_workers)  # validate before starting anything
     init_ray(cfg.ray)
+    # Fail in seconds, naming the numbers, where Ray would wait forever: workers that fit nowhere,
+    # or no CPU left for the Ray Data tasks that stream the training data.
+    preflight_train(t.num_workers, t.cpus_per_worker, 1.0 if t.use_gpu else 0.0)
     if not t.use_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
     run_name = t.run_name or time.strftime("embsum-%Y%m%d-%H%M%S")
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = True
-    train_ds = ray.data.read_parquet(str(data_dir / layout.TRAIN))
-    valid_ds = ray.data.read_parquet(str(data_dir / layout.VALID_EXAMPLES))
     empty = np.zeros((cfg.model.summary_tokens,), np.int32)
     empty[0] = 1  # EOS
-    probe = probe_batch(data_dir / layout.VALID_EXAMPLES, summaries, empty)
+    # Each example carries its user's summary_ids, joined file by file (train/summaries.py): no
+    # worker is handed every user's summary.
+    train_ds = ray.data.read_parquet(str(data_dir / layout.TRAIN), include_paths=summarized)
+    if summarized:
+        train_ds = with_summaries(train_ds, data_dir, empty)
+    valid_ds = ray.data.read_parquet(str(data_dir / layout.VALID_EXAMPLES))
+    probe = probe_batch(data_dir / layout.VALID_EXAMPLES, data_dir, empty)
 
     registry = Registry(cfg)
     prep, summ = _read_json(data_dir / layout.REPORT), _read_json(data_dir / layout.SUMMARY_REPORT)
@@ -119,7 +131,7 @@ def run_train(cfg: Config, *, register: bool = True) -> dict[str, Any]:
     storage = cfg.storage_path
     Path(storage).mkdir(parents=True, exist_ok=True) if "://" not in storage else None
     loop_config = {
-        "cfg": cfg.to_dict(), "summaries": summaries, "probe": probe, "run_name": run_name,
+        "cfg": cfg.to_dict(), "probe": probe, "run_name": run_name,
         "mlflow_run_id": run_id, "fail_marker": str(Path(tempfile.gettempdir()) / f"embsum-fail-{run_name}"),
     }
     trainer = TorchTrainer(

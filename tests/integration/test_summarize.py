@@ -64,7 +64,9 @@ def _write_fixture(data_dir, poison_item: str | None = None) -> list[str]:
     })
     users_dir = layout.path(data_dir, layout.USERS)
     users_dir.mkdir()
-    pq.write_table(users, users_dir / "part-00000.parquet")
+    for part in (0, 1):  # two prepare partitions: even and odd users
+        pq.write_table(users.filter(pa.array([u % 2 == part for u in range(N_USERS)])),
+                       users_dir / f"part-{'ab'[part]}.parquet")
     return [f"U{u}" for u in range(N_USERS) if splits[u] == "train"]
 
 
@@ -88,9 +90,15 @@ def test_offline_job_writes_one_summary_per_train_user(ray_cluster, tmp_path):
     assert json.loads(layout.path(cfg.data_dir, layout.SUMMARY_REPORT).read_text())["summarized"] == len(train)
 
     ds = ray_cluster.data.read_parquet(str(layout.path(cfg.data_dir, layout.SUMMARIES)))
-    assert ds.columns() == SUMMARY_COLUMNS
+    assert ds.columns() == [*SUMMARY_COLUMNS, layout.PART_COLUMN]  # part: from the hive folder names
     rows = ds.take_all()
     assert sorted(r["user_id"] for r in rows) == sorted(train)  # train users only, each once
+    # Partitioned like users/ (and train/): each user's summary sits under its users file's stem,
+    # one file per partition.
+    assert all(r[layout.PART_COLUMN] == f"part-{'ab'[int(r['user_id'][1:]) % 2]}" for r in rows)
+    folders = sorted(layout.path(cfg.data_dir, layout.SUMMARIES).glob("part=*"))
+    assert [f.name for f in folders] == ["part=part-a", "part=part-b"]
+    assert all(len(list(f.glob("*.parquet"))) == 1 for f in folders)
     tok = EmbSumTokenizer.from_config(cfg.model)
     for r in rows:
         assert r["summary"].startswith("The user reads mostly ") and r["teacher"] == "offline-v1"

@@ -14,26 +14,25 @@ embsum/data/; this module is the glue that runs them on Ray Data:
    catalog that fits in one chunk is parsed on the driver (no worker loads the tokenizer).
 3. interactions: read as numbered rows (train/numbered_rows.py: line-aligned byte ranges of text
    files, row-group runs of parquet files) and parsed in the read tasks.
-4. duplicate impression ids (when the data has impression ids): a hash shuffle of the good rows'
-   small columns by impression id finds them; each becomes a marker row for its user
-   (embsum/data/partition.py).
-5. group + plan + write: a hash shuffle by user (``repartition(keys=...)``) of every parsed row
-   and marker; one task per partition holds whole users, drops the marked rows to the quarantine,
-   plans (per-user histories, examples, impressions), tensorizes and writes its parquet files of
-   every output and its quarantine rows, and returns one row of counts. All into a staging folder
-   that replaces the old outputs only when everything succeeded: a rerun never mixes in stale
-   shards.
+4. duplicate impression ids (when the data has impression ids): a hash shuffle of the parsed rows
+   by impression id; each partition holds every row of its ids and marks the duplicates
+   quarantined (embsum/data/partition.py).
+5. group + plan + write: a hash shuffle by user (``repartition(keys=...)``); one task per
+   partition holds whole users, plans them (per-user histories, examples, impressions),
+   tensorizes and writes its parquet files of every output and its quarantine rows, and returns
+   one row of counts. All into a staging folder that replaces the old outputs only when
+   everything succeeded: a rerun never mixes in stale shards.
 
 What grows with the data stays on the cluster: every task reads only its share of the rows (no
 task reads every block), the driver holds the catalog, the ranges' bounds and one row of counts
-per partition (no column, no user id), and each node's object store holds the blocks its own
-tasks made or pulled. Outputs are written under WORKDIR (a local path of the driver and the
-workers): on a multi-node cluster WORKDIR must be shared storage, as ``train.storage_path`` must.
-Inputs may be any URI.
+per partition (no column, no user id), and the stages stream from shuffle to shuffle (nothing is
+materialized), so each node's object store holds about its share of the rows in flight.
+Outputs are written under WORKDIR (a local path of the driver and the workers): on a multi-node
+cluster WORKDIR must be shared storage, as ``train.storage_path`` must. Inputs may be any URI.
 
-Cost (bench/prepare_bench.py, 2 cores): the user shuffle costs ~1 CPU-s per 200k impressions
-once its workers run (Ray 2.60's task-based SHUFFLE_V2; the aggregator-actor shuffle of earlier
-Ray versions cost ~12). Per-row cost and driver memory at 200k / 800k / 3.2M are in the README.
+Cost (bench/prepare_bench.py, 2 cores): a hash shuffle of 200k parsed impressions costs ~1 CPU-s
+once its workers run (Ray 2.60's task-based SHUFFLE_V2; the aggregator-actor shuffle measured
+earlier cost ~12). Per-row cost and driver memory at 200k / 800k / 3.2M are in the README.
 """
 
 from __future__ import annotations
@@ -62,11 +61,11 @@ from embsum.data.examples import KINDS, PlanSpec, plan_batch
 from embsum.data.partition import (
     COUNTER_COLUMNS,
     ROUTE,
-    duplicate_markers,
-    impression_keys,
+    impression_route,
+    mark_duplicates,
     partition_key,
     split_partition,
-    with_route,
+    user_route,
 )
 from embsum.data.records import (
     CATALOG_SCHEMA,
@@ -133,8 +132,8 @@ def _parse_interactions_task(batch: pa.Table, mind: bool, spec: LogSpec | None, 
     return parse_logs(batch, spec, headers, index.position, keep_raw=bool(spec.impression_col))
 
 
-def _markers_task(batch: pa.Table, mind: bool) -> pa.Table:
-    return duplicate_markers(batch, mind)
+def _mark_duplicates_task(batch: pa.Table, mind: bool) -> pa.Table:
+    return mark_duplicates(batch, mind)
 
 
 def _plan_write_task(batch: pa.Table, spec: PlanSpec, index_ref: Any, negatives: int, out: str) -> pa.Table:
@@ -295,17 +294,15 @@ def run_prepare(cfg: Config) -> dict[str, Any]:
                                    columns=None if mind else list(lspec.required))  # type: ignore[union-attr]
         n_parts = _partitions(est_rows, _cpus())
 
-        # 4. duplicate impression ids: a shuffle of small columns by impression id -> marker rows
+        # 4. duplicate impression ids: a shuffle by impression id marks them (as quarantined)
         if mind or (lspec is not None and lspec.impression_col):
-            parsed = parsed.materialize()  # read by both shuffles, parsed once
-            lap("parse")
-            markers = parsed.map_batches(impression_keys, batch_format="pyarrow", batch_size=None) \
-                .repartition(n_parts, keys=["impression_id"]) \
-                .map_batches(_markers_task, fn_kwargs=dict(mind=mind), batch_format="pyarrow", batch_size=None)
-            parsed = parsed.union(markers)
+            parsed = parsed.map_batches(impression_route, batch_format="pyarrow", batch_size=None) \
+                .repartition(n_parts, keys=[ROUTE]) \
+                .map_batches(_mark_duplicates_task, fn_kwargs=dict(mind=mind), batch_format="pyarrow",
+                             batch_size=None)
 
         # 5. group by user -> plan + tensorize + write, one task per partition
-        out = parsed.map_batches(with_route, batch_format="pyarrow", batch_size=None) \
+        out = parsed.map_batches(user_route, batch_format="pyarrow", batch_size=None) \
             .repartition(n_parts, keys=[ROUTE]) \
             .map_batches(_plan_write_task, batch_format="pyarrow", batch_size=None, fn_kwargs=dict(
                 spec=PlanSpec.from_config(cfg, mind), index_ref=index_ref, negatives=d.negatives, out=str(staging)))
@@ -327,6 +324,7 @@ def run_prepare(cfg: Config) -> dict[str, Any]:
         report["stage_seconds"] = stages
         report["cluster_cpus"] = ray.cluster_resources().get("CPU")
         report["plan_partitions"] = partitions
+        report["parsed_bytes"] = stats.get("input.bytes", 0)
         (staging / layout.REPORT).write_text(json.dumps(report, indent=2, sort_keys=True))
         for name in (layout.ITEMS, layout.QUARANTINE, layout.REPORT, *OUTPUTS.values()):
             _replace(staging / name, data_dir / name)

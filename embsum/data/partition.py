@@ -4,19 +4,20 @@ than a user: duplicate impression ids.
 The plan stage needs all of a user's rows in one place (histories, the per-user negative sampler,
 example ordinals, the per-user cap), and none of the rows whose impression id was used before.
 Both are global facts. Both are settled by hash shuffles (Ray Data's ``repartition(keys=...)``),
-so that every task sees its share of the rows and no task, and not the driver, sees them all:
+chained, so that every task sees its share of the rows and no task, and not the driver, sees them
+all; each shuffle partitions on a ``route`` column:
 
-1. duplicate impression ids (only when the data has impression ids): the good rows' small columns
-   (``impression_keys``: source, line, user id, impression id) are hash-partitioned by impression
-   id. A partition then holds every row of its impression ids, so ``duplicate_rows`` on it finds
-   exactly the rows a whole-data check would. Each becomes a *marker* (``duplicate_markers``): a
-   record-shaped row with the duplicate's source, line and user id and the reason
-   ``DUPLICATE_IMPRESSION``, which the parsers never emit.
-2. users: every parsed row and every marker is hash-partitioned by ``route`` (``with_route``): the
-   user id for good rows and markers, so a marker lands with the row it marks; a file position
-   for quarantined rows (they may have no user id, and must not all land in one partition). One
-   task per partition then splits its block (``split_partition``) into the records to plan (good,
-   unmarked), the quarantine rows (bad, or marked), and the counts for the report.
+1. duplicate impression ids (only when the data has impression ids): ``impression_route`` is the
+   impression id of a good row (a file position for the others, which spreads them). A partition
+   then holds every row of its impression ids, so ``mark_duplicates`` on it finds exactly the rows
+   a whole-data check would, and marks them quarantined (reason ``DUPLICATE_IMPRESSION``).
+2. users: ``user_route`` is the user id of a good row (a file position for quarantined rows: they
+   may have no user id, and must not all land in one partition). One task per partition then
+   splits its block (``split_partition``) into the records to plan (whole users), the quarantine
+   rows, and the counts for the report.
+
+Chained shuffles stream: a block leaves the object store once the next stage has taken it, so a
+node holds about its share of the parsed rows at a time, not the parsed input plus copies.
 
 Which partition a user lands in changes no output: every plan row is a pure function of the
 user's own rows (``examples.plan_user``), so the job writes the same rows on 1 worker or 40.
@@ -30,11 +31,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from embsum.data.records import DUPLICATE_IMPRESSION, RECORD_SCHEMA
+from embsum.data.records import DUPLICATE_IMPRESSION
 
-DUPLICATES_SCHEMA = pa.schema([("source", pa.string()), ("line", pa.int64()), ("user_id", pa.string())])
-IMPRESSION_KEYS = ["source", "line", "reason", "user_id", "impression_id"]
-ROUTE = "route"  # the column the user shuffle partitions on
+DUPLICATES_SCHEMA = pa.schema([("source", pa.string()), ("line", pa.int64())])
+ROUTE = "route"  # the column each shuffle partitions on
 COUNTER_COLUMNS = ["n_candidates", "n_clicks", "n_missing_candidates", "n_history", "n_missing_history", "n_ignored"]
 
 
@@ -44,18 +44,13 @@ def _codes(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
     return np.asarray(pc.dictionary_encode(arr).indices.to_numpy(zero_copy_only=False), dtype=np.int64)
 
 
-def impression_keys(block: pa.Table) -> pa.Table:
-    """The small columns of a parsed block's good rows that have an impression id."""
-    keep = pc.and_(pc.equal(block.column("reason"), ""), pc.not_equal(block.column("impression_id"), ""))
-    return block.filter(keep).select(IMPRESSION_KEYS)
-
-
 def duplicate_rows(small: pa.Table, mind: bool) -> pa.Table:
-    """(source, line, user id) of good rows whose impression id was already used: by an earlier row
+    """(source, line) of good rows whose impression id was already used: by an earlier row
     (MIND: one row per impression) or by another user (logs: many rows per impression). "Earlier"
     and "first" follow file order (source, line). ``small`` must hold every row of its impression
     ids (the whole data, or one partition of the impression shuffle)."""
-    good = impression_keys(small)
+    keep = pc.and_(pc.equal(small.column("reason"), ""), pc.not_equal(small.column("impression_id"), ""))
+    good = small.filter(keep).select(["source", "line", "user_id", "impression_id"])
     if good.num_rows == 0:
         return DUPLICATES_SCHEMA.empty_table()
     good = good.sort_by([("source", "ascending"), ("line", "ascending")])
@@ -72,23 +67,33 @@ def duplicate_rows(small: pa.Table, mind: bool) -> pa.Table:
     return good.filter(pa.array(dup)).select(DUPLICATES_SCHEMA.names).cast(DUPLICATES_SCHEMA)
 
 
-def duplicate_markers(small: pa.Table, mind: bool) -> pa.Table:
-    """``duplicate_rows`` as record-shaped marker rows (reason ``DUPLICATE_IMPRESSION``)."""
-    dups = duplicate_rows(small, mind)
-    n = dups.num_rows
-    columns = {"source": dups.column("source"), "line": dups.column("line"), "user_id": dups.column("user_id"),
-               "reason": pa.array([DUPLICATE_IMPRESSION] * n, pa.string())}
-    return pa.table([columns[f.name] if f.name in columns else pa.nulls(n, f.type) for f in RECORD_SCHEMA],
-                    schema=RECORD_SCHEMA)
-
-
-def with_route(block: pa.Table) -> pa.Table:
-    """The block with its ``route`` column: the user id for good rows and markers, else the row's
-    line number (spreads quarantined rows over the partitions)."""
-    reason = block.column("reason")
-    by_user = pc.or_(pc.equal(reason, ""), pc.equal(reason, DUPLICATE_IMPRESSION))
+def _route(block: pa.Table, key: str, by_key: pa.Array) -> pa.Table:
+    """The block with its ``route``: ``key``'s value where ``by_key``, else NUL + the line number."""
     by_line = pc.binary_join_element_wise("\x00", pc.cast(block.column("line"), pa.string()), "")
-    return block.append_column(ROUTE, pc.if_else(by_user, block.column("user_id"), by_line))
+    route = pc.if_else(by_key, block.column(key), by_line)
+    if ROUTE in block.column_names:
+        return block.set_column(block.schema.get_field_index(ROUTE), ROUTE, route)
+    return block.append_column(ROUTE, route)
+
+
+def impression_route(block: pa.Table) -> pa.Table:
+    """Route good rows with an impression id by that id (the duplicate check's shuffle)."""
+    good = pc.and_(pc.equal(block.column("reason"), ""), pc.not_equal(block.column("impression_id"), ""))
+    return _route(block, "impression_id", good)
+
+
+def user_route(block: pa.Table) -> pa.Table:
+    """Route good rows by user id (the plan's shuffle), quarantined ones by line."""
+    return _route(block, "user_id", pc.equal(block.column("reason"), ""))
+
+
+def mark_duplicates(block: pa.Table, mind: bool) -> pa.Table:
+    """One partition of the impression shuffle with its duplicate rows' reason set."""
+    dups = duplicate_rows(block, mind)
+    if dups.num_rows == 0:
+        return block
+    reason = pc.if_else(is_duplicate(block, dups), DUPLICATE_IMPRESSION, block.column("reason"))
+    return block.set_column(block.schema.get_field_index("reason"), "reason", reason)
 
 
 def is_duplicate(block: pa.Table, duplicates: pa.Table) -> pa.Array:
@@ -106,32 +111,20 @@ def is_duplicate(block: pa.Table, duplicates: pa.Table) -> pa.Array:
 
 def split_partition(block: pa.Table) -> tuple[pa.Table, pa.Table, dict[str, int]]:
     """One partition of the user shuffle -> (records to plan, quarantine rows (source, line,
-    reason, raw), counts over its parsed rows: 'input.rows', 'input.good', 'input.reason.<r>',
-    'input.sum.<counter column>')."""
-    reason = block.column("reason")
-    is_marker = pc.equal(reason, DUPLICATE_IMPRESSION)
-    markers = block.filter(is_marker)
-    rows = block.filter(pc.invert(is_marker))
-    good_mask = pc.equal(rows.column("reason"), "")
-    bad = rows.filter(pc.invert(good_mask))
-    good = rows.filter(good_mask)
-    quarantine = [bad.select(["source", "line", "reason", "raw"])]
-    if markers.num_rows:
-        dup = is_duplicate(good, markers)
-        marked = good.filter(dup)
-        good = good.filter(pc.invert(dup))
-        quarantine.append(marked.select(["source", "line", "raw"]).add_column(
-            2, "reason", pa.array([DUPLICATE_IMPRESSION] * marked.num_rows, pa.string())))
-    counts = {"input.rows": rows.num_rows, "input.good": good.num_rows}
+    reason, raw), counts over its rows: 'input.rows', 'input.good', 'input.bytes' (as parsed),
+    'input.reason.<r>', 'input.sum.<counter column>')."""
+    good_mask = pc.equal(block.column("reason"), "")
+    bad = block.filter(pc.invert(good_mask))
+    good = block.filter(good_mask)
+    counts = {"input.rows": block.num_rows, "input.good": good.num_rows,
+              "input.bytes": block.nbytes - block.column(ROUTE).nbytes}
     if bad.num_rows:
         vc = pc.value_counts(bad.column("reason"))
         for value, count in zip(vc.field("values").to_pylist(), vc.field("counts").to_pylist(), strict=True):
             counts[f"input.reason.{value}"] = count
-    if markers.num_rows:
-        counts[f"input.reason.{DUPLICATE_IMPRESSION}"] = quarantine[-1].num_rows
     for c in COUNTER_COLUMNS:  # over every parsed row, quarantined ones included
-        counts[f"input.sum.{c}"] = int(pc.sum(rows.column(c)).as_py() or 0)
-    return good, pa.concat_tables(quarantine), counts
+        counts[f"input.sum.{c}"] = int(pc.sum(block.column(c)).as_py() or 0)
+    return good, bad.select(["source", "line", "reason", "raw"]), counts
 
 
 def partition_key(block: pa.Table) -> str:

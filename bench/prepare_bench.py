@@ -159,7 +159,7 @@ def run_baseline(cfg: Config) -> dict[str, Any]:
     spec, counts, writers = PlanSpec.from_config(cfg, mind), Counter(), {}
     for kind in KINDS:  # as the job's plan tasks write: row groups of TENSORIZE_ROWS, the same options
         (out / OUTPUTS[kind]).mkdir()
-        schema = output_schema(kind, cfg.model, d.negatives)
+        schema = output_schema(kind, cfg.model, d.negatives, d.targets_per_example)
         writers[kind] = pq.ParquetWriter(out / OUTPUTS[kind] / "part-0.parquet", schema, **write_options(schema))
     for start, stop in _user_slices(good.column("user_id"), BASELINE_PLAN_ROWS):
         # Whole users at a time: one plan of every user at once would hold every plan row as Python
@@ -170,7 +170,8 @@ def run_baseline(cfg: Config) -> dict[str, Any]:
         for kind in KINDS:
             rows = plan.filter(pc.equal(kinds, kind))
             for k in range(0, rows.num_rows, TENSORIZE_ROWS):
-                writers[kind].write_table(tensorize(rows.slice(k, TENSORIZE_ROWS), kind, catalog.index, d.negatives))
+                writers[kind].write_table(tensorize(rows.slice(k, TENSORIZE_ROWS), kind, catalog.index, d.negatives,
+                                                    d.targets_per_example))
     for w in writers.values():
         w.close()
     q = parsed.filter(pc.not_equal(parsed.column("reason"), "")).select(["source", "line", "reason", "raw"])

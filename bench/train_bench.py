@@ -64,17 +64,18 @@ def load_train_arrays(cfg: Any) -> dict[str, np.ndarray]:
     from embsum.data import layout
 
     t = pads.dataset(str(cfg.data_dir / layout.TRAIN), format="parquet").to_table(
-        columns=["user_id", "session_ids", "candidate_ids"])
-    return {"user_id": np.asarray(t.column("user_id").to_pylist(), dtype=object),
+        columns=["example_id", "session_ids", "candidate_ids", "labels"])
+    return {"example_id": np.asarray(t.column("example_id").to_pylist(), dtype=object),
             "session_ids": table_tensor(t, "session_ids", np.int32),
-            "candidate_ids": table_tensor(t, "candidate_ids", np.int32)}
+            "candidate_ids": table_tensor(t, "candidate_ids", np.int32),
+            "labels": np.stack([np.asarray(x, np.int64) for x in t.column("labels").to_pylist()])}
 
 
 def plain_loop(cfg: Any, arrays: dict[str, np.ndarray], summaries: dict[str, np.ndarray], warmup: int,
                steps: int, window: int, threads: int = 2) -> dict[str, Any]:
     import torch
 
-    from embsum.losses import embsum_loss
+    from embsum.losses import batch_negative_scores, embsum_loss, grouped_rows
     from embsum.model import EmbSum
     from embsum.tokenization import EmbSumTokenizer
     from train.loop import _lr_lambda
@@ -93,7 +94,7 @@ def plain_loop(cfg: Any, arrays: dict[str, np.ndarray], summaries: dict[str, np.
     empty = np.zeros((cfg.model.summary_tokens,), np.int32)
     empty[0] = tok.eos_id
     batch = t.batch_size * t.num_workers  # the global batch of one optimizer step
-    order = np.random.default_rng(t.seed).permutation(len(arrays["user_id"]))
+    order = np.random.default_rng(t.seed).permutation(len(arrays["example_id"]))
     marks: list[float] = []
     losses: list[float] = []
     for step in range(warmup + steps):
@@ -102,10 +103,13 @@ def plain_loop(cfg: Any, arrays: dict[str, np.ndarray], summaries: dict[str, np.
         idx = order[(step * batch) % (len(order) - batch + 1):][:batch]
         sess = torch.as_tensor(arrays["session_ids"][idx], dtype=torch.long)
         cand = torch.as_tensor(arrays["candidate_ids"][idx], dtype=torch.long)
-        summ = torch.as_tensor(np.stack([summaries.get(str(u), empty) for u in arrays["user_id"][idx]]),
+        labels = torch.as_tensor(arrays["labels"][idx])
+        summ = torch.as_tensor(np.stack([summaries.get(str(e), empty) for e in arrays["example_id"][idx]]),
                                dtype=torch.long)
-        out = model(sess, cand, summ)
-        parts = embsum_loss(out.scores, out.summary_logits, summ, t.summary_weight, tok.pad_id, temperature)
+        out = model(sess, cand, summ)  # the same step as train/loop.py's train_step
+        extra = batch_negative_scores(out.upe, out.cpe, out.cpe_key, cand, labels) if t.in_batch_negatives else None
+        rows, extra = grouped_rows(out.scores, labels, 1 + cfg.data.negatives, extra)
+        parts = embsum_loss(rows, out.summary_logits, summ, t.summary_weight, tok.pad_id, temperature, extra)
         parts.total.backward()
         if t.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)

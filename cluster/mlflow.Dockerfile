@@ -11,8 +11,9 @@ FROM python:3.11-slim
 
 ARG MLFLOW_VERSION=3.17.2
 
+# mlflow[auth]: the basic-auth app (Flask-WTF for its CSRF protection) that mlflow-start.sh runs.
 RUN pip install --no-cache-dir \
-        "mlflow==${MLFLOW_VERSION}" \
+        "mlflow[auth]==${MLFLOW_VERSION}" \
         "psycopg2-binary>=2.9,<3" \
         "boto3>=1.34,<2" \
     && useradd --uid 1000 --create-home mlflow

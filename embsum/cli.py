@@ -140,11 +140,16 @@ def train(config: str = ConfigOpt, address: str = AddressOpt, overrides: list[st
 
 @app.command()
 def evaluate(version: str = typer.Option(None, "--version", help="Version number or alias (default: newest)."),
+             impressions: str = typer.Option(None, "--impressions",
+                                             help="Score new logs instead: a MIND-format behaviors file."),
+             items: str = typer.Option(None, "--items", help="The new logs' catalog (the run config's item format)."),
              config: str = ConfigOpt, address: str = AddressOpt, overrides: list[str] = OverridesArg) -> None:
     """Score whole valid/test impressions for a registered version (Ray Data batch inference); print and log
-    AUC, MRR, nDCG@5, nDCG@10. Writes WORKDIR/eval/v<VERSION>/<split>/ per-impression scores."""
-    _stage("train.evaluate", config, _ov(overrides, address), *(["--version", version] if version else []),
-           title="evaluate")
+    AUC, MRR, nDCG@5, nDCG@10. Writes WORKDIR/eval/v<VERSION>/<split>/ per-impression scores. With
+    --impressions and --items: the same for new logs prepare never saw (bad rows quarantined)."""
+    extra = [*(["--version", version] if version else []), *(["--impressions", impressions] if impressions else []),
+             *(["--items", items] if items else [])]
+    _stage("train.evaluate", config, _ov(overrides, address), *extra, title="evaluate")
 
 
 @app.command()
@@ -158,28 +163,26 @@ def embed(version: str = typer.Option(None, "--version", help="Version (default:
 
 @app.command()
 def promote(version: str = typer.Argument(None, help="Version to promote (default: the newest)."),
-            force: bool = typer.Option(False, "--force", help="Skip the gate: move the alias unconditionally."),
+            force: bool = typer.Option(False, "--force", help="Skip the metric comparison (the version must "
+                                                              "still have its embeddings)."),
             config: str = ConfigOpt, overrides: list[str] = OverridesArg) -> None:
-    """Move the alias (mlflow.alias, default 'champion') to a version if it beats the current champion's
-    validation metric (the gate), or unconditionally with --force. Redeploy (`embsum serve rollout`) to serve it."""
-    from embsum.registry import Registry
+    """Move the alias (mlflow.alias, default 'champion') to a version whose embeddings exist if it beats the
+    current champion's validation metric (the gate), or without comparing with --force. A registry failure is
+    an error (exit 1) and leaves the alias where it was. Roll out (`embsum serve rollout`) to serve it."""
+    from embsum.registry import Registry, RegistryError
 
     if version and "=" in version:
         overrides, version = [version, *(overrides or [])], None
     cfg = _config(config, overrides)
-    reg = Registry(cfg)
-    if version is None:
-        vs = reg.versions()
-        if not vs:
-            raise CliError(f"no registered versions of {reg.name!r} at {reg.uri}")
-        version = vs[-1].version
     try:
-        if force:
-            reg.promote(version)
-            console.print(f"{reg.name} v{version} is now {reg.alias!r} (forced)")
-            return
-        ok, why = reg.gate(version)
-    except ValueError as e:
+        reg = Registry(cfg)
+        if version is None:
+            vs = reg.versions()
+            if not vs:
+                raise CliError(f"no registered versions of {reg.name!r} at {reg.uri}")
+            version = vs[-1].version
+        ok, why = reg.gate(version, force=force)
+    except (ValueError, RegistryError) as e:
         raise CliError(str(e)) from None
     console.print(("[green]promoted[/green]: " if ok else "[yellow]not promoted[/yellow]: ") + why)
 
@@ -226,10 +229,13 @@ _KEY_METRICS = ("valid_auc", "test_auc", "valid_mrr", "valid_ndcg10", "val_auc")
 @models_app.command("list")
 def models_list(config: str = ConfigOpt, overrides: list[str] = OverridesArg) -> None:
     """Registered versions with aliases, key metrics, data fingerprint and teacher."""
-    from embsum.registry import Registry
+    from embsum.registry import Registry, RegistryError
 
     reg = Registry(_config(config, overrides))
-    versions = reg.versions()
+    try:
+        versions = reg.versions()
+    except RegistryError as e:
+        raise CliError(str(e)) from None
     if not versions:
         console.print(f"no registered versions of {reg.name!r} at {reg.uri}")
         return
@@ -248,11 +254,11 @@ def models_show(version: str = typer.Argument(..., help="Version number or alias
     """Everything about one version: source, tags, metrics."""
     from dataclasses import asdict
 
-    from embsum.registry import Registry
+    from embsum.registry import Registry, RegistryError
 
     try:
         info = Registry(_config(config, overrides)).version(version)
-    except ValueError as e:
+    except (ValueError, RegistryError) as e:
         raise CliError(str(e)) from None
     console.print_json(json.dumps(asdict(info), default=str))
 
@@ -261,12 +267,12 @@ def models_show(version: str = typer.Argument(..., help="Version number or alias
 def models_compare(a: str = typer.Argument(..., help="Version A."), b: str = typer.Argument(..., help="Version B."),
                    config: str = ConfigOpt, overrides: list[str] = OverridesArg) -> None:
     """Metrics of two versions side by side, with B - A."""
-    from embsum.registry import Registry
+    from embsum.registry import Registry, RegistryError
 
     reg = Registry(_config(config, overrides))
     try:
         va, vb = reg.version(a), reg.version(b)
-    except ValueError as e:
+    except (ValueError, RegistryError) as e:
         raise CliError(str(e)) from None
     t = Table(title=f"{reg.name}: v{va.version} vs v{vb.version}")
     for col in ("metric", f"v{va.version}", f"v{vb.version}", "B - A"):
@@ -358,16 +364,26 @@ def config_cmd(docs: bool = typer.Option(False, "--docs", help="Print the refere
 def run(config: str = ConfigOpt, address: str = AddressOpt,
         serve_demo: bool = typer.Option(True, "--serve/--no-serve", help="Start the Serve app and send requests."),
         keep_serving: bool = typer.Option(False, "--keep-serving", help="Keep the service up until Ctrl-C."),
+        stages: str = typer.Option(None, "--stages", help="Comma-separated subset of prepare,summarize,train,"
+                                                          "evaluate,embed,promote,serve (run in that order)."),
+        version: str = typer.Option(None, "--version", help="The version later stages act on when train is not "
+                                                            "among --stages."),
         report: Path = typer.Option(None, "--report", help="Also write the final report as JSON here."),
         overrides: list[str] = OverridesArg) -> None:
-    """The whole pipeline: prepare -> summarize -> train -> evaluate -> promote (gate) -> embed -> serve, then a
-    report (metrics, a user's generated summary, top-5 recommendations, where everything is). On the embedded
-    default: a local Ray cluster, MLflow in WORKDIR/mlflow, the synthetic demo data, the offline teacher."""
-    from embsum.pipeline import run_pipeline
+    """The whole pipeline: prepare -> summarize -> train -> evaluate -> embed -> promote (gate) -> serve, then a
+    report (metrics, a user's generated summary, top-5 recommendations, where everything is). Every stage after
+    train acts on the version train registered. On the embedded default: a local Ray cluster, MLflow in
+    WORKDIR/mlflow, the synthetic demo data, the offline teacher."""
+    from embsum.pipeline import run_pipeline, select_stages
+    from embsum.registry import RegistryError
 
     cfg = _config(config, _ov(overrides, address))
-    out = run_pipeline(cfg, config, _ov(overrides, address), stage=_stage, console=console,
-                       serve_demo=serve_demo, keep_serving=keep_serving)
+    try:
+        chosen = select_stages(stages.split(",") if stages else None, serve=serve_demo)
+        out = run_pipeline(cfg, config, _ov(overrides, address), stage=_stage, console=console, stages=chosen,
+                           version=version, keep_serving=keep_serving)
+    except RegistryError as e:
+        raise CliError(str(e)) from None
     if report:
         from embsum.stage import write_result
 

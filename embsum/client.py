@@ -27,7 +27,8 @@ class ApiError(RuntimeError):
 
 def read_token(s: ServeConfig, environ: Mapping[str, str] | None = None) -> str | None:
     """The API's bearer token: serve.auth_token_file if set (it must exist and be non-empty), else
-    the env var named by serve.auth_token_env; neither = auth off. Shared by the server and this
+    the env var named by serve.auth_token_env; neither = None (the server then starts without auth
+    only on a loopback bind or with serve.auth=none: serve/auth.py). Shared by the server and this
     client, so both read the same secret the same way."""
     if s.auth_token_file:
         path = Path(s.auth_token_file).expanduser()

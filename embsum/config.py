@@ -87,7 +87,12 @@ class DataConfig:
     user_col: str = _f("user_id", "Log column holding the user id.")
     item_col: str = _f("item_id", "Log column holding the item id.")
     timestamp_col: str | None = _f(None, "Log column holding the event time (ISO-8601, epoch seconds or "
-                                   "'%m/%d/%Y %I:%M:%S %p'); null = file order.")
+                                   "'%m/%d/%Y %I:%M:%S %p'); null = no time (see event_order).")
+    event_order: Literal["auto", "timestamp", "file", "random"] = _f(
+        "auto", "Order of a user's events, which decides histories and held-out positives: 'timestamp' (needs "
+        "timestamp_col), 'file' (only when the log's row order IS chronological), 'random' (a seeded random order "
+        "per user, independent of row order: a log without time carries no order); 'auto' = timestamp when "
+        "timestamp_col is set, else random.")
     label_col: str | None = _f(None, "Log column with a 0/1 click label or a rating; null = every row is a positive.")
     positive_threshold: float = _f(1.0, "A row is positive when label_col >= this (e.g. 8 for 1-10 ratings).")
     ignore_labels: list[float] = _f(list, "Label values that are neither positive nor negative and are "
@@ -101,11 +106,19 @@ class DataConfig:
         "column", "MIND: history from the impression's history column ('column') or from the user's "
                   "earlier clicks in the log ('log').")
     negatives: int = _f(4, "K: sampled negatives per training example (C = 1 + K candidates).", lo=1, hi=1000)
-    eval_negatives: int = _f(49, "Sampled negatives per leave-last-out evaluation impression (logs).", lo=1, hi=100000)
+    eval_negatives: int = _f(49, "Sampled negatives per held-out evaluation impression (logs).", lo=1, hi=100000)
+    eval_positives: int = _f(1, "Held-out positives per valid/test user (logs): each is one impression against "
+                             "eval_negatives unseen items; more give a tighter confidence interval.", lo=1, hi=10000)
     valid_fraction: float = _f(0.1, "Share of users (by hash) in the validation split.", lo=0.0, hi=0.5)
     test_fraction: float = _f(0.1, "Share of users (by hash) in the test split.", lo=0.0, hi=0.5)
     min_history: int = _f(1, "Examples whose history has fewer items are skipped (counted).", lo=0, hi=10000)
     max_examples_per_user: int = _f(50, "Cap on training examples per user (most recent kept).", lo=1, hi=1000000)
+    targets_per_example: int = _f(1, "T: positives per training example, sharing one history: the user side "
+                                  "(sessions, summary, UPE: most of a step) is encoded once for T positives, each "
+                                  "with its own K negatives.", lo=1, hi=256)
+    views_per_user: int = _f(1, "Random event order only: each train user's positives are regrouped this many "
+                             "times, each time with fresh random histories (more, and more varied, examples per "
+                             "pass; a pass over V views is like V passes with new histories).", lo=1, hi=1000)
     seed: int = _f(0, "Seed for splits and negative sampling.")
     synth_users: int = _f(400, "Synthetic set: number of users.", lo=1, hi=10_000_000)
     synth_items: int = _f(600, "Synthetic set: number of items.", lo=10, hi=10_000_000)
@@ -138,6 +151,9 @@ class EmbSumConfig:
     content_tokens: int = _f(48, "Tokens per candidate item (marker + text + EOS).", lo=4, hi=4096)
     summary_tokens: int = _f(48, "Max summary tokens (teacher-forced length and generation bound, incl. EOS).",
                              lo=2, hi=1024)
+    summary_no_repeat_ngram: int = _f(3, "Greedy summary generation never repeats an n-gram of this size "
+                                      "(the standard summarization guard against 'and and and' loops); 0 = off.",
+                                      lo=0, hi=64)
     user_codes: int = _f(8, "M: user poly-embedding codes.", lo=1, hi=1024)
     content_codes: int = _f(4, "N: content poly-embedding codes.", lo=1, hi=1024)
 
@@ -162,6 +178,8 @@ class TrainConfig:
     max_steps: int = _f(600, "Optimizer steps in total.", lo=1, hi=100_000_000)
     grad_clip: float = _f(1.0, "Gradient-norm clip (0 = off).", lo=0.0, hi=1e6)
     summary_weight: float = _f(0.05, "lambda in L = L_NCE + lambda * L_sum.", lo=0.0, hi=100.0)
+    in_batch_negatives: bool = _f(True, "NCE also scores each user against the other examples' candidates in the "
+                                  "micro-batch (B*C more negatives, no extra encoding).")
     nce_temperature: float = _f(0.0, "NCE logits are score / t (training only; ranking is unchanged); "
                                 "0 = sqrt(d_model).", lo=0.0, hi=1e6)
     checkpoint_every: int = _f(200, "Save (collectively) every N steps; also at the end.", lo=1, hi=100_000_000)
@@ -197,13 +215,21 @@ class MlflowConfig:
     gate_metric: str = _f("auc", "Validation metric the gate compares (higher is better).")
     gate_floor: float = _f(0.0, "A version is promoted only if its gate metric is above this floor "
                            "and above the current champion's.", lo=-1e9, hi=1e9)
+    http_timeout_s: int = _f(30, "Seconds an HTTP call to a tracking server may wait for an answer (sets "
+                             "MLFLOW_HTTP_REQUEST_TIMEOUT, MLflow's default 120). Raise it for multi-GB model "
+                             "uploads through a slow artifact proxy.", lo=1, hi=3600)
+    http_retries: int = _f(2, "Retries of a failed HTTP call to a tracking server (connection errors, 429, 5xx; "
+                           "sets MLFLOW_HTTP_REQUEST_MAX_RETRIES, MLflow's default 7, about 4 minutes).", lo=0, hi=10)
+    http_backoff_factor: int = _f(1, "Backoff between those retries: about factor * 2^retry seconds (sets "
+                                  "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR, MLflow's default 2).", lo=0, hi=120)
 
 
 @dataclass(frozen=True)
 class ServeConfig:
     """The Ray Serve scorer."""
 
-    host: str = _f("127.0.0.1", "HTTP bind address (0.0.0.0 only behind a network policy).")
+    host: str = _f("127.0.0.1", "HTTP bind address. Beyond loopback (e.g. 0.0.0.0) the API refuses to start "
+                   "without a token unless serve.auth is 'none'.")
     port: int = _f(8000, "HTTP port.", lo=1, hi=65535)
     route_prefix: str = _f("/", "Application route prefix.")
     ingress: Literal["haproxy", "proxy"] = _f(
@@ -211,7 +237,9 @@ class ServeConfig:
         "(RAY_SERVE_ENABLE_HA_PROXY=1, RAY_SERVE_THROUGHPUT_OPTIMIZED=1: HAProxy forwards to an HTTP server in each "
         "replica), 'proxy' = Serve's Python HTTP proxy (one Ray actor call per request; slower). A RayService "
         "sets the same env vars on its pods.")
-    model_version: str = _f("", "Registered version to serve; '' = the version the alias points to.")
+    model_version: str = _f("", "Registered version to serve; '' = the version the alias points to at deploy "
+                            "time, resolved once: every replica (new ones from autoscaling and restarts "
+                            "included) loads that number until the next rollout.")
     embeddings_dir: str = _f("", "Precomputed embeddings root; '' = WORKDIR/embeddings. The subfolder "
                              "v<VERSION> must hold a manifest naming the served version.")
     max_batch_size: int = _f(16, "@serve.batch max batch size.", lo=1, hi=4096)
@@ -224,13 +252,38 @@ class ServeConfig:
     min_replicas: int = _f(1, "Autoscaling: fewest scorer replicas.", lo=0, hi=10000)
     max_replicas: int = _f(2, "Autoscaling: most scorer replicas.", lo=1, hi=10000)
     target_ongoing_requests: float = _f(8.0, "Autoscaling target per replica.", lo=0.1, hi=100000)
+    upscale_delay_s: float = _f(10.0, "Autoscaling: seconds the load must stay above target before a replica is "
+                                "added (a replica takes longer than this to load its bundle; shorter chases "
+                                "noise).", lo=0.0, hi=3600)
+    downscale_delay_s: float = _f(300.0, "Autoscaling: seconds the load must stay below target before a replica "
+                                  "is removed (long: each scale-down and scale-up pair reloads a model and its "
+                                  "embeddings).", lo=0.0, hi=86400)
+    look_back_period_s: float = _f(30.0, "Autoscaling: seconds of load averaged for each decision.",
+                                   lo=0.1, hi=3600)
+    metrics_interval_s: float = _f(10.0, "Autoscaling: how often each replica reports its load (Serve's "
+                                   "autoscaling_config.metrics_interval_s, marked deprecated in Ray 2.60 but "
+                                   "still the one it reads); must be below look_back_period_s.", lo=0.1, hi=3600)
     num_cpus: float = _f(1.0, "CPUs per scorer replica.", lo=0.0, hi=1024)
     num_gpus: float = _f(0.0, "GPUs per scorer replica.", lo=0.0, hi=64)
+    max_replicas_per_node: int = _f(0, "Most scorer replicas on one Ray node; 0 = no limit. 1 on Kubernetes: "
+                                    "replicas land on different pods, so losing a pod loses one replica.",
+                                    lo=0, hi=10000)
+    memory_gb: float = _f(1.0, "Memory reserved per scorer replica, GiB (ray_actor_options.memory): twice the "
+                          "bundle (a rollout holds two) plus the process; sizing in cluster/README.md. "
+                          "0 = not declared.", lo=0.0, hi=4096)
+    request_timeout_s: float = _f(30.0, "Seconds before Serve answers a request 408 (http_options."
+                                  "request_timeout_s); 0 = no limit.", lo=0.0, hi=3600)
     max_candidates: int = _f(1000, "Most candidates per /v1/score request (else 413).", lo=1, hi=10_000_000)
+    max_cold_items: int = _f(64, "Most candidates per /v1/score request that need a T5 encode (given by text, "
+                             "id unknown to the served embeddings) (else 413).", lo=0, hi=10_000_000)
     max_history: int = _f(200, "Most history items per request (else 413).", lo=1, hi=1_000_000)
     max_k: int = _f(1000, "Largest k for /v1/recommend.", lo=1, hi=1_000_000)
     max_body_bytes: int = _f(1_048_576, "Largest request body (else 413).", lo=1024, hi=1 << 31)
-    auth_token_env: str = _f("EMBSUM_API_TOKEN", "Env var with the bearer token; unset and no file = auth off.")
+    auth: Literal["auto", "token", "none"] = _f(
+        "auto", "API auth: 'auto' = bearer token when one is set, required on a bind beyond loopback; 'token' = "
+        "required on any bind; 'none' = no auth even beyond loopback (only behind a gateway that authenticates). "
+        "Placeholder tokens (CHANGE-ME, ...) and tokens under 16 characters are refused.")
+    auth_token_env: str = _f("EMBSUM_API_TOKEN", "Env var with the bearer token (see serve.auth).")
     auth_token_file: str = _f("", "File holding the bearer token (takes precedence over the env var).")
 
 
@@ -252,12 +305,23 @@ class Config:
         if self.serve.max_ongoing_requests < self.serve.max_batch_size:
             raise ValueError(f"serve.max_ongoing_requests={self.serve.max_ongoing_requests} must be >= "
                              f"serve.max_batch_size={self.serve.max_batch_size} or batches never fill")
+        if self.serve.look_back_period_s <= self.serve.metrics_interval_s:
+            raise ValueError(f"serve.look_back_period_s={self.serve.look_back_period_s} must be > "
+                             f"serve.metrics_interval_s={self.serve.metrics_interval_s} (the window must hold "
+                             f"at least one load report)")
         if self.serve.min_replicas > self.serve.max_replicas:
             raise ValueError(f"serve.min_replicas={self.serve.min_replicas} must be <= "
                              f"serve.max_replicas={self.serve.max_replicas}")
         if self.data.valid_fraction + self.data.test_fraction >= 1.0:
             raise ValueError(f"data.valid_fraction={self.data.valid_fraction} + data.test_fraction="
                              f"{self.data.test_fraction} must be < 1 (no users left to train on)")
+        d = self.data
+        if d.event_order == "timestamp" and d.format == "logs" and not d.timestamp_col:
+            raise ValueError("data.event_order='timestamp' needs data.timestamp_col (the log has no time column "
+                             "configured); use 'random', or 'file' if the rows are in chronological order")
+        if d.format != "logs" and d.event_order in ("file", "random"):
+            raise ValueError(f"data.event_order={d.event_order!r} applies to data.format='logs' only "
+                             f"(format {d.format!r} has timestamps); use 'auto'")
         m = self.model
         if (m.session_tokens - 1) // m.items_per_session < 2:
             raise ValueError(f"model.session_tokens={m.session_tokens} leaves fewer than 2 tokens per item for "

@@ -27,6 +27,8 @@ class EmbSumOutput:
     scores: torch.Tensor  # (B, C); candidate 0 is the positive in training batches
     summary_logits: torch.Tensor  # (B, S, V) teacher-forced
     upe: torch.Tensor  # (B, M, D)
+    cpe: torch.Tensor  # (B, C, N, D) the candidates' content poly-embeddings
+    cpe_key: torch.Tensor  # (B, C, N, D) gelu(B W_s): with cpe, what in-batch negatives are scored with
 
 
 @dataclass
@@ -160,6 +162,7 @@ class EmbSum(nn.Module):
         gen = self.t5.generate(
             encoder_outputs=BaseModelOutput(last_hidden_state=enc), attention_mask=mask.reshape(b, -1).long(),
             max_new_tokens=s, min_new_tokens=1, do_sample=False, num_beams=1,
+            no_repeat_ngram_size=self.cfg.summary_no_repeat_ngram,
             decoder_start_token_id=self.pad_id, eos_token_id=self.eos_id, pad_token_id=self.pad_id,
             synced_gpus=self.synced_generation,
         )[:, 1:]  # (B, <=S) drop the start token
@@ -207,16 +210,20 @@ class EmbSum(nn.Module):
         key = F.gelu(self.item_gate(cpe))  # (I, N, D)
         return cpe, key
 
-    # ---- 5. training forward ----------------------------------------------------------------------------
+    # ---- 5. scoring candidates ---------------------------------------------------------------------------
     def forward(self, session_ids: torch.Tensor, candidate_ids: torch.Tensor,
-                summary_ids: torch.Tensor) -> EmbSumOutput:
-        """session_ids (B, G, L), candidate_ids (B, C, Lc), summary_ids (B, S) -> scores (B, C) + logits."""
+                summary_ids: torch.Tensor | None = None) -> EmbSumOutput:
+        """session_ids (B, G, L), candidate_ids (B, C, Lc) [, summary_ids (B, S)] -> scores (B, C) + logits.
+
+        With summary_ids: teacher-forced (training). Without: the summary is generated, as at inference
+        (validation scores what evaluation and serving will score)."""
         b, c, lc = candidate_ids.shape
         user = self.user_encoding(session_ids, summary_ids)
         cpe, key = self.encode_content(candidate_ids.reshape(b * c, lc))  # (B*C, N, D) x2
         n, d = cpe.shape[-2:]
-        scores = score(user.upe, cpe.view(b, c, n, d), key.view(b, c, n, d))  # (B, C)
-        return EmbSumOutput(scores=scores, summary_logits=user.summary_logits, upe=user.upe)
+        cpe, key = cpe.view(b, c, n, d), key.view(b, c, n, d)  # (B, C, N, D) x2
+        scores = score(user.upe, cpe, key)  # (B, C)
+        return EmbSumOutput(scores=scores, summary_logits=user.summary_logits, upe=user.upe, cpe=cpe, cpe_key=key)
 
 
 def count_parameters(module: nn.Module) -> int:

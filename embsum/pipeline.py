@@ -2,13 +2,19 @@
 
 The stages are the same programs a KubeRay RayJob runs; here they share one local cluster that
 this process starts (or the cluster at ``ray.address``), each stage attaching to it as a driver.
+
+Versions are explicit (DESIGN.md 8): the train stage registers version N and every later stage is
+told N, never "the newest" or "the alias": evaluate N, embed N, the gate on N (which promotes only
+a version whose embeddings exist, so a replica never finds a champion without them), then the
+serve stage rolls the app out to the version the gate leaves as champion, by number. ``STAGES``
+is the one ordered list; the RayJob (cluster/base/pipeline.sh) runs ``embsum run --no-serve``.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from rich.console import Console
@@ -18,14 +24,33 @@ from embsum.config import Config
 from embsum.embeddings import read_manifest, version_dir
 from embsum.metrics import METRIC_NAMES
 
+# The pipeline, in order. Each stage after train acts on the version train registered (or --version).
+STAGES = ("prepare", "summarize", "train", "evaluate", "embed", "promote", "serve")
+_NEEDS_VERSION = ("evaluate", "embed", "promote", "serve")
+
+
+def select_stages(names: Sequence[str] | None = None, serve: bool = True) -> list[str]:
+    """``names`` (default: all) in pipeline order, without 'serve' when ``serve`` is False."""
+    chosen = list(names) if names else list(STAGES)
+    unknown = [s for s in chosen if s not in STAGES]
+    if unknown:
+        raise ValueError(f"unknown stage {unknown[0]!r}; stages, in order: {','.join(STAGES)}")
+    return [s for s in STAGES if s in chosen and (serve or s != "serve")]
+
 
 def run_pipeline(cfg: Config, config_path: str, overrides: list[str], *, stage: Callable[..., dict[str, Any]],
-                 console: Console, serve_demo: bool = True, keep_serving: bool = False) -> dict[str, Any]:
+                 console: Console, stages: Sequence[str] = STAGES, version: str | None = None,
+                 keep_serving: bool = False) -> dict[str, Any]:
+    """Run ``stages`` (in STAGES order) on one Ray cluster; ``version`` is required when train is not
+    among them and a later stage is."""
     import ray
 
-    from embsum.registry import Registry
     from embsum.runtime import init_ray
 
+    stages = select_stages(stages)
+    if version is None and "train" not in stages and any(s in _NEEDS_VERSION for s in stages):
+        raise ValueError(f"stages {','.join(stages)} act on one model version: give --version N (the version "
+                         f"a train stage registered), or include train")
     t0 = time.perf_counter()
     own_cluster = cfg.ray.address is None
     if own_cluster:
@@ -42,30 +67,37 @@ def run_pipeline(cfg: Config, config_path: str, overrides: list[str], *, stage: 
                       f"({int(ray.cluster_resources().get('CPU', 0))} logical CPUs)")
     out: dict[str, Any] = {}
     try:
-        out["prepare"] = stage("train.prepare", config_path, ov, title="1/7 prepare")
-        out["summarize"] = stage("train.summarize", config_path, ov, title="2/7 summarize")
-        out["train"] = stage("train.train", config_path, ov, title="3/7 train")
-        version = str(out["train"]["version"])
-        out["evaluate"] = stage("train.evaluate", config_path, ov, "--version", version, title="4/7 evaluate")
-        console.rule("[bold]5/7 promote")
-        registry = Registry(cfg)
-        promoted, why = registry.gate(version)
-        console.print(("[green]promoted[/green]: " if promoted else "[yellow]not promoted[/yellow]: ") + why)
-        champion = registry.champion()
-        if champion is None:
-            raise ValueError(f"no version holds the alias {cfg.mlflow.alias!r} ({why}); nothing to serve")
-        served = champion.version
-        out["promote"] = {"promoted": promoted, "reason": why, "serving": served}
-        if _has_embeddings(cfg, registry.name, served):
-            console.rule("[bold]6/7 embed")
-            console.print(f"embeddings for v{served} already exist at {version_dir(cfg.embeddings_dir, served)}")
-        else:
-            out["embed"] = stage("train.embed", config_path, ov, "--version", served, title="6/7 embed")
-        if serve_demo:
-            out["serve"] = _serve_and_ask(cfg, config_path, ov, stage, console, served)
+        if version is not None:
+            version = _resolve(cfg, version)
+        for i, name in enumerate(stages, 1):
+            title = f"{i}/{len(stages)} {name}"
+            if name in ("prepare", "summarize"):
+                out[name] = stage(f"train.{name}", config_path, ov, title=title)
+            elif name == "train":
+                out["train"] = stage("train.train", config_path, ov, title=title)
+                version = str(out["train"]["version"])
+            elif name == "evaluate":
+                out["evaluate"] = stage("train.evaluate", config_path, ov, "--version", version, title=title)
+            elif name == "embed":
+                if _has_embeddings(cfg, cfg.mlflow.registered_model, version):
+                    console.rule(f"[bold]{title}")
+                    console.print(f"embeddings for v{version} already exist at "
+                                  f"{version_dir(cfg.embeddings_dir, version)}")
+                else:
+                    out["embed"] = stage("train.embed", config_path, ov, "--version", version, title=title)
+            elif name == "promote":
+                console.rule(f"[bold]{title}")
+                out["promote"] = _promote(cfg, version, console)
+            else:  # serve: the version the gate left as champion, or the one given
+                served = out["promote"]["serving"] if "promote" in out else version
+                if served is None:
+                    raise ValueError(f"no version holds the alias {cfg.mlflow.alias!r} "
+                                     f"({out['promote']['reason']}); nothing to serve")
+                out["serve"] = _serve_and_ask(cfg, config_path, ov, stage, console, served, title)
+        out["version"] = version
         out["seconds"] = time.perf_counter() - t0
         _report(cfg, out, console)
-        if serve_demo and keep_serving:
+        if "serve" in out and keep_serving:
             console.print(f"serving on http://{cfg.serve.host}:{cfg.serve.port} - Ctrl-C to stop")
             try:
                 while True:
@@ -84,6 +116,26 @@ def run_pipeline(cfg: Config, config_path: str, overrides: list[str], *, stage: 
             ray.shutdown()
 
 
+def _resolve(cfg: Config, ref: str) -> str:
+    """A version number or alias -> the number, once, at the start of the run."""
+    from embsum.registry import Registry
+
+    return Registry(cfg).version(ref).version
+
+
+def _promote(cfg: Config, version: str, console: Console) -> dict[str, Any]:
+    """The gate on ``version``; -> what it decided and which version holds the alias after it. A
+    registry failure raises (RegistryError) and stops the run with the alias unchanged."""
+    from embsum.registry import Registry
+
+    registry = Registry(cfg)
+    promoted, why = registry.gate(version)
+    console.print(("[green]promoted[/green]: " if promoted else "[yellow]not promoted[/yellow]: ") + why)
+    champion = registry.champion()
+    return {"promoted": promoted, "reason": why, "version": version,
+            "serving": champion.version if champion is not None else None}
+
+
 def _has_embeddings(cfg: Config, name: str, version: str) -> bool:
     try:
         m = read_manifest(version_dir(cfg.embeddings_dir, version))
@@ -93,14 +145,15 @@ def _has_embeddings(cfg: Config, name: str, version: str) -> bool:
 
 
 def _serve_and_ask(cfg: Config, config_path: str, ov: list[str], stage: Callable[..., dict[str, Any]],
-                   console: Console, version: str) -> dict[str, Any]:
-    """Deploy onto the cluster, then real HTTP requests: the model, a user's summary and top 5."""
+                   console: Console, version: str, title: str) -> dict[str, Any]:
+    """Deploy ``version`` onto the cluster (or roll a running app out to it), then real HTTP
+    requests: the model, a user's summary and top 5."""
     import pyarrow.dataset as pads
 
     from embsum import client
     from embsum.data import layout
 
-    stage("serve.app", config_path, ov, "deploy", title="7/7 serve")
+    stage("serve.app", config_path, ov, "deploy", "--version", version, title=title)
     base = client.base_url(cfg)
     token = client.read_token(cfg.serve)
     client.wait_ready(base, timeout_s=120, token=token)
@@ -117,19 +170,27 @@ def _serve_and_ask(cfg: Config, config_path: str, ov: list[str], stage: Callable
 def _report(cfg: Config, out: dict[str, Any], console: Console) -> None:
     console.rule("[bold green]EmbSum pipeline report")
     ev = out.get("evaluate", {})
-    t = Table(title=f"evaluation of {cfg.mlflow.registered_model} v{ev.get('version')}")
-    t.add_column("split")
-    for m in METRIC_NAMES:
-        t.add_column(m, justify="right")
-    t.add_column("impressions", justify="right")
-    for split in ("valid", "test"):
-        if isinstance(ev.get(split), dict):
-            r = ev[split]
-            t.add_row(split, *(f"{r[m]:.4f}" for m in METRIC_NAMES), str(r["impressions"]))
-    console.print(t)
+    if ev:
+        t = Table(title=f"evaluation of {cfg.mlflow.registered_model} v{ev.get('version')}")
+        t.add_column("split")
+        for m in METRIC_NAMES:
+            t.add_column(m, justify="right")
+        t.add_column("impressions", justify="right")
+        for split in ("valid", "test"):
+            if isinstance(ev.get(split), dict):
+                r = ev[split]
+                t.add_row(split, *(f"{r[m]:.4f}" for m in METRIC_NAMES), str(r["impressions"]))
+        console.print(t)
     tr = out.get("train", {})
-    console.print(f"trained: run {tr.get('run_name')} best step {tr.get('step')} val_auc={tr.get('val_auc')}; "
-                  f"registered v{tr.get('version')}; {out.get('promote', {}).get('reason', '')}")
+    if tr:
+        console.print(f"trained: run {tr.get('run_name')} best step {tr.get('step')} val_auc={tr.get('val_auc')}; "
+                      f"registered v{tr.get('version')}")
+    pr = out.get("promote")
+    if pr:
+        console.print(f"gate: {pr['reason']}")
+        if "serve" not in out and pr.get("serving"):
+            console.print(f"to serve v{pr['serving']}: `embsum serve rollout --version {pr['serving']}`, or on "
+                          f"KubeRay set user_config.model_version: \"{pr['serving']}\" (cluster/README.md)")
     sv = out.get("serve")
     if sv:
         console.print(f"\nuser [bold]{sv['user']}[/bold], generated interest summary: "

@@ -4,21 +4,51 @@ The served artefact is the consolidated model directory (safetensors + embsum.js
 logged as the run's ``model`` artifact folder and registered as a model version whose source is
 that folder, so loading ``models:/NAME@ALIAS`` downloads files and never unpickles anything.
 Promotion uses registered-model aliases (stages are deprecated in MLflow 3).
+
+Failures are of two kinds and never confused: a version or alias that does not exist is a
+``ValueError`` (``NotFound``); anything else the registry does wrong (server down, 5xx, a
+timeout, refused credentials) is a ``RegistryError`` naming the registry URI and the error. So
+an MLflow hiccup during the gate is an error, never "there is no champion" (which would promote
+without comparing). The HTTP client's timeout and retries come from the config (mlflow.http_*),
+in seconds: MLflow's defaults (120 s, 7 retries) made a dead server cost minutes per call.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from embsum.config import Config
+from embsum.config import Config, MlflowConfig
+from embsum.embeddings import check_manifest, read_manifest, version_dir
 
 MODEL_ARTIFACT = "model"
 _PARAM_MAX = 6000  # MLflow's param value limit
+# MLflow error codes that mean "no such model, version or alias" (an alias lookup that finds
+# nothing is INVALID_PARAMETER_VALUE in MLflow 3); any other failure is the registry's.
+_NOT_FOUND = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
+T = TypeVar("T")
+
+
+class NotFound(ValueError):
+    """The registry answered: no such registered model, version or alias."""
+
+
+class RegistryError(RuntimeError):
+    """The registry could not answer (unreachable, 5xx, timeout, auth): never read as "not found"."""
+
+
+def client_env(m: MlflowConfig) -> dict[str, str]:
+    """MLflow's HTTP client settings for mlflow.http_* (MLflow reads them from the environment on
+    every request)."""
+    return {"MLFLOW_HTTP_REQUEST_TIMEOUT": str(m.http_timeout_s),
+            "MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(m.http_retries),
+            "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": str(m.http_backoff_factor)}
 
 
 @dataclass
@@ -45,6 +75,7 @@ class Registry:
 
         self.cfg = cfg
         self.uri = cfg.tracking_uri
+        os.environ.update(client_env(cfg.mlflow))  # the config's timeouts, for this process's MLflow calls
         if self.uri.startswith("sqlite:"):
             Path(self.uri.split("sqlite:///", 1)[1]).parent.mkdir(parents=True, exist_ok=True)
         mlflow.set_tracking_uri(self.uri)
@@ -114,7 +145,28 @@ class Registry:
     def run_metrics(self, run_id: str) -> dict[str, float]:
         return dict(self.client.get_run(run_id).data.metrics)
 
+    def metric_history(self, run_id: str, key: str) -> list[tuple[int, float]]:
+        """(step, value) of every logged value of one metric, in step order (learning curves)."""
+        return sorted((int(m.step), float(m.value)) for m in self.client.get_metric_history(run_id, key))
+
     # ---- registry --------------------------------------------------------------------------------------
+    def _ask(self, what: str, call: Callable[[], T]) -> T:
+        """Run one registry call: NotFound when the registry says the thing does not exist,
+        RegistryError (naming the registry and the error) for every other failure."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return call()
+        except MlflowException as e:
+            first = str(e.message if hasattr(e, "message") else e).strip().splitlines()[0]
+            if e.error_code in _NOT_FOUND:
+                raise NotFound(f"model {self.name!r} has no {what} at {self.uri}: {first}") from None
+            raise RegistryError(f"the model registry at {self.uri} failed to {what}: {first}") from None
+        except Exception as e:  # noqa: BLE001 - requests/SQLAlchemy errors that MLflow did not wrap
+            raise RegistryError(f"the model registry at {self.uri} failed to {what}: "
+                                f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+                                ) from None
+
     def log_and_register(self, run_id: str, model_dir: str | Path, tags: dict[str, str] | None = None) -> str:
         """Log the consolidated model folder as the run's ``model`` and register it -> version."""
         from mlflow.exceptions import MlflowException
@@ -129,39 +181,44 @@ class Registry:
         return str(mv.version)
 
     def version(self, ref: str | int) -> VersionInfo:
-        """A version by number ('3') or alias ('champion', '@champion'). ValueError if unknown."""
-        from mlflow.exceptions import MlflowException
-
+        """A version by number ('3') or alias ('champion', '@champion'). NotFound (a ValueError) if
+        unknown, RegistryError if the registry cannot answer."""
         ref = str(ref).lstrip("@")
-        try:
-            mv = (self.client.get_model_version(self.name, ref) if ref.isdigit()
-                  else self.client.get_model_version_by_alias(self.name, ref))
-        except MlflowException as e:
-            raise ValueError(f"model {self.name!r} has no version or alias {ref!r} at {self.uri}: "
-                             f"{str(e).splitlines()[0]}") from None
-        metrics = self.run_metrics(mv.run_id) if mv.run_id else {}
+        mv = self._ask(f"version or alias {ref!r}",
+                       lambda: self.client.get_model_version(self.name, ref) if ref.isdigit()
+                       else self.client.get_model_version_by_alias(self.name, ref))
+        metrics = self._ask(f"run {mv.run_id} of version {mv.version}",
+                            lambda: self.run_metrics(mv.run_id)) if mv.run_id else {}
         return VersionInfo(name=self.name, version=str(mv.version), run_id=mv.run_id or "", source=mv.source,
                            aliases=list(mv.aliases or []), tags=dict(mv.tags or {}), metrics=metrics)
 
     def champion(self) -> VersionInfo | None:
+        """The version the alias points to; None only when the registry says no version holds it."""
         try:
             return self.version(self.alias)
-        except ValueError:
+        except NotFound:
             return None
 
     def versions(self) -> list[VersionInfo]:
-        from mlflow.exceptions import MlflowException
-
-        try:
-            found = self.client.search_model_versions(f"name = '{self.name}'")
-        except MlflowException:
-            return []
+        """Every registered version, oldest first ([] only when the registry says there are none)."""
+        found = self._ask("list its versions", lambda: self.client.search_model_versions(f"name = '{self.name}'"))
         return sorted((self.version(mv.version) for mv in found), key=lambda v: int(v.version))
 
+    def embeddings_problem(self, version: str) -> str | None:
+        """Why ``version`` cannot be served from its precomputed embeddings, or None when its
+        manifest is in place (the gate promotes only a version that can serve)."""
+        folder = version_dir(self.cfg.embeddings_dir, version)
+        try:
+            check_manifest(read_manifest(folder), model_name=self.name, model_version=version)
+        except ValueError as e:
+            return str(e)
+        return None
+
     def promote(self, version: str | int) -> VersionInfo:
-        """Point the alias at ``version`` (which must exist)."""
+        """Point the alias at ``version`` (which must exist). No checks: ``gate`` is the checked path."""
         info = self.version(str(version))
-        self.client.set_registered_model_alias(self.name, self.alias, info.version)
+        self._ask(f"move alias {self.alias!r} to version {info.version}",
+                  lambda: self.client.set_registered_model_alias(self.name, self.alias, info.version))
         return self.version(info.version)
 
     @staticmethod
@@ -174,10 +231,18 @@ class Registry:
                 return key, v
         return None
 
-    def gate(self, version: str | int, metric: str | None = None) -> tuple[bool, str]:
-        """Promote ``version`` only if its validation metric beats the floor and the current champion."""
+    def gate(self, version: str | int, metric: str | None = None, *, force: bool = False) -> tuple[bool, str]:
+        """Promote ``version`` only if its embeddings are in place and its validation metric beats the
+        floor and the current champion (``force``: embeddings only). A registry failure while
+        comparing raises RegistryError and leaves the alias where it was."""
         metric = metric or self.cfg.mlflow.gate_metric
         cand = self.version(str(version))
+        problem = self.embeddings_problem(cand.version)
+        if problem:
+            return False, f"version {cand.version} cannot serve: {problem}; alias {self.alias!r} unchanged"
+        if force:
+            self.promote(cand.version)
+            return True, f"version {cand.version} promoted to {self.alias!r} (forced: no metric comparison)"
         got = self.gate_value(cand, metric)
         if got is None:
             return False, (f"version {cand.version} has no valid_{metric} or val_{metric} metric; "
@@ -187,7 +252,11 @@ class Registry:
         if value <= floor:
             return False, (f"version {cand.version} {key}={value:.4f} does not beat the floor "
                            f"{floor:.4f}; alias {self.alias!r} unchanged")
-        champ = self.champion()
+        try:
+            champ = self.champion()
+        except RegistryError as e:
+            raise RegistryError(f"{e}; the gate cannot compare version {cand.version} with the champion, "
+                                f"alias {self.alias!r} unchanged") from None
         if champ is not None and champ.version != cand.version:
             theirs = self.gate_value(champ, metric)
             if theirs is not None and value <= theirs[1]:
@@ -205,6 +274,6 @@ class Registry:
         info = self.version(ref)
         dst = Path(dst) if dst is not None else Path(tempfile.mkdtemp(prefix=f"embsum-v{info.version}-"))
         dst.mkdir(parents=True, exist_ok=True)
-        local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{self.name}/{info.version}",
-                                                    dst_path=str(dst), tracking_uri=self.uri)
+        local = self._ask(f"download version {info.version}", lambda: mlflow.artifacts.download_artifacts(
+            artifact_uri=f"models:/{self.name}/{info.version}", dst_path=str(dst), tracking_uri=self.uri))
         return Path(local)

@@ -70,7 +70,9 @@ def init_ray(cfg: RayConfig, *, log_to_driver: bool = True) -> Any:
     system = local_system_config(num_cpus)
     if system:
         kwargs["_system_config"] = system
-    ray.init(num_cpus=num_cpus, namespace=cfg.namespace, include_dashboard=cfg.include_dashboard,
+    # address="local": always a new cluster. Without it ray.init joins whatever `ray start` cluster
+    # /tmp/ray/ray_current_cluster names (someone else's, on a shared machine) and then refuses num_cpus.
+    ray.init(address="local", num_cpus=num_cpus, namespace=cfg.namespace, include_dashboard=cfg.include_dashboard,
              log_to_driver=log_to_driver, **kwargs)
     return ray
 

@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from embsum.config import Config, load_config
+from embsum.registry import RegistryError
 
-USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, ConnectionError, KeyError)
+USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, ConnectionError, KeyError, RegistryError)
 
 
 def write_result(path: str | Path | None, result: dict[str, Any]) -> None:
@@ -41,7 +42,7 @@ def stage_main(prog: str, doc: str | None, fn: Callable[[Config, argparse.Namesp
     if add_args:
         add_args(p)
     p.add_argument("overrides", nargs="*", help="dotted KEY=VALUE overrides, e.g. train.lr=3e-4")
-    a = p.parse_args(argv)
+    a = p.parse_intermixed_args(argv)  # options may follow the positionals (`deploy --version 7 k=v`)
     debug = a.debug or os.environ.get("EMBSUM_DEBUG") == "1"
     try:
         cfg = load_config(a.config, a.overrides)

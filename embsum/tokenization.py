@@ -13,6 +13,7 @@ from those id lists, so a catalog of N items costs N tokenizer calls however man
 
 from __future__ import annotations
 
+import html
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -60,13 +61,14 @@ def _missing(v: Any) -> bool:
 
 
 def format_item_text(record: Mapping[str, Any], fields: Sequence[str], max_chars: int) -> str:
-    """Join the configured catalog fields (skipping empty ones) into one capped line of text."""
+    """Join the configured catalog fields (skipping empty ones) into one capped line of text. HTML
+    entities are decoded ('&amp;' -> '&': catalogs scraped from the web carry them)."""
     parts: list[str] = []
     for f in fields:
         v = record.get(f)
         if _missing(v):
             continue
-        s = " ".join(str(v).split())
+        s = " ".join(html.unescape(str(v)).split())
         if s:
             parts.append(s)
     return " | ".join(parts)[:max_chars]

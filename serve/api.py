@@ -40,6 +40,7 @@ from serve.schemas import (
 
 OPEN_PATHS = ("/healthz", "/readyz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")
 MODEL_VERSION_HEADER = "X-Model-Version"
+BEARER_SCHEME = "bearerAuth"
 
 
 class ScorerClient(Protocol):
@@ -62,12 +63,13 @@ class ApiSettings:
     max_history: int = 200
     max_k: int = 1000
     max_body_bytes: int = 1 << 20
+    max_cold_items: int | None = None  # enforced by the scorer (only it knows which ids are unknown)
     token: str | None = None  # None = auth off
 
     @classmethod
     def from_config(cls, s: ServeConfig, token: str | None = None) -> ApiSettings:
         return cls(max_candidates=s.max_candidates, max_history=s.max_history, max_k=s.max_k,
-                   max_body_bytes=s.max_body_bytes, token=token)
+                   max_body_bytes=s.max_body_bytes, max_cold_items=s.max_cold_items, token=token)
 
 
 class AsciiJSONResponse(JSONResponse):
@@ -215,8 +217,10 @@ def build_api(scorer: ScorerClient, settings: ApiSettings, observer: Observer | 
         description=("Scores and recommendations from the EmbSum model served by Ray Serve. Known users and "
                      "items are scored from precomputed embeddings; unknown ones given by text are encoded on "
                      f"the fly. Limits: {s.max_candidates} candidates, {s.max_history} history items, "
-                     f"k <= {s.max_k}, {s.max_body_bytes} body bytes (413 above). Auth: "
-                     f"{'bearer token required on /v1/*' if s.token else 'off'}."),
+                     f"k <= {s.max_k}, {s.max_body_bytes} body bytes"
+                     + (f", {s.max_cold_items} candidates to encode per request" if s.max_cold_items is not None
+                        else "") + " (413 above). Auth: "
+                     f"{'bearer token required on /v1/* (securityScheme bearerAuth)' if s.token else 'off'}."),
         default_response_class=AsciiJSONResponse,
     )
 
@@ -298,7 +302,8 @@ def build_api(scorer: ScorerClient, settings: ApiSettings, observer: Observer | 
 
 
 def _document_limits(app: FastAPI, s: ApiSettings) -> None:
-    """Put this deployment's limits into the OpenAPI schema (the API doc states what 413 enforces)."""
+    """Put this deployment's limits into the OpenAPI schema (the API doc states what 413 enforces),
+    and with auth on, the bearer scheme that every /v1/* operation requires (401 without it)."""
     build = app.openapi
 
     def openapi() -> dict[str, Any]:
@@ -313,6 +318,14 @@ def _document_limits(app: FastAPI, s: ApiSettings) -> None:
             schemas["ScoreRequest"]["properties"]["candidates"]["maxItems"] = s.max_candidates
             schemas["RecommendRequest"]["properties"]["k"]["maximum"] = s.max_k
             schemas["RecommendRequest"]["properties"]["exclude"]["maxItems"] = s.max_candidates
+            if s.token:
+                spec["components"]["securitySchemes"] = {BEARER_SCHEME: {
+                    "type": "http", "scheme": "bearer",
+                    "description": "Authorization: Bearer <token> (serve.auth_token_file or serve.auth_token_env)."}}
+                for path, ops in spec["paths"].items():
+                    if path.startswith("/v1/"):
+                        for op in ops.values():
+                            op["security"] = [{BEARER_SCHEME: []}]
             app.openapi_schema = spec
         return app.openapi_schema
 
@@ -322,11 +335,11 @@ def _document_limits(app: FastAPI, s: ApiSettings) -> None:
 class InProcessScorer:
     """A ScorerClient over a bundle in this process (no Ray): unit tests and the bench's bare app."""
 
-    def __init__(self, bundle: Bundle, alias: str = "champion") -> None:
-        self.bundle, self.alias = bundle, alias
+    def __init__(self, bundle: Bundle, alias: str = "champion", max_cold_items: int | None = None) -> None:
+        self.bundle, self.alias, self.max_cold_items = bundle, alias, max_cold_items
 
     async def score(self, query: ScoreQuery) -> ScoreResult | Rejection:
-        return engine.score_batch(self.bundle, [query])[0][0]
+        return engine.score_batch(self.bundle, [query], self.max_cold_items)[0][0]
 
     async def recommend(self, query: RecommendQuery) -> RecommendResult | Rejection:
         return engine.recommend_batch(self.bundle, [query])[0][0]

@@ -2,7 +2,11 @@
 plain-Python ``deploy`` / ``rollout`` / ``status`` / ``shutdown`` the CLI calls.
 
 ``build_app`` resolves the model version once (serve.model_version, else the version the alias
-points to) and hands it to the scorer as ``user_config``. Rollouts change only that user_config,
+points to) and hands it to the scorer as ``user_config``; ``deploy`` and ``rollout`` resolve it
+once in the driver and submit the number. Every replica, including those autoscaling adds later
+and those Serve restarts, loads that pinned number: moving the alias changes nothing served until
+the next rollout. (Serve keeps the built deployment, user_config included, in its checkpoint, so
+a controller restart does not re-resolve it either.) Rollouts change only that user_config,
 so Serve reconfigures the running scorer replicas in place (serve/scorer.py): no restart, no
 dropped request. That in-place path exists only for declaratively deployed applications (an app
 config with an import path, as ``serve deploy`` and a RayService's serveConfigV2 send): an
@@ -45,8 +49,9 @@ from typing import Any
 from ray import serve
 from ray.serve import Application
 
-from embsum.config import Config, config_from_dict, load_config, replace
+from embsum.config import Config, ServeConfig, config_from_dict, load_config, replace
 from embsum.runtime import setup_env, worker_env
+from serve.auth import api_token
 from serve.bundle import resolve_version
 from serve.deployment import DEPLOYMENT_NAME, EmbSumScorer
 
@@ -60,6 +65,13 @@ INGRESS_ENV = {
     "haproxy": {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
     "proxy": {"RAY_SERVE_ENABLE_HA_PROXY": "0", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "0"},
 }
+# HAProxy replays a request on another replica when its replica's connection failed before or
+# closed without an answer (a replica that died mid-request: ray.kill, OOM, node loss); Ray's
+# default replays connection failures only. Safe here because every route is a read: replaying
+# a score or a recommendation changes nothing. HAProxy keeps a copy of each request for this
+# (requests larger than its buffer, 16 KB by default, are not replayed). The fleet benchmark
+# measures both policies (bench/fleet_bench.py).
+HAPROXY_RETRY = {"RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response"}
 # HAProxy's stats and Prometheus ports are fixed defaults bound on every interface: two local Serve
 # instances on one machine (tests, a benchmark, a colleague's) would collide and HAProxy would not
 # start. A local cluster gets free ports instead, unless the caller set them.
@@ -86,22 +98,53 @@ def config_from_args(args: dict[str, Any]) -> Config:
     return cfg
 
 
+# Serve's default replica load report interval; set explicitly only when it differs (Serve warns
+# that the field is deprecated whenever it is set, yet 2.60 reads no other setting for it).
+_SERVE_METRICS_INTERVAL_S = 10.0
+
+
+def autoscaling_config(s: ServeConfig) -> dict[str, Any]:
+    """Serve's autoscaling_config for the scorer (a RayService's serveConfigV2 writes the same)."""
+    out = {"min_replicas": s.min_replicas, "max_replicas": s.max_replicas,
+           "target_ongoing_requests": s.target_ongoing_requests, "upscale_delay_s": s.upscale_delay_s,
+           "downscale_delay_s": s.downscale_delay_s, "look_back_period_s": s.look_back_period_s}
+    if s.metrics_interval_s != _SERVE_METRICS_INTERVAL_S:
+        out["metrics_interval_s"] = s.metrics_interval_s
+    return out
+
+
+def actor_options(s: ServeConfig) -> dict[str, Any]:
+    """ray_actor_options of a scorer replica; memory (bytes) only when declared."""
+    out: dict[str, Any] = {"num_cpus": s.num_cpus, "num_gpus": s.num_gpus}
+    if s.memory_gb > 0:
+        out["memory"] = int(s.memory_gb * 2**30)
+    return out
+
+
+def http_options(s: ServeConfig) -> dict[str, Any]:
+    out: dict[str, Any] = {"host": s.host, "port": s.port}
+    if s.request_timeout_s > 0:
+        out["request_timeout_s"] = s.request_timeout_s
+    return out
+
+
 def application(cfg: Config, version: str) -> Application:
     """The one deployment, with the deployment options of the config's serve section."""
     s = cfg.serve
-    autoscaling = {"min_replicas": s.min_replicas, "max_replicas": s.max_replicas,
-                   "target_ongoing_requests": s.target_ongoing_requests}
+    spread = {"max_replicas_per_node": s.max_replicas_per_node} if s.max_replicas_per_node else {}
     return EmbSumScorer.options(
         user_config={"model_version": version}, max_ongoing_requests=s.max_ongoing_requests,
-        autoscaling_config=autoscaling, ray_actor_options={"num_cpus": s.num_cpus, "num_gpus": s.num_gpus},
-        logging_config={"enable_access_log": s.access_log},
+        autoscaling_config=autoscaling_config(s), ray_actor_options=actor_options(s),
+        logging_config={"enable_access_log": s.access_log}, **spread,
     ).bind(cfg.to_dict())
 
 
 def build_app(args: dict[str, Any]) -> Application:
-    """Serve's application builder (``serve run serve.app:build_app config=ray_config.yaml``)."""
+    """Serve's application builder (``serve run serve.app:build_app config=ray_config.yaml``). Refuses
+    (ValueError: the application fails to deploy, with the message) a bind the auth rules forbid."""
     setup_env()
     cfg = config_from_args(args)
+    api_token(cfg.serve)
     return application(cfg, resolve_version(cfg))
 
 
@@ -152,9 +195,10 @@ def _haproxy_installed(env: dict[str, str]) -> bool:
 
 def serve_env(cfg: Config, environ: dict[str, str] | None = None) -> dict[str, str]:
     """Environment for Serve's controller, proxies and replicas: every RAY_SERVE_* variable of
-    ``environ`` (default: this process's), then serve.ingress's settings over them. For a local
-    cluster: free HAProxy stats/metrics ports unless given, and the 'proxy' ingress (with a
-    warning) where no HAProxy binary is installed."""
+    ``environ`` (default: this process's), then serve.ingress's settings over them, and for HAProxy
+    the retry policy (``HAPROXY_RETRY``) unless ``environ`` sets one. For a local cluster: free
+    HAProxy stats/metrics ports unless given, and the 'proxy' ingress (with a warning) where no
+    HAProxy binary is installed."""
     env = dict(os.environ if environ is None else environ)
     out = {k: v for k, v in env.items() if k.startswith("RAY_SERVE_")}
     ingress = cfg.serve.ingress
@@ -163,6 +207,9 @@ def serve_env(cfg: Config, environ: dict[str, str] | None = None) -> dict[str, s
                        "RAY_SERVE_HAPROXY_BINARY_PATH): serving behind Serve's Python proxy instead")
         ingress = "proxy"
     out.update(INGRESS_ENV[ingress])
+    if ingress == "haproxy":
+        for key, value in HAPROXY_RETRY.items():
+            out.setdefault(key, value)  # the caller's own setting wins
     if ingress == "haproxy" and not cfg.ray.address:
         for key in _HAPROXY_PORTS:
             out.setdefault(key, str(_free_port()))
@@ -192,22 +239,29 @@ def _wait_app(name: str, timeout_s: float) -> None:
         time.sleep(0.5)
 
 
-def deploy(cfg: Config, blocking: bool = False, *, name: str = APP_NAME, timeout_s: float = 300.0) -> dict[str, Any]:
-    """Start Serve (HTTP on serve.host:serve.port) and deploy the app at serve.route_prefix.
+def deploy(cfg: Config, blocking: bool = False, *, name: str = APP_NAME, timeout_s: float = 300.0,
+           version: str | None = None) -> dict[str, Any]:
+    """Start Serve (HTTP on serve.host:serve.port) and deploy the app at serve.route_prefix, pinned
+    to ``version`` (default: serve.model_version, else the alias's version, resolved here once).
+    On a running app this is a rollout to that version (in place: only user_config changes).
 
     Returns ``status()`` once the app is RUNNING; raises ``RuntimeError`` with Serve's message if
-    it fails (e.g. the scorer could not load its version). ``blocking``: then serve until Ctrl-C
-    or SIGTERM and shut Serve down.
+    it fails (e.g. the scorer could not load its version), ``ValueError`` before anything starts
+    when the auth rules (serve/auth.py) forbid the bind. ``blocking``: then serve until Ctrl-C or
+    SIGTERM and shut Serve down.
     """
     from embsum.resources import preflight_serve
     from embsum.runtime import init_ray
 
+    if cfg.ray.address is None:
+        # A local cluster's replicas read the token where this process does: decide before binding.
+        # (On a remote cluster the pods' environment decides, in build_app and in each replica.)
+        api_token(cfg.serve)
     init_ray(cfg.ray)
     preflight_serve(cfg.serve.min_replicas, cfg.serve.num_cpus, cfg.serve.num_gpus)  # else: a silent wait
     env = serve_env(cfg)
-    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port},
-                controller_options={"runtime_env": {"env_vars": env}})
-    version = resolve_version(cfg)
+    serve.start(http_options=http_options(cfg.serve), controller_options={"runtime_env": {"env_vars": env}})
+    version = resolve_version(cfg, version or "")
     _apply(_controller(), _app_config(cfg, name, version, env))
     _wait_app(name, timeout_s)
     result = status(name)
@@ -359,20 +413,20 @@ def shutdown(name: str | None = None) -> None:
         serve.delete(name)
 
 
-__all__ = ["APP_NAME", "DEPLOYMENT_NAME", "application", "build_app", "config_from_args", "deploy", "rollout",
-           "serve_env", "shutdown", "status"]
+__all__ = ["APP_NAME", "DEPLOYMENT_NAME", "actor_options", "application", "autoscaling_config", "build_app",
+           "config_from_args", "deploy", "http_options", "rollout", "serve_env", "shutdown", "status"]
 
 
 # ---- command line (what `embsum serve ...` runs) ----------------------------------------------------------
 def _cli(cfg: Config, a: Any) -> dict[str, Any]:
     if a.action == "run":  # foreground: serve until Ctrl-C / SIGTERM
-        out = deploy(cfg, blocking=False)
+        out = deploy(cfg, blocking=False, version=a.version)
         print(f"[serve] v{out.get('model', {}).get('model_version')} on http://{cfg.serve.host}:{cfg.serve.port}"
               f"{cfg.serve.route_prefix} - Ctrl-C to stop", flush=True)
         _serve_forever()
         return out
     if a.action == "deploy":
-        out = deploy(cfg, blocking=False)
+        out = deploy(cfg, blocking=False, version=a.version)
         print(f"[serve] deployed v{out.get('model', {}).get('model_version')} on http://{cfg.serve.host}:"
               f"{cfg.serve.port}{cfg.serve.route_prefix}", flush=True)
         return out
@@ -398,7 +452,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def add(p: Any) -> None:
         p.add_argument("action", choices=["run", "deploy", "rollout", "status", "shutdown"])
-        p.add_argument("--version", default=None, help="rollout: version (default: the alias's)")
+        p.add_argument("--version", default=None, help="run/deploy/rollout: the version to pin (default: "
+                                                       "serve.model_version, else the alias's, resolved once)")
 
     return stage_main("python -m serve.app", __doc__, _cli, argv, add)
 

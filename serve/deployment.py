@@ -13,8 +13,9 @@ deployment still autoscales on ``max_ongoing_requests`` / ``target_ongoing_reque
 
 The routes call the scorer in process (the Scorer is the API's ScorerClient), so the API code
 path is the one the unit tests and the bench's bare app run. The bearer token is read here, in
-the replica (the secret never travels in the Serve config; a missing token file fails the
-replica instead of serving open).
+the replica (the secret never travels in the Serve config) under serve/auth.py's rules: a
+missing token file, a placeholder token, or no token on a bind beyond loopback fails the replica
+instead of serving open.
 """
 
 from __future__ import annotations
@@ -24,10 +25,10 @@ from typing import Any
 from fastapi import FastAPI
 from ray import serve
 
-from embsum.client import read_token
 from embsum.config import config_from_dict
 from embsum.runtime import setup_env
 from serve.api import ApiSettings, build_api
+from serve.auth import api_token
 from serve.metrics import IngressMetrics
 from serve.scorer import Scorer
 
@@ -40,7 +41,7 @@ class EmbSumScorer(Scorer):
     def __init__(self, config: dict[str, Any]) -> None:
         setup_env()
         super().__init__(config_from_dict(config))
-        self.settings = ApiSettings.from_config(self.cfg.serve, token=read_token(self.cfg.serve))
+        self.settings = ApiSettings.from_config(self.cfg.serve, token=api_token(self.cfg.serve))
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return build_api(self, self.settings, observer=IngressMetrics())

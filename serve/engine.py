@@ -206,9 +206,11 @@ def is_light(requests: Sequence[ScoreQuery], max_candidates: int) -> bool:
     return True
 
 
-def _candidate_keys(b: Bundle, candidates: list[Item], texts: dict[str, int]) -> np.ndarray:
+def _candidate_keys(b: Bundle, candidates: list[Item], texts: dict[str, int],
+                    max_cold: int | None = None) -> np.ndarray:
     """-> (C,) int64: the catalog row of each candidate, or -1 - j for the batch's j-th cold text
-    (added to ``texts`` only once the whole request is known to be valid)."""
+    (added to ``texts`` only once the whole request is known to be valid). More than ``max_cold``
+    distinct cold texts (T5 encodes) in one request is a 413."""
     index = b.store.item_index
     rows = [index.get(item_id) if item_id is not None else None for item_id, _ in candidates]
     if None in rows:
@@ -216,12 +218,17 @@ def _candidate_keys(b: Bundle, candidates: list[Item], texts: dict[str, int]) ->
                    if r is None and text is None]
         if missing:
             raise _unknown("candidate item", missing, "give their `text` to encode them")
+        cold = len({text for (_, text), r in zip(candidates, rows, strict=True) if r is None})
+        if max_cold is not None and cold > max_cold:
+            raise _Rejected(413, f"cold items: {cold} candidates need a T5 encode (given by text, id not in the "
+                                 f"served embeddings), more than serve.max_cold_items={max_cold}")
         rows = [r if r is not None else -1 - texts.setdefault(str(text), len(texts))
                 for (_, text), r in zip(candidates, rows, strict=True)]
     return np.asarray(rows, dtype=np.int64)
 
 
-def score_batch(b: Bundle, requests: Sequence[ScoreQuery]) -> tuple[list[ScoreResult | Rejection], BatchStats]:
+def score_batch(b: Bundle, requests: Sequence[ScoreQuery], max_cold_items: int | None = None
+                ) -> tuple[list[ScoreResult | Rejection], BatchStats]:
     """Score every request's candidates with one ``score`` call for the whole batch.
 
     Every candidate is a key: its catalog row, or a negative index into the batch's distinct cold
@@ -239,7 +246,7 @@ def score_batch(b: Bundle, requests: Sequence[ScoreQuery]) -> tuple[list[ScoreRe
     for i, req in enumerate(requests):
         try:
             user = _resolve_user(b, req.user_id, req.history)
-            keys.append(_candidate_keys(b, req.candidates, texts))
+            keys.append(_candidate_keys(b, req.candidates, texts, max_cold_items))
         except _Rejected as e:
             out[i] = e.rejection
             continue

@@ -142,8 +142,9 @@ class ModelResponse(BaseModel):
     model_name: str = Field(description="Registered model name.")
     model_version: str = Field(description="Version being served.")
     aliases: list[str] = Field(description="Registry aliases pointing at that version when it was loaded.")
-    alias: str = Field(description="The alias serving follows (mlflow.alias).")
-    requested_version: str = Field(description="The version the last rollout asked for ('' = the alias).")
+    alias: str = Field(description="The registry alias (mlflow.alias) a deploy or rollout resolves once to pick "
+                                   "a version; moving it changes nothing served until the next rollout.")
+    requested_version: str = Field(description="The version number the last rollout asked for.")
     loaded_at: float = Field(description="Unix time the version was loaded.")
     embeddings: dict[str, Any] = Field(description="The embeddings manifest (counts, shapes, fingerprint).")
     last_rollout_error: RolloutError | None = Field(

@@ -3,7 +3,10 @@ of a version), in-place rollouts, and batched scoring. The Serve deployment (ser
 is this class plus the HTTP API; the unit tests drive it without Ray.
 
 Rollouts are in place: Serve calls ``reconfigure(user_config)`` with ``{"model_version": "N"}``
-(set by build_app, ``serve.app.rollout`` or a RayService's serveConfigV2). The new version's model
+(set by build_app, ``serve.app.rollout`` or a RayService's serveConfigV2). N is always a number,
+resolved once by whoever deployed: a replica never looks the alias up itself, so replicas that
+autoscaling adds or that restart load the fleet's version, not "whatever the alias says now"
+(an empty version is refused, not resolved). The new version's model
 and embeddings are loaded completely in a worker thread while the old bundle keeps serving; then
 one reference assignment swaps them. Every batch reads that reference once, so no response mixes
 a model of one version with embeddings of another, and batches already running finish on the
@@ -29,7 +32,7 @@ from ray import serve
 
 from embsum.config import Config
 from serve import engine
-from serve.bundle import Bundle, load_bundle, resolve_version
+from serve.bundle import Bundle, load_bundle
 from serve.engine import RecommendQuery, RecommendResult, Rejection, ScoreQuery, ScoreResult
 from serve.metrics import ScorerMetrics
 from serve.schemas import ModelResponse, RolloutError, Status, SummaryResponse
@@ -75,12 +78,15 @@ class Scorer:
 
     # ---- rollout -----------------------------------------------------------------------------------
     async def reconfigure(self, user_config: dict[str, Any] | None) -> None:
-        """Load ``user_config['model_version']`` ('' = the alias) and its embeddings, then swap."""
+        """Load ``user_config['model_version']`` (a version number) and its embeddings, then swap."""
         requested = str((user_config or {}).get("model_version", "") or "").strip()
         async with self._reconfigure_lock:
             current = self._bundle
             try:
-                target = requested or await asyncio.to_thread(resolve_version, self.cfg, "")
+                if not requested.isdigit():
+                    raise ValueError(f"user_config.model_version={requested!r} is not a version number: a "
+                                     f"deployment pins one number (serve.app resolves the alias once at deploy)")
+                target = requested
                 if current is not None and target == current.version:
                     self._requested = requested
                     self._metrics.rollout("same")
@@ -88,12 +94,10 @@ class Scorer:
                 t0 = time.perf_counter()
                 bundle = await asyncio.to_thread(load_bundle, self.cfg, target)
             except Exception as e:  # noqa: BLE001 - any load failure is reported, never half-applied
-                alias = self.cfg.mlflow.alias
-                what = f"model version {requested}" if requested else f"the version alias {alias!r} points to"
-                message = f"cannot load {what}: {e}"
+                message = f"cannot load model version {requested}: {e}"
                 if current is None:
                     raise RuntimeError(f"EmbSum scorer cannot start: {message}") from e
-                self._error = RolloutError(version=requested or self.cfg.mlflow.alias, error=message, at=time.time())
+                self._error = RolloutError(version=requested, error=message, at=time.time())
                 self._requested = requested
                 self._metrics.rollout("failed")
                 logger.error("rollout failed; still serving v%s: %s", current.version, message)
@@ -124,10 +128,11 @@ class Scorer:
         bundle = self._bundle  # read once: the whole batch is answered by one version
         if bundle is None:
             return [_NOT_LOADED] * len(requests)
+        cold = self.cfg.serve.max_cold_items
         if engine.is_light(requests, INLINE_MAX_CANDIDATES):
-            results, stats = engine.score_batch(bundle, requests)
+            results, stats = engine.score_batch(bundle, requests, cold)
         else:  # in a thread, so the event loop keeps reading and queueing requests meanwhile
-            results, stats = await asyncio.to_thread(engine.score_batch, bundle, requests)
+            results, stats = await asyncio.to_thread(engine.score_batch, bundle, requests, cold)
         self._metrics.batch("score", stats.size, stats.cold_users, stats.cold_items)
         return results
 

@@ -3,7 +3,8 @@ version: each item's CPE once, each user's UPE once, scores with the one ``score
 
 Writes EVAL_ROOT/v<VERSION>/<split>/ (per-impression scores and metrics, parquet) and logs the
 means (``valid_auc``, ``test_mrr``, ...) to the version's MLflow run, where the promotion gate reads
-them. Works from the registry alone: no training run needs to be alive.
+them. Works from the registry alone: no training run needs to be alive. ``--impressions PATH
+--items PATH`` scores new logs instead (train/newdata.py): next week's impressions, say.
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ def resolve_eval_version(registry: Any, version: str | None) -> str:
     return versions[-1].version
 
 
-def _item_bank(cfg: Config, predictor_dir: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
+def _item_bank(cfg: Config, predictor_dir: Path, items_path: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
     """CPE + key for every catalog item, encoded once (Ray Data actor pool). The whole catalog rather
     than only the items the impressions mention: finding those would cost a pass over the splits,
     and an item's CPE is a fraction of a user's encoding."""
@@ -90,8 +91,8 @@ def _item_bank(cfg: Config, predictor_dir: Path) -> tuple[list[str], np.ndarray,
     from train.embed import ItemEncoder, in_calls, parquet_rows
 
     t = cfg.train
-    items = ray.data.read_parquet(str(cfg.data_dir / layout.ITEMS)).select_columns(["item_id", "text", "token_ids"])
-    items, rows = in_calls(items, parquet_rows(cfg.data_dir / layout.ITEMS), t)
+    items = ray.data.read_parquet(str(items_path)).select_columns(["item_id", "text", "token_ids"])
+    items, rows = in_calls(items, parquet_rows(items_path), t)
     enc = items.map_batches(ItemEncoder, compute=ray.data.ActorPoolStrategy(size=t.infer_actors),
                             batch_size=rows,
                             num_cpus=t.infer_cpus, num_gpus=t.infer_gpus or None,
@@ -105,20 +106,16 @@ def _item_bank(cfg: Config, predictor_dir: Path) -> tuple[list[str], np.ndarray,
         cpes.append(np.asarray(b["cpe"], np.float32))
         keys.append(np.asarray(b["cpe_key"], np.float32))
     if not ids:
-        raise ValueError(f"{cfg.data_dir / layout.ITEMS} has no items: run `embsum prepare` first")
+        raise ValueError(f"{items_path} has no items: run `embsum prepare` first")
     return ids, np.concatenate(cpes), np.concatenate(keys)
 
 
 def run_evaluate(cfg: Config, version: str | None = None, splits: tuple[str, ...] = ("valid", "test"),
                  *, log: bool = True) -> dict[str, Any]:
-    """Two Ray Data executions whatever the number of splits: the item bank, then every split's
-    impressions through one scorer pool (each actor start loads a model: on a small cluster that,
-    not the scoring, is most of an evaluation's time)."""
-    import ray
-    import ray.data
-
+    """The prepared valid/test impressions. Two Ray Data executions whatever the number of splits:
+    the item bank, then every split's impressions through one scorer pool (each actor start loads a
+    model: on a small cluster that, not the scoring, is most of an evaluation's time)."""
     from embsum.registry import Registry
-    from train.embed import in_calls, parquet_rows
 
     t0 = time.perf_counter()
     registry = Registry(cfg)
@@ -127,23 +124,80 @@ def run_evaluate(cfg: Config, version: str | None = None, splits: tuple[str, ...
     if not splits:
         raise ValueError(f"no evaluation splits under {cfg.data_dir}: run `embsum prepare` first")
     init_ray(cfg.ray)
-    ray.data.DataContext.get_current().enable_progress_bars = True
     model_dir = registry.download(version, cfg.workdir_path / "models" / f"v{version}")
-    bank_ref = ray.put(_item_bank(cfg, model_dir))
+    results = score_splits(cfg, model_dir, cfg.data_dir / layout.ITEMS, {s: cfg.data_dir / s for s in splits},
+                           cfg.workdir_path / "eval" / f"v{version}")
+    results = {"version": version, **results}
+    if log:
+        run_id = registry.version(version).run_id
+        for split in splits:
+            registry.log_metrics(run_id, {f"{split}_{k}": v for k, v in results[split].items()
+                                          if isinstance(v, (int, float))})
+    results["seconds"] = time.perf_counter() - t0
+    print(format_table(results), flush=True)
+    if log:
+        registry.log_dict(registry.version(version).run_id, results, f"eval/v{version}.json")
+    return results
+
+
+def run_evaluate_new(cfg: Config, version: str | None, impressions: str, items: str,
+                     *, log: bool = True) -> dict[str, Any]:
+    """A version on a MIND-format impressions file + catalog that prepare never saw (train/newdata.py):
+    the same scoring and metrics, written to EVAL_ROOT/v<V>/new-<name>/ and logged as ``new_*``."""
+    import hashlib
+
+    from embsum.registry import Registry
+    from train.newdata import SPLIT, prepare_new_data
+
+    t0 = time.perf_counter()
+    registry = Registry(cfg)
+    version = resolve_eval_version(registry, version)
+    model_dir = registry.download(version, cfg.workdir_path / "models" / f"v{version}")
+    name = Path(impressions).stem + "-" + hashlib.sha256(f"{impressions}\0{items}".encode()).hexdigest()[:8]
+    out_root = cfg.workdir_path / "eval" / f"v{version}" / f"new-{name}"
+    data = prepare_new_data(cfg, model_dir, impressions, items, out_root / "data")
+    print(f"evaluate: {data['impressions']:,} impressions from {data['rows']:,} rows of {impressions} "
+          f"({sum(data['quarantined'].values()):,} quarantined: {data['quarantined'] or 'none'}; "
+          f"{data['skipped_without_both_labels']:,} without both a click and a non-click skipped) -> "
+          f"{out_root / 'data' / 'quarantine'}", flush=True)
+    if not data["impressions"]:
+        raise ValueError(f"--impressions {impressions!r}: no impression with both a clicked and an unclicked "
+                         f"catalogued candidate (see the quarantine under {out_root / 'data'})")
+    init_ray(cfg.ray)
+    results = score_splits(cfg, model_dir, out_root / "data" / "items.parquet", {SPLIT: out_root / "data" / SPLIT},
+                           out_root)
+    results = {"version": version, **results, "data": data, "seconds": time.perf_counter() - t0}
+    if log:
+        run_id = registry.version(version).run_id
+        registry.log_metrics(run_id, {f"new_{k}": v for k, v in results[SPLIT].items() if isinstance(v, (int, float))})
+        registry.log_dict(run_id, results, f"eval/v{version}-new-{name}.json")
+    print(format_table(results), flush=True)
+    return results
+
+
+def score_splits(cfg: Config, model_dir: Path, items_path: Path, split_dirs: dict[str, Path],
+                 out_root: Path) -> dict[str, Any]:
+    """Item bank, then every split through one scorer pool -> out_root/<split>/ + mean metrics."""
+    import ray
+    import ray.data
+
+    from train.embed import in_calls, parquet_rows
+
+    ray.data.DataContext.get_current().enable_progress_bars = True
+    bank_ref = ray.put(_item_bank(cfg, model_dir, items_path))
     t = cfg.train
-    split_dirs = {s: str(cfg.data_dir / s) for s in splits}
-    ds = ray.data.read_parquet(list(split_dirs.values()), include_paths=True)
-    ds, rows = in_calls(ds, sum(parquet_rows(d) for d in split_dirs.values()), t)
+    dirs = {s: str(d) for s, d in split_dirs.items()}
+    ds = ray.data.read_parquet(list(dirs.values()), include_paths=True)
+    ds, rows = in_calls(ds, sum(parquet_rows(Path(d)) for d in dirs.values()), t)
     scored = ds.map_batches(ImpressionScorer, compute=ray.data.ActorPoolStrategy(size=t.infer_actors),
                             batch_size=rows, num_cpus=t.infer_cpus,
                             num_gpus=t.infer_gpus or None, batch_format="numpy",
                             fn_constructor_kwargs={"model_dir": str(model_dir), "bank_ref": [bank_ref],
-                                                   "batch_size": t.infer_batch_size, "split_dirs": split_dirs})
-    out_root = cfg.workdir_path / "eval" / f"v{version}"
+                                                   "batch_size": t.infer_batch_size, "split_dirs": dirs})
     staging = out_root / f".tmp-{int(time.time() * 1000)}"
     scored.write_parquet(str(staging), partition_cols=["split"])
-    results: dict[str, Any] = {"version": version}
-    for split in splits:
+    results: dict[str, Any] = {}
+    for split in dirs:
         out = out_root / split
         if out.exists():
             shutil.rmtree(out)  # a rerun replaces, never mixes, the per-impression files
@@ -152,17 +206,8 @@ def run_evaluate(cfg: Config, version: str | None = None, splits: tuple[str, ...
             written.replace(out)
         else:
             out.mkdir(parents=True)
-        summary = summarize_parquet(out)
-        results[split] = summary
-        if log:
-            info = registry.version(version)
-            registry.log_metrics(info.run_id, {f"{split}_{k}": v for k, v in summary.items()
-                                               if isinstance(v, (int, float))})
+        results[split] = summarize_parquet(out)
     shutil.rmtree(staging, ignore_errors=True)
-    results["seconds"] = time.perf_counter() - t0
-    print(format_table(results), flush=True)
-    if log:
-        registry.log_dict(registry.version(version).run_id, results, f"eval/v{version}.json")
     return results
 
 
@@ -176,7 +221,7 @@ def summarize_parquet(folder: Path) -> dict[str, float]:
 
 
 def format_table(results: dict[str, Any]) -> str:
-    splits = [s for s in results if isinstance(results[s], dict)]
+    splits = [s for s in results if isinstance(results[s], dict) and "auc" in results[s]]
     head = f"{'split':<8}" + "".join(f"{m:>9}" for m in METRIC_NAMES) + f"{'impr':>8}{'skipped':>9}"
     rows = [head] + [f"{s:<8}" + "".join(f"{results[s][m]:>9.4f}" for m in METRIC_NAMES)
                      + f"{results[s]['impressions']:>8}{results[s]['skipped']:>9}" for s in splits]
@@ -188,8 +233,17 @@ def main(argv: list[str] | None = None) -> int:
 
     def add(p: Any) -> None:
         p.add_argument("--version", default=None, help="version number or alias (default: the newest)")
+        p.add_argument("--impressions", default=None, help="a MIND-format behaviors file prepare never saw")
+        p.add_argument("--items", default=None, help="its catalog, in the run config's item format")
 
-    return stage_main("python -m train.evaluate", __doc__, lambda cfg, a: run_evaluate(cfg, a.version), argv, add)
+    def run(cfg: Config, a: Any) -> dict[str, Any]:
+        if bool(a.impressions) != bool(a.items):
+            raise ValueError("--impressions and --items go together: new impressions need their catalog")
+        if a.impressions:
+            return run_evaluate_new(cfg, a.version, a.impressions, a.items)
+        return run_evaluate(cfg, a.version)
+
+    return stage_main("python -m train.evaluate", __doc__, run, argv, add)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,9 @@ Ray creates the process group (gloo on CPU, NCCL on GPU); DeepSpeed reuses it, n
 Every rank streams its own shard, steps, and saves + reports collectively (DeepSpeed checkpoints
 are collective, and every rank must call ``ray.train.report`` the same number of times).
 
+Named steps: ``setup`` (model, engine, data shards), ``resume``, ``train_step``, ``validate``,
+``save_and_report``; ``train_loop_per_worker`` strings them together.
+
 A checkpoint holds: ``ds/`` (DeepSpeed engine: weights, optimizer, scheduler, client state),
 ``model/`` (rank 0: the consolidated model for serving, ZeRO-3 shards gathered first),
 ``probe.npz`` (rank 0: a fixed input batch and the scores this model gives it, so the registered
@@ -24,6 +27,7 @@ import signal
 import tempfile
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,19 +39,22 @@ log = logging.getLogger("embsum.train")
 
 
 def _collate(empty_summary: np.ndarray, device: Any):
-    """Numpy batch -> tensors. Training batches carry each user's teacher summary ids (joined in the
-    dataset, train/summaries.py); others (validation, no summaries) get EOS-only ones."""
+    """Numpy batch -> tensors. Training batches carry each example's teacher summary ids (joined in
+    the dataset, file by file: train/summaries.py); others (validation, or a run without summaries)
+    get EOS-only ones."""
     import torch
 
     def collate(batch: dict[str, np.ndarray]) -> dict[str, Any]:
         n = len(batch["session_ids"])
         summ = np.asarray(batch["summary_ids"]) if "summary_ids" in batch else \
-            np.broadcast_to(empty_summary, (n, len(empty_summary)))  # (B, S)
+            np.tile(empty_summary, (n, 1))  # (B, S)
+        cands = torch.as_tensor(np.asarray(batch["candidate_ids"]), dtype=torch.long, device=device)  # (B, T*C, Lc)
+        labels = [np.asarray(x, dtype=np.int64) for x in batch["labels"]]
         return {
             "session_ids": torch.as_tensor(np.asarray(batch["session_ids"]), dtype=torch.long, device=device),
-            "candidate_ids": torch.as_tensor(np.asarray(batch["candidate_ids"]), dtype=torch.long, device=device),
+            "candidate_ids": cands,
+            "labels": torch.as_tensor(np.stack(labels), dtype=torch.long, device=device),  # (B, T*C)
             "summary_ids": torch.as_tensor(summ, dtype=torch.long, device=device),
-            "has_summary": int(np.sum(batch["has_summary"])) if "has_summary" in batch else 0,
         }
 
     return collate
@@ -62,24 +69,41 @@ def _lr_lambda(warmup: int, total: int):
     return f
 
 
-def example_auc(scores: np.ndarray) -> np.ndarray:
-    """Per example (positive first): share of negatives ranked below the positive, ties 1/2."""
-    pos = scores[:, :1]  # (B, 1)
-    neg = scores[:, 1:]  # (B, K)
-    return ((pos > neg).sum(1) + 0.5 * (pos == neg).sum(1)) / neg.shape[1]  # (B,)
+@dataclass
+class Worker:
+    """Everything one rank holds while training."""
+
+    cfg: Any
+    loop_config: dict[str, Any]
+    rank: int
+    world: int
+    device: Any
+    dtype: Any
+    engine: Any
+    scheduler: Any
+    tok: Any
+    stage: int
+    temperature: float
+    collate: Any
+    train_shard: Any
+    valid_shard: Any
+    tracker: _Tracker | None
+    step: int = 0
+    epoch: int = 0
+    window: dict[str, float] = field(default_factory=lambda: {"loss": 0.0, "nce": 0.0, "summary": 0.0, "n": 0})
+    last_report: float = field(default_factory=time.perf_counter)
+    examples: int = 0
+    tokens: int = 0
 
 
-def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+def setup(loop_config: dict[str, Any]) -> Worker:
+    """Model, optimizer and DeepSpeed engine; this rank's data shards; rank 0's MLflow tracker."""
     import deepspeed
     import ray.train
     import torch
-    import torch.distributed as dist
 
-    from embsum.checkpoint import save_model
     from embsum.config import config_from_dict
-    from embsum.losses import embsum_loss
     from embsum.model import EmbSum, count_parameters
-    from embsum.scoring import score
     from embsum.tokenization import EmbSumTokenizer
     from train.deepspeed_setup import build_deepspeed_config, resolve_precision, zero_stage
 
@@ -91,7 +115,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if t.use_gpu:
         torch.cuda.set_device(device)
     torch.manual_seed(t.seed)
-
     tok = EmbSumTokenizer.from_config(cfg.model)
     model = EmbSum.from_config(cfg.model, tok.sos_id, seed=t.seed)
     ds_config = build_deepspeed_config(cfg, world)
@@ -102,140 +125,199 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=t.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(t.warmup_steps, t.max_steps))
-    engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                                           config=ds_config, dist_init_required=False)
-    dtype = torch.bfloat16 if resolve_precision(cfg) == "bf16" else torch.float32
-    temperature = t.nce_temperature or math.sqrt(model.d_model)
-
-    step = 0
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            state = json.loads((Path(d) / "state.json").read_text())
-            engine.load_checkpoint(str(Path(d) / "ds"), tag=state["tag"], load_optimizer_states=True,
-                                   load_lr_scheduler_states=True)
-            step = int(state["step"])
-        if rank == 0:
-            log.info(f"[train] resumed from step {step} ({ckpt.path})")
-
-    empty = np.zeros((cfg.model.summary_tokens,), np.int32)
-    empty[0] = tok.eos_id
-    collate = _collate(empty, device)
-    train_shard = ray.train.get_dataset_shard("train")
-    valid_shard = ray.train.get_dataset_shard("valid") if t.eval_batches > 0 else None
+    engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                                   config=ds_config, dist_init_required=False)
     tracker = _Tracker(cfg, loop_config.get("mlflow_run_id")) if rank == 0 else None
-    if tracker and step == 0:
+    w = Worker(cfg=cfg, loop_config=loop_config, rank=rank, world=world, device=device,
+               dtype=torch.bfloat16 if resolve_precision(cfg) == "bf16" else torch.float32,
+               engine=engine, scheduler=scheduler, tok=tok, stage=stage,
+               temperature=t.nce_temperature or math.sqrt(model.d_model),
+               collate=_collate(tok.summary(""), device),
+               train_shard=ray.train.get_dataset_shard("train"),
+               valid_shard=ray.train.get_dataset_shard("valid") if t.eval_batches > 0 else None, tracker=tracker)
+    if tracker:
         tracker.log({"params_total": count_parameters(model)}, 0)
+    return w
 
-    def validate() -> dict[str, float]:
-        if valid_shard is None:
-            return {}
-        engine.eval()
-        aucs: list[np.ndarray] = []
-        with torch.no_grad():
-            for i, b in enumerate(valid_shard.iter_torch_batches(batch_size=t.batch_size, collate_fn=collate,
-                                                                 drop_last=False)):
-                if i >= t.eval_batches:
-                    break
-                with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                    bsz, c, lc = b["candidate_ids"].shape
-                    upe = engine.module.encode_user(b["session_ids"])  # generating mode, as at inference
-                    cpe, key = engine.module.encode_content(b["candidate_ids"].reshape(bsz * c, lc))
-                    s = score(upe, cpe.view(bsz, c, *cpe.shape[1:]), key.view(bsz, c, *key.shape[1:]))
-                aucs.append(example_auc(s.float().cpu().numpy()))
-        engine.train()
-        local = np.concatenate(aucs) if aucs else np.zeros((0,))
-        tot = torch.tensor([float(local.sum()), float(len(local))], dtype=torch.float64)
-        dist.all_reduce(tot)  # every rank contributes its shard; all ranks see the mean
-        return {"val_auc": float(tot[0] / tot[1])} if tot[1] > 0 else {}
 
-    def save_and_report(metrics: dict[str, Any]) -> None:
-        tag = f"step_{step:08d}"
-        # Every rank runs the probe forward: under ZeRO-3 each module's forward gathers its
-        # parameters collectively, so a forward on rank 0 alone would hang.
-        probe_scores = _probe_scores(engine.module, probe)
-        with tempfile.TemporaryDirectory() as tmp:
-            engine.save_checkpoint(str(Path(tmp) / "ds"), tag=tag, client_state={"step": step})
-            params = list(engine.module.parameters())
-            # ZeRO-3 holds a shard of each parameter per rank: gather (collectively) before writing.
-            with deepspeed.zero.GatheredParameters(params, modifier_rank=None) if stage == 3 else nullcontext():
-                if rank == 0:
-                    save_model(engine.module, tok, Path(tmp) / "model",
-                               metadata={"step": step, "run_name": loop_config["run_name"],
-                                         "model_fingerprint": cfg.fingerprint("model"), **metrics})
-            if rank == 0:
-                np.savez(Path(tmp) / "probe.npz", **probe, scores=probe_scores)
-                (Path(tmp) / "state.json").write_text(json.dumps({"step": step, "tag": tag, **metrics}))
-            ray.train.report({**metrics, "step": step},
-                             checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                             checkpoint_dir_name=f"checkpoint_{tag}")
+def resume(w: Worker) -> None:
+    """Weights, optimizer, schedule and step from Ray Train's latest checkpoint, if any."""
+    import ray.train
 
-    probe = loop_config["probe"]
-    fail_marker = Path(loop_config["fail_marker"]) if t.fail_at_step else None
-    engine.train()
-    epoch, micro = 0, 0
-    t_last, ex_since, tok_since = time.perf_counter(), 0, 0
-    window: dict[str, float] = {"loss": 0.0, "nce": 0.0, "summary": 0.0, "n": 0}
-    done = resumed_complete = step >= t.max_steps
-    while not done:
-        epoch += 1
-        for b in train_shard.iter_torch_batches(batch_size=t.batch_size, collate_fn=collate, drop_last=True,
-                                                local_shuffle_buffer_size=max(256, 4 * t.batch_size),
-                                                local_shuffle_seed=t.seed * 100003 + step + epoch):
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                out = engine(b["session_ids"], b["candidate_ids"], b["summary_ids"])
-            parts = embsum_loss(out.scores, out.summary_logits, b["summary_ids"], t.summary_weight, tok.pad_id,
-                                temperature)
-            engine.backward(parts.total)
-            engine.step()  # DeepSpeed accumulates; it steps optimizer + schedule on the boundary
-            ex_since += b["session_ids"].shape[0]
-            tok_since += int((b["session_ids"] != 0).sum() + (b["candidate_ids"] != 0).sum()
-                             + (b["summary_ids"] != 0).sum())
-            for k, v in (("loss", parts.total), ("nce", parts.nce), ("summary", parts.summary)):
-                window[k] += float(v.detach())
-            window["n"] += 1
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None:
+        return
+    with ckpt.as_directory() as d:
+        state = json.loads((Path(d) / "state.json").read_text())
+        w.engine.load_checkpoint(str(Path(d) / "ds"), tag=state["tag"], load_optimizer_states=True,
+                                 load_lr_scheduler_states=True)
+        w.step = int(state["step"])
+    if w.rank == 0:
+        log.info(f"[train] resumed from step {w.step} ({ckpt.path})")
+
+
+def _autocast(w: Worker) -> Any:
+    import torch
+
+    return torch.autocast(w.device.type, dtype=w.dtype, enabled=w.dtype != torch.float32)
+
+
+def train_step(w: Worker, b: dict[str, Any]) -> None:
+    """Forward, loss (NCE over the sampled and, optionally, in-batch negatives + lambda * summary), step.
+    An example holds T targets sharing one history (data.targets_per_example): the user side is
+    encoded once and each target's block [positive, K negatives] is one NCE row."""
+    from embsum.losses import batch_negative_scores, embsum_loss, grouped_rows
+
+    t = w.cfg.train
+    with _autocast(w):
+        out = w.engine(b["session_ids"], b["candidate_ids"], b["summary_ids"])  # scores (B, T*C)
+        extra = batch_negative_scores(out.upe, out.cpe, out.cpe_key, b["candidate_ids"], b["labels"]) \
+            if t.in_batch_negatives else None
+    scores, extra = grouped_rows(out.scores, b["labels"], 1 + w.cfg.data.negatives, extra)  # (R, C), (R, X)
+    parts = embsum_loss(scores, out.summary_logits, b["summary_ids"], t.summary_weight, w.tok.pad_id,
+                        w.temperature, extra)
+    w.engine.backward(parts.total)
+    w.engine.step()  # DeepSpeed accumulates; it steps optimizer + schedule on the boundary
+    w.examples += b["session_ids"].shape[0]
+    w.tokens += int((b["session_ids"] != 0).sum() + (b["candidate_ids"] != 0).sum() + (b["summary_ids"] != 0).sum())
+    for k, v in (("loss", parts.total), ("nce", parts.nce), ("summary", parts.summary)):
+        w.window[k] += float(v.detach())
+    w.window["n"] += 1
+
+
+def validate(w: Worker) -> dict[str, float]:
+    """Mean AUC of the valid examples (positive first), scored as evaluation and serving score them:
+    the model's forward in generating mode (no teacher summary), averaged over all ranks."""
+    import torch
+    import torch.distributed as dist
+
+    from embsum.metrics import positive_first_auc
+
+    if w.valid_shard is None:
+        return {}
+    t = w.cfg.train
+    w.engine.eval()
+    aucs: list[np.ndarray] = []
+    with torch.no_grad():
+        for i, b in enumerate(w.valid_shard.iter_torch_batches(batch_size=t.batch_size, collate_fn=w.collate,
+                                                               drop_last=False)):
+            if i >= t.eval_batches:
+                break
+            with _autocast(w):
+                scores = w.engine.module(b["session_ids"], b["candidate_ids"]).scores  # (B, C)
+            aucs.append(positive_first_auc(scores.float().cpu().numpy()))
+    w.engine.train()
+    local = np.concatenate(aucs) if aucs else np.zeros((0,))
+    tot = torch.tensor([float(local.sum()), float(len(local))], dtype=torch.float64)
+    dist.all_reduce(tot)  # every rank contributes its shard; all ranks see the mean
+    return {"val_auc": float(tot[0] / tot[1])} if tot[1] > 0 else {}
+
+
+def save_and_report(w: Worker, metrics: dict[str, Any]) -> None:
+    """Collective checkpoint (DeepSpeed state + rank 0's consolidated model and probe) and report."""
+    import deepspeed
+    import ray.train
+
+    from embsum.checkpoint import save_model
+
+    tag = f"step_{w.step:08d}"
+    probe = w.loop_config["probe"]
+    # Every rank runs the probe forward: under ZeRO-3 each module's forward gathers its
+    # parameters collectively, so a forward on rank 0 alone would hang.
+    probe_scores = _probe_scores(w.engine.module, probe)
+    with tempfile.TemporaryDirectory() as tmp:
+        w.engine.save_checkpoint(str(Path(tmp) / "ds"), tag=tag, client_state={"step": w.step})
+        params = list(w.engine.module.parameters())
+        # ZeRO-3 holds a shard of each parameter per rank: gather (collectively) before writing.
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None) if w.stage == 3 else nullcontext():
+            if w.rank == 0:
+                save_model(w.engine.module, w.tok, Path(tmp) / "model",
+                           metadata={"step": w.step, "run_name": w.loop_config["run_name"],
+                                     "model_fingerprint": w.cfg.fingerprint("model"),
+                                     # how item text was formatted: new data is evaluated the same way
+                                     "item_text_fields": list(w.cfg.data.item_text_fields),
+                                     "item_text_max_chars": w.cfg.data.item_text_max_chars, **metrics})
+        if w.rank == 0:
+            np.savez(Path(tmp) / "probe.npz", **probe, scores=probe_scores)
+            (Path(tmp) / "state.json").write_text(json.dumps({"step": w.step, "tag": tag, **metrics}))
+        ray.train.report({**metrics, "step": w.step}, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                         checkpoint_dir_name=f"checkpoint_{tag}")
+
+
+def _window_metrics(w: Worker) -> dict[str, float]:
+    dt = time.perf_counter() - w.last_report
+    n = max(1, w.window["n"])
+    m = {"loss": w.window["loss"] / n, "nce_loss": w.window["nce"] / n, "summary_loss": w.window["summary"] / n,
+         "lr": w.scheduler.get_last_lr()[0], "examples_per_s": w.examples * w.world / dt,
+         "tokens_per_s": w.tokens * w.world / dt, "epoch": w.epoch}
+    w.window = {"loss": 0.0, "nce": 0.0, "summary": 0.0, "n": 0}
+    w.last_report, w.examples, w.tokens = time.perf_counter(), 0, 0
+    return m
+
+
+def _maybe_fail(w: Worker) -> None:
+    """Testing only (train.fail_at_step): one rank kills itself once, to exercise recovery."""
+    t = w.cfg.train
+    marker = Path(w.loop_config["fail_marker"]) if t.fail_at_step else None
+    if marker is None or w.step != t.fail_at_step or w.rank != min(1, w.world - 1) or marker.exists():
+        return
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(str(os.getpid()))
+    log.warning(f"[train] fail_at_step={w.step}: rank {w.rank} kills itself (pid {os.getpid()})")
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _after_step(w: Worker) -> None:
+    """Log every log_every steps; validate, checkpoint and report every checkpoint_every and at the end."""
+    import ray.train
+
+    t = w.cfg.train
+    last = w.step >= t.max_steps
+    ckpt = w.step % t.checkpoint_every == 0 or last
+    if not (ckpt or w.step % t.log_every == 0):
+        return
+    metrics = _window_metrics(w)
+    if ckpt:
+        metrics.update(validate(w))
+    if w.tracker:
+        w.tracker.log(metrics, w.step)
+        log.info(f"[train] step {w.step}/{t.max_steps} " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+    if ckpt:
+        save_and_report(w, metrics)
+    else:
+        ray.train.report({**metrics, "step": w.step})
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    import ray.train
+
+    w = setup(loop_config)
+    resume(w)
+    t = w.cfg.train
+    if w.step >= t.max_steps:
+        # Resumed a finished run: nothing to train; report once so the driver gets metrics.
+        ray.train.report({"step": w.step, "resumed_complete": 1})
+        return
+    w.engine.train()
+    micro = 0
+    while w.step < t.max_steps:
+        w.epoch += 1
+        batches = 0
+        for b in w.train_shard.iter_torch_batches(batch_size=t.batch_size, collate_fn=w.collate, drop_last=True,
+                                                  local_shuffle_buffer_size=max(256, 4 * t.batch_size),
+                                                  local_shuffle_seed=t.seed * 100003 + w.step + w.epoch):
+            batches += 1
+            train_step(w, b)
             micro += 1
             if micro % t.grad_accum:
                 continue
-            step += 1
-            if fail_marker is not None and step == t.fail_at_step and rank == min(1, world - 1) \
-                    and not fail_marker.exists():
-                fail_marker.parent.mkdir(parents=True, exist_ok=True)
-                fail_marker.write_text(str(os.getpid()))
-                log.warning(f"[train] fail_at_step={step}: rank {rank} kills itself (pid {os.getpid()})")
-                os.kill(os.getpid(), signal.SIGKILL)
-            last = step >= t.max_steps
-            if step % t.log_every == 0 or last or step % t.checkpoint_every == 0:
-                dt = time.perf_counter() - t_last
-                n = max(1, window["n"])
-                metrics = {"loss": window["loss"] / n, "nce_loss": window["nce"] / n,
-                           "summary_loss": window["summary"] / n, "lr": scheduler.get_last_lr()[0],
-                           "examples_per_s": ex_since * world / dt, "tokens_per_s": tok_since * world / dt,
-                           "epoch": epoch}
-                window = {"loss": 0.0, "nce": 0.0, "summary": 0.0, "n": 0}
-                t_last, ex_since, tok_since = time.perf_counter(), 0, 0
-                if step % t.checkpoint_every == 0 or last:
-                    metrics.update(validate())
-                    if tracker:
-                        tracker.log(metrics, step)
-                        log.info(f"[train] step {step}/{t.max_steps} " + " ".join(
-                            f"{k}={v:.4g}" for k, v in metrics.items()))
-                    save_and_report(metrics)
-                else:
-                    if tracker:
-                        tracker.log(metrics, step)
-                        log.info(f"[train] step {step}/{t.max_steps} loss={metrics['loss']:.4f} "
-                                 f"nce={metrics['nce_loss']:.4f} sum={metrics['summary_loss']:.4f} "
-                                 f"ex/s={metrics['examples_per_s']:.1f}")
-                    ray.train.report({**metrics, "step": step})
-            if last:
-                done = True
+            w.step += 1
+            _maybe_fail(w)
+            _after_step(w)
+            if w.step >= t.max_steps:
                 break
-        if epoch > 10_000:
-            raise RuntimeError("training shard is empty: no batch of train.batch_size examples per worker")
-    if resumed_complete:
-        # Resumed a finished run: nothing to train; report once so the driver gets metrics.
-        ray.train.report({"step": step, "resumed_complete": 1})
+        if batches == 0:
+            raise RuntimeError("training shard is empty: no batch of train.batch_size examples on this worker")
 
 
 def _probe_scores(model: Any, probe: dict[str, np.ndarray]) -> np.ndarray:

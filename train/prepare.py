@@ -150,10 +150,10 @@ def _plan_write_task(batch: pa.Table, spec: PlanSpec, index_ref: Any, negatives:
         rows = plan.filter(pc.equal(kinds, kind))
         if rows.num_rows == 0:
             continue
-        schema = output_schema(kind, index.assembler.cfg, negatives)
+        schema = output_schema(kind, index.assembler.cfg, negatives, spec.targets)
         with pq.ParquetWriter(Path(out) / OUTPUTS[kind] / name, schema, **write_options(schema)) as w:
             for k in range(0, rows.num_rows, TENSORIZE_ROWS):
-                w.write_table(tensorize(rows.slice(k, TENSORIZE_ROWS), kind, index, negatives))
+                w.write_table(tensorize(rows.slice(k, TENSORIZE_ROWS), kind, index, negatives, spec.targets))
     stats = plan.filter(pc.equal(kinds, "stats")).column("stats").to_pylist()
     assert len(stats) == 1
     return pa.table({"stats": [json.dumps({**json.loads(stats[0]), **counts})]})
@@ -313,7 +313,7 @@ def run_prepare(cfg: Config) -> dict[str, Any]:
             partitions += 1
         for kind in KINDS:  # no rows: still a readable dataset with the promised columns
             if not any((staging / OUTPUTS[kind]).glob("*.parquet")):
-                pq.write_table(output_schema(kind, cfg.model, d.negatives).empty_table(),
+                pq.write_table(output_schema(kind, cfg.model, d.negatives, d.targets_per_example).empty_table(),
                                staging / OUTPUTS[kind] / "part-empty.parquet")
         if not any((staging / layout.QUARANTINE).glob("*.parquet")):
             pq.write_table(QUARANTINE_SCHEMA.empty_table(), staging / layout.QUARANTINE / "part-empty.parquet")

@@ -40,35 +40,33 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def load_summaries(data_dir: Path) -> dict[str, np.ndarray]:
-    """user_id -> summary ids (S,) int32, from the summarize stage's parquet: every user's, in this
-    process (the single-process bench loop uses it; the Ray trainer joins them per file instead)."""
+    """example_id -> summary ids (S,) int32, from the summarize stage's parquet: every example's, in
+    this process (the single-process bench loop uses it; the Ray trainer joins them per file instead,
+    train/summaries.py)."""
     import pyarrow.dataset as pads
 
     d = data_dir / layout.SUMMARIES
     if not d.exists():
         return {}
-    table = pads.dataset(str(d), format="parquet").to_table(columns=["user_id", "summary_ids"])
+    table = pads.dataset(str(d), format="parquet").to_table(columns=["example_id", "summary_ids"])
     arr = table_tensor(table, "summary_ids", np.int32)
-    return {str(u): arr[i] for i, u in enumerate(table.column("user_id").to_pylist())}
+    return {str(u): arr[i] for i, u in enumerate(table.column("example_id").to_pylist())}
 
 
-def probe_batch(valid_dir: Path, data_dir: Path, empty: np.ndarray, n: int = 4) -> dict[str, np.ndarray]:
+def probe_batch(valid_dir: Path, empty: np.ndarray, n: int = 4) -> dict[str, np.ndarray]:
     """A few fixed examples whose scores are recorded at each checkpoint and rechecked after
     registration, so a serialization bug can never ship silently. The first rows of the validation
     examples, read from the parquet footers and first row group (a Ray Data execution for four
-    rows took 5-14 s of start-up on 2 cores), with their users' summaries (a filtered scan)."""
+    rows took 5-14 s of start-up on 2 cores)."""
     import pyarrow.dataset as pads
 
-    from train.summaries import summaries_of
-
-    rows = pads.dataset(str(valid_dir), format="parquet").head(n, columns=["user_id", "session_ids",
-                                                                           "candidate_ids"])
+    rows = pads.dataset(str(valid_dir), format="parquet").head(n, columns=["session_ids", "candidate_ids"])
     if rows.num_rows == 0:
         raise ValueError(f"{valid_dir} has no validation examples: run `embsum prepare` first")
     return {
         "session_ids": table_tensor(rows, "session_ids", np.int32),
         "candidate_ids": table_tensor(rows, "candidate_ids", np.int32),
-        "summary_ids": summaries_of(data_dir, [str(u) for u in rows.column("user_id").to_pylist()], empty),
+        "summary_ids": np.stack([empty] * rows.num_rows).astype(np.int32),  # (n, S) EOS-only: no teacher here
     }
 
 
@@ -107,15 +105,16 @@ def run_train(cfg: Config, *, register: bool = True) -> dict[str, Any]:
     run_name = t.run_name or time.strftime("embsum-%Y%m%d-%H%M%S")
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = True
-    empty = np.zeros((cfg.model.summary_tokens,), np.int32)
-    empty[0] = 1  # EOS
-    # Each example carries its user's summary_ids, joined file by file (train/summaries.py): no
-    # worker is handed every user's summary.
+    from embsum.tokenization import EmbSumTokenizer
+
+    empty = EmbSumTokenizer.from_config(cfg.model).summary("")  # (S,) EOS-only
+    # Each example carries its own summary_ids, joined file by file (train/summaries.py): no worker
+    # is handed every example's summary.
     train_ds = ray.data.read_parquet(str(data_dir / layout.TRAIN), include_paths=summarized)
     if summarized:
         train_ds = with_summaries(train_ds, data_dir, empty)
     valid_ds = ray.data.read_parquet(str(data_dir / layout.VALID_EXAMPLES))
-    probe = probe_batch(data_dir / layout.VALID_EXAMPLES, data_dir, empty)
+    probe = probe_batch(data_dir / layout.VALID_EXAMPLES, empty)
 
     registry = Registry(cfg)
     prep, summ = _read_json(data_dir / layout.REPORT), _read_json(data_dir / layout.SUMMARY_REPORT)

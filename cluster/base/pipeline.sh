@@ -9,9 +9,14 @@
 # plain command that runs a script keeps all shell logic on the head, where the settings
 # (ConfigMap embsum-settings, set per overlay) are in the environment.
 #
-# Each stage is its own driver process on the head (`--address auto` joins the running cluster)
-# and its own Ray job from MLflow's point of view; a failing stage stops the pipeline (set -e)
-# and fails the RayJob. Stages hand data over through WORKDIR (the shared PVC) and MLflow.
+# It is `embsum run --no-serve`: the stages of embsum/pipeline.py's one ordered list (prepare ->
+# summarize -> train -> evaluate -> embed -> promote), each its own driver process on the head
+# (`--address auto` joins the running cluster). Every stage after train acts on the version train
+# registered, by number; the gate promotes it only when its embeddings exist and it beats the
+# champion. A failing stage (or a registry error at the gate) fails the RayJob with the alias
+# unchanged. Serving it is a separate, reviewed step: the RayService rollout (cluster/README.md,
+# "Model rollouts"), which the run's report names. Stages hand data over through WORKDIR (the
+# shared PVC) and MLflow.
 set -euo pipefail
 
 : "${EMBSUM_STORAGE_URI:?set EMBSUM_STORAGE_URI (s3://BUCKET or a path on the shared PVC) in the overlay}"
@@ -43,20 +48,6 @@ OVERRIDES=(
   "${EXTRA[@]}"
 )
 
-stage() {
-  echo "=== $(date -u +%Y-%m-%dT%H:%M:%SZ) embsum $1"
-}
-
-stage prepare
-embsum prepare --config "${CONFIG}" --address auto "${OVERRIDES[@]}"
-stage summarize
-embsum summarize --config "${CONFIG}" --address auto "${OVERRIDES[@]}"
-stage train
-embsum train --config "${CONFIG}" --address auto "${OVERRIDES[@]}"
-stage evaluate
-embsum evaluate --config "${CONFIG}" --address auto "${OVERRIDES[@]}"
-stage promote
-embsum promote --config "${CONFIG}" --address auto "${OVERRIDES[@]}"
-stage embed
-embsum embed --config "${CONFIG}" --address auto "${OVERRIDES[@]}"
-stage finished
+echo "=== $(date -u +%Y-%m-%dT%H:%M:%SZ) embsum run --no-serve"
+embsum run --config "${CONFIG}" --address auto --no-serve "${OVERRIDES[@]}"
+echo "=== $(date -u +%Y-%m-%dT%H:%M:%SZ) finished"

@@ -14,22 +14,25 @@ users/                 one row per user with at least one engagement (parquet da
     user_id: str, split: str ('train'|'valid'|'test'), history: list<str> (item ids, oldest first,
     the user's full known positive history = what precompute and serving use),
     session_ids: (G, L) int32 (the tokenized sessions of that history).
-train/                 training examples (parquet dataset)
-    example_id: str, user_id: str, impression_id: str, session_ids: (G, L) int32,
-    candidate_ids: (C, Lc) int32 (positive first), candidate_item_ids: list<str> (C)
-valid_examples/        the same format, from valid users (in-loop validation AUC)
+train/                 training examples (parquet dataset): T = data.targets_per_example positives
+    sharing one history, each followed by its K negatives
+    example_id: str, user_id: str, impression_id: str, session_ids: (G, L) int32, history: list<str>
+    (the item ids session_ids encodes), candidate_ids: (T*C, Lc) int32 (blocks of [positive,
+    K negatives]), candidate_item_ids: list<str> (T*C), labels: list<int8> (T*C: 1 positive,
+    0 negative, -1 padding of an example short of T)
+valid_examples/        the same format with T = 1, from valid users (in-loop validation AUC)
 valid/, test/          evaluation impressions (parquet datasets)
     impression_id: str, user_id: str, session_ids: (G, L) int32, history: list<str>,
     candidate_item_ids: list<str>, labels: list<int8>
 quarantine/            malformed input rows (parquet dataset)
     source: str (file), line: int64 (1-based, header = line 1), reason: str, raw: str
-summaries/             one teacher summary per training user (parquet dataset, hive-partitioned)
-    part=<users file stem>/*.parquet: the summaries of the users in users/<stem>.parquet, whose
-    training examples are in train/<stem>.parquet (train/summaries.py joins them file by file);
-    user_id: str, summary: str, teacher: str, prompt_version: str, summary_ids: (S,) int32
-summaries_failed/      training users the teacher could not summarize (parquet dataset; may be empty)
-    user_id: str, error: str (why, e.g. 'gave up after 5 attempts: HTTP 503 ...')
-summarize_report.json  users_in, summarized, cached_hits, failed, requests, teacher, prompt_version,
+summaries/             one teacher summary per training example: of its own history (parquet dataset,
+    hive-partitioned: part=<train file stem>/*.parquet holds the summaries of the examples in
+    train/<stem>.parquet; train/summaries.py joins them file by file)
+    example_id: str, user_id: str, summary: str, teacher: str, prompt_version: str, summary_ids: (S,) int32
+summaries_failed/      training examples the teacher could not summarize (parquet dataset; may be empty)
+    example_id: str, user_id: str, error: str (why, e.g. 'gave up after 5 attempts: HTTP 503 ...')
+summarize_report.json  examples_in, summarized, cached_hits, failed, requests, teacher, prompt_version,
     seconds, status ('ok'|'failed'), first_errors
 prepare_report.json    counts: rows in/out, quarantined by reason, examples per split, fingerprint
 """
@@ -49,7 +52,7 @@ SUMMARIES = "summaries"
 REPORT = "prepare_report.json"
 SUMMARY_REPORT = "summarize_report.json"
 SUMMARY_FAILURES = "summaries_failed"
-PART_COLUMN = "part"  # summaries/ partition column: the users/ file stem the user came from
+PART_COLUMN = "part"  # summaries/ partition column: the train/ file stem the example came from
 
 
 def path(data_dir: str | Path, name: str) -> Path:

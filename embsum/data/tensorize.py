@@ -27,13 +27,16 @@ EVAL_KINDS = ("valid", "test")
 _STR_LIST = pa.list_(pa.string())
 
 
-def output_schema(kind: str, cfg: EmbSumConfig, negatives: int) -> pa.Schema:
-    """The columns layout.py promises for ``kind`` (train, valid_examples, valid, test, users)."""
+def output_schema(kind: str, cfg: EmbSumConfig, negatives: int, targets: int = 1) -> pa.Schema:
+    """The columns layout.py promises for ``kind`` (train, valid_examples, valid, test, users).
+    ``targets``: positives per training example (valid_examples always have one)."""
     sessions = pa.fixed_shape_tensor(pa.int32(), [cfg.num_sessions, cfg.session_tokens])  # (G, L)
     if kind in EXAMPLE_KINDS:
-        cands = pa.fixed_shape_tensor(pa.int32(), [1 + negatives, cfg.content_tokens])  # (C, Lc)
+        t = targets if kind == "train" else 1
+        cands = pa.fixed_shape_tensor(pa.int32(), [t * (1 + negatives), cfg.content_tokens])  # (T*C, Lc)
         return pa.schema([("example_id", pa.string()), ("user_id", pa.string()), ("impression_id", pa.string()),
-                          ("session_ids", sessions), ("candidate_ids", cands), ("candidate_item_ids", _STR_LIST)])
+                          ("session_ids", sessions), ("history", _STR_LIST), ("candidate_ids", cands),
+                          ("candidate_item_ids", _STR_LIST), ("labels", pa.list_(pa.int8()))])
     if kind in EVAL_KINDS:
         return pa.schema([("impression_id", pa.string()), ("user_id", pa.string()), ("session_ids", sessions),
                           ("history", _STR_LIST), ("candidate_item_ids", _STR_LIST), ("labels", pa.list_(pa.int8()))])
@@ -163,19 +166,22 @@ def candidate_ids(candidates: pa.ChunkedArray | pa.Array, index: CatalogIndex, w
     return index.content[pos]  # (B, C, Lc)
 
 
-def tensorize(plan: pa.Table, kind: str, index: CatalogIndex, negatives: int) -> pa.Table:
+def tensorize(plan: pa.Table, kind: str, index: CatalogIndex, negatives: int, targets: int = 1) -> pa.Table:
     """Plan rows of one kind (examples.PLAN_SCHEMA) -> rows of ``output_schema(kind)``."""
-    schema = output_schema(kind, index.assembler.cfg, negatives)
+    schema = output_schema(kind, index.assembler.cfg, negatives, targets)
     if plan.num_rows == 0:
         return schema.empty_table()
     hist = _list_array(plan.column("history")).cast(_STR_LIST)
     cols: dict[str, pa.Array] = {"session_ids": _tensor(session_ids(hist, index))}
     if kind in EXAMPLE_KINDS:
+        cols["history"] = hist  # what the teacher summarizes for this example
+        width = (targets if kind == "train" else 1) * (1 + negatives)
         cands = _list_array(plan.column("candidates")).cast(_STR_LIST)
-        if pc.any(pc.not_equal(pc.list_value_length(cands), 1 + negatives)).as_py():
-            raise AssertionError(f"{kind}: every example must have 1 + {negatives} candidates")
-        cols["candidate_ids"] = _tensor(candidate_ids(cands, index, 1 + negatives))
+        if pc.any(pc.not_equal(pc.list_value_length(cands), width)).as_py():
+            raise AssertionError(f"{kind}: every example must have {width} candidates (T x (1 + {negatives}))")
+        cols["candidate_ids"] = _tensor(candidate_ids(cands, index, width))
         cols["candidate_item_ids"] = cands
+        cols["labels"] = plan.column("labels").combine_chunks().cast(pa.list_(pa.int8()))
     elif kind in EVAL_KINDS:
         cols["history"] = hist
         cols["candidate_item_ids"] = plan.column("candidates").combine_chunks().cast(_STR_LIST)

@@ -2,8 +2,12 @@
 
 The leakage rule lives here, in one place: an event's history holds only positives from events
 *strictly before* it. "Before" means an earlier timestamp when the data has timestamps (events at
-the same instant, e.g. two clicks in one impression, never see each other), otherwise an earlier
-position in file order (files sorted by path, then line). An event's own positives are removed
+the same instant, e.g. two clicks in one impression, never see each other); without timestamps it
+means an earlier position in a seeded random order of the user's events (``data.event_order:
+random``, the default: a file's row order is not time unless the user says so), or in file order
+(files sorted by path, then line) when ``data.event_order: file`` declares the file chronological.
+The random order is a function of (seed, user, event content) only, so permuting a user's rows in
+the file changes nothing. An event's own positives are removed
 from its history even when the input put them there (MIND's history column may list a re-click).
 
 Histories are deduplicated: an item engaged again moves to its latest position, so the most
@@ -19,7 +23,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from itertools import islice
 
@@ -61,11 +65,21 @@ class Event:
 Row = tuple[float | None, str, list[str] | None, list[str], list[int]]
 
 
-def build_events(rows: Sequence[Row], timestamps: bool, group_impressions: bool) -> list[Event]:
+def random_order(seed: int, user_id: str) -> Callable[[Event], float]:
+    """An event's place in a seeded random order of the user's events: a hash of (seed, user,
+    impression id, items) in [0, 1), independent of where the rows sat in the file."""
+    def key(ev: Event) -> float:
+        return stable_hash64("order", seed, user_id, ev.impression_id, *ev.items) / 2.0**64
+    return key
+
+
+def build_events(rows: Sequence[Row], timestamps: bool, group_impressions: bool,
+                 order: Callable[[Event], float] | None = None) -> list[Event]:
     """A user's records, already sorted by (ts, source, line) or (source, line) -> events in order.
 
     ``group_impressions`` (logs with an impression column): rows sharing an impression id form one
-    event at the position (time) of its first row.
+    event at the position (time) of its first row. ``order`` (no timestamps): each event's key,
+    e.g. ``random_order``; default: its file position.
     """
     events: list[Event] = []
     by_impression: dict[str, Event] = {}
@@ -83,6 +97,9 @@ def build_events(rows: Sequence[Row], timestamps: bool, group_impressions: bool)
         if group_impressions and imp:
             by_impression[imp] = ev
         events.append(ev)
+    if order is not None and not timestamps:
+        for ev in events:
+            ev.key = order(ev)
     events.sort(key=lambda e: e.key)  # stable: equal keys keep file order
     return events
 

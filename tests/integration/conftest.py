@@ -1,4 +1,5 @@
-"""Integration fixtures: one local Ray cluster per test session, always shut down."""
+"""Integration fixtures: one local Ray cluster and one real `mlflow server` per test session, always
+shut down."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ def start_local_ray() -> None:
     from embsum.runtime import setup_env, worker_env
 
     setup_env()
-    ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": worker_env()})
+    # address="local": a new cluster even when a `ray start` cluster runs on this machine.
+    ray.init(address="local", num_cpus=4, include_dashboard=False, runtime_env={"env_vars": worker_env()})
 
 
 @pytest.fixture(scope="session")
@@ -31,3 +33,16 @@ def ray_cluster():
         yield ray
     finally:
         ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` process (SQLite backend, artifact proxy) on a free port; its URL.
+    Modules register under their own model names, so they never see each other's versions."""
+    from tests.mlflow_server import MlflowServer
+
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server")).start()
+    try:
+        yield server
+    finally:
+        server.stop()

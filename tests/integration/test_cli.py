@@ -71,6 +71,12 @@ def test_run_end_to_end_twice(tmp_path: Path) -> None:
     (["train", "train.lrr=1"], "train.lrr: unknown key 'lrr'"),
     (["prepare", "--address", "127.0.0.1:1"], "cannot reach the Ray cluster at ray.address='127.0.0.1:1'"),
     (["models", "show", "7", "workdir=/tmp/embsum-no-such-workdir"], "no version or alias '7'"),
+    # Beyond loopback without a token: refused before Ray or Serve start (nothing binds).
+    (["serve", "start", "serve.host=0.0.0.0", "serve.auth_token_env=EMBSUM_TEST_NO_SUCH_TOKEN"],
+     "serve.host='0.0.0.0' binds beyond loopback and no API token is set"),
+    (["run", "--stages", "evaluate,promote"], "give --version N"),
+    (["run", "--stages", "train,deploy"], "unknown stage 'deploy'; stages, in order: prepare,summarize,train,"
+                                          "evaluate,embed,promote,serve"),
 ])
 def test_cli_errors_are_one_line(args: list[str], message: str, tmp_path: Path) -> None:
     p = embsum(*args, timeout=120)

@@ -60,11 +60,12 @@ def cluster():
 
 
 def _actors(cls: str, before: set[str] | None = None) -> dict[str, str]:
-    """{actor id: node id} of the actors of a class (prefix), created after ``before``."""
+    """{actor id: node id} of the actors of a class (prefix, leading '_' ignored: Ray 2.60 names a
+    Data actor 'MapWorker(MapBatches(<fn>))'), created after ``before``."""
     from ray._private.state import actors
 
     return {a: info["Address"]["NodeID"] for a, info in actors().items()
-            if info["ActorClassName"].startswith(cls) and (before is None or a not in before)}
+            if info["ActorClassName"].lstrip("_").startswith(cls) and (before is None or a not in before)}
 
 
 def _config(work: Path, **sections: dict) -> Config:
@@ -126,13 +127,13 @@ def pipeline(cluster, tmp_path_factory):
         nodes[name] = _actors(cls, before)
         return out
 
-    prep = stage("prepare", lambda: run_prepare(cfg), "_MapWorker")
-    stage("summarize", lambda: run_summarize(cfg), "_MapWorker")
+    prep = stage("prepare", lambda: run_prepare(cfg), "MapWorker")
+    stage("summarize", lambda: run_summarize(cfg), "MapWorker")
     trained = stage("train", lambda: run_train(cfg), "RayTrainWorker")
     version = str(trained["version"])
     Registry(cfg).promote(version)
-    evaluated = stage("evaluate", lambda: run_evaluate(cfg, version), "_MapWorker")
-    embedded = stage("embed", lambda: run_embed(cfg, version), "_MapWorker")
+    evaluated = stage("evaluate", lambda: run_evaluate(cfg, version), "MapWorker")
+    embedded = stage("embed", lambda: run_embed(cfg, version), "MapWorker")
     print(f"[multinode] stage seconds {seconds}")
     return {"cfg": cfg, "prepare": prep, "train": trained, "evaluate": evaluated, "embed": embedded,
             "version": version, "nodes": nodes}

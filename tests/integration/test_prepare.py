@@ -36,7 +36,8 @@ def _check_torch_batches(ray, cfg: Config, name: str, negatives: int) -> int:
     for batch in ds.iter_torch_batches(batch_size=16):
         b = batch["session_ids"].shape[0]
         assert tuple(batch["session_ids"].shape) == (b, G, L) and str(batch["session_ids"].dtype) == "torch.int32"
-        assert tuple(batch["candidate_ids"].shape) == (b, 1 + negatives, LC)
+        # T targets per example, each a [positive, K negatives] block (data.targets_per_example)
+        assert tuple(batch["candidate_ids"].shape) == (b, cfg.data.targets_per_example * (1 + negatives), LC)
         rows += b
     return rows
 
@@ -99,6 +100,51 @@ def test_same_rows_on_one_partition_or_many_and_in_one_process(ray_cluster, tmp_
         assert got_one[name].equals(got_many[name]), name
         assert got_one[name].select(got_base[name].column_names).equals(got_base[name]), name
     for key in ("rows_in", "rows_out", "examples", "eval_impressions", "users", "candidates", "skipped"):
+        assert rep_one[key] == rep_many[key], key
+
+
+def test_random_order_targets_and_held_out_positives_do_not_depend_on_partitions(ray_cluster, tmp_path,
+                                                                                   monkeypatch):
+    """A log without time (data.event_order random, T targets per example, several held-out positives,
+    several views): the same rows on one partition or many, with rows and files permuted."""
+    import random
+
+    import train.prepare as prep
+
+    items = tmp_path / "items.csv"
+    items.write_text("item_id,title\n" + "".join(f"b{k},Book {k}\n" for k in range(60)))
+    rng = random.Random(3)
+    rows = sorted({(f"u{rng.randrange(30)}", f"b{rng.randrange(60)}") for _ in range(600)})
+    rng.shuffle(rows)
+
+    def cfg_for(name: str, files: list[list[tuple[str, str]]]) -> Config:
+        log_dir = tmp_path / name / "log"
+        log_dir.mkdir(parents=True)
+        for k, part in enumerate(files):
+            (log_dir / f"{k}.csv").write_text("user,item\n" + "".join(f"{u},{i}\n" for u, i in part))
+        return config_from_dict({"workdir": str(tmp_path / name / "wd"), "model": TINY, "data": {
+            "format": "logs", "interactions": str(log_dir), "items": str(items), "user_col": "user",
+            "item_col": "item", "item_text_fields": ["title"], "event_order": "random", "targets_per_example": 2,
+            "eval_positives": 2, "views_per_user": 2, "valid_fraction": 0.2, "test_fraction": 0.2,
+            "eval_negatives": 5}})
+
+    monkeypatch.setattr(prep, "ROWS_PER_PARTITION", (10**9, 10**9))  # one partition
+    one = cfg_for("one", [rows])
+    rep_one = run_prepare(one)
+    monkeypatch.setattr(prep, "ROWS_PER_PARTITION", (60, 120))  # several partitions, in small blocks
+    monkeypatch.setattr(prep, "ROWS_PER_BLOCK", (50, 50))
+    many = cfg_for("many", [rows[300:][::-1], rows[:300]])  # other files, other row order
+    rep_many = run_prepare(many)
+    assert rep_one["plan_partitions"] == 1 < rep_many["plan_partitions"]
+    got_one, got_many = _tables(one), _tables(many)
+    for name in got_one:
+        assert got_one[name].num_rows > 0, name
+        assert got_one[name].equals(got_many[name]), name
+    train = got_one[layout.TRAIN]
+    assert all(len(lab) == 2 * (1 + one.data.negatives) for lab in train.column("labels").to_pylist())
+    held = [i for i in got_one[layout.VALID].column("impression_id").to_pylist() if ":held" in i]
+    assert held and rep_one["examples"]["valid_examples"] > 0
+    for key in ("rows_in", "rows_out", "examples", "eval_impressions", "users", "skipped"):
         assert rep_one[key] == rep_many[key], key
 
 
@@ -231,7 +277,8 @@ def test_book_crossing_by_config(ray_cluster, tmp_path):
     assert rep["items"]["items"] == 2030 and rep["users"]["total"] == 1820
     explicit = rep["rows_in"] - rep["labels"]["ignored"]
     assert explicit == 41_456 and 0.6 < rep["labels"]["positive"] / explicit < 0.7  # README: 66.3% are >= 8
-    assert _check_torch_batches(ray_cluster, cfg, layout.TRAIN, 4) == rep["examples"]["train"] > 10_000
+    assert cfg.data.targets_per_example == 4  # the recipe: 4 positives share one history
+    assert _check_torch_batches(ray_cluster, cfg, layout.TRAIN, 4) == rep["examples"]["train"] > 5_000
     test = _table(cfg, layout.TEST)
     assert all(len(c) == 50 and sum(lab) == 1 for c, lab in zip(test.column("candidate_item_ids").to_pylist(),
                                                                   test.column("labels").to_pylist(), strict=True))

@@ -1,21 +1,22 @@
 """The Serve application end to end over real HTTP on 127.0.0.1: a local Ray cluster, a real
-MLflow SQLite registry, tiny random-init models registered as versions, embeddings written by the
-embed job (train/embed.py's run_embed on layout-conformant inputs) for v1 and by the same encoder
-calls in process for v2, and serve.app.deploy.
+`mlflow server` process as the registry, tiny random-init models registered as versions,
+embeddings written by the embed job (train/embed.py's run_embed on layout-conformant inputs) for
+v1 and by the same encoder calls in process for v2, and serve.app.deploy with autoscaling between
+1 and 2 replicas on short delays.
 
 Checks: served scores equal the offline score() on the stored embeddings; recommend is the true
-top k; cold paths; every error path's status and message; bearer auth; a schemathesis fuzz with
-no 5xx; a rollout under load with no failed request and no mixed versions; a failed rollout that
-keeps the old version serving and reports the error.
+top k; cold paths; every error path's status and message; bearer auth, and a bind beyond loopback
+without a token refusing to start; a schemathesis fuzz with no 5xx; the fleet under closed-loop
+load (bench/fleet.py): 1 -> 2 -> 1 replicas with no failed request, a replica killed with ray.kill
+costing < 0.1% of requests, a replica restarted after the alias moved still serving the pinned
+version, a rollout moving every replica to v2 with no failed request and no response mixing
+versions; a failed rollout that keeps the old version serving and reports the error.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import random
-import socket
-import threading
 import time
 
 import numpy as np
@@ -28,24 +29,16 @@ from embsum.config import Config, config_from_dict
 from embsum.data import layout
 from embsum.predictor import Predictor
 from tests.conftest import TINY
+from tests.mlflow_server import free_port
 from tests.unit.test_serve_store import history_of, item_text, write_version
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(400)]
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
 N_ITEMS, N_USERS = 40, 12
 TOKEN = "integration-token-42"
 
 
-def _free_port() -> int:
-    """A free port in 18000-18999 (other engineers may run Serve on the default 8000 meanwhile)."""
-    for port in random.sample(range(18000, 19000), 200):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-                return port
-            except OSError:
-                continue
-    raise RuntimeError("no free port in 18000-18999")
+_free_port = free_port  # other engineers may run Serve on the default 8000 meanwhile
 
 
 def _write_inputs(cfg: Config) -> None:
@@ -117,8 +110,19 @@ class Served:
         return Predictor.score(s.upe[u:u + 1], s.cpe[rows], s.cpe_key[rows])[0]
 
 
+# Autoscaling on short delays, so the fleet test sees 1 -> 2 -> 1 in seconds: replicas report their
+# load every 0.5 s (Serve's default is 10 s), averaged over 2 s; 1 s above target adds a replica, 3 s
+# below removes it. Target 1 request in flight per replica: 8 closed-loop clients keep 2 replicas
+# well above it (target 2 flapped: client threads on a busy 2-core machine keep fewer requests in
+# flight than there are clients). A stopping replica keeps answering 1 s (default 30 s) so HAProxy
+# can drain it.
+SERVE_ENV = {"RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1"}
+AUTOSCALING = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1, "upscale_delay_s": 1.0,
+               "downscale_delay_s": 3.0, "look_back_period_s": 2.0, "metrics_interval_s": 0.5}
+
+
 @pytest.fixture(scope="module")
-def served(ray_cluster, tmp_path_factory):
+def served(ray_cluster, mlflow_server, tmp_path_factory):
     """The app deployed on the session's local Ray cluster (tests/integration/conftest.py); Serve is
     shut down after this module, the cluster is left to its fixture."""
     import httpx
@@ -133,7 +137,9 @@ def served(ray_cluster, tmp_path_factory):
     cfg = config_from_dict({
         "workdir": str(work), "model": TINY, "ray": {"num_cpus": 4},
         "train": {"infer_actors": 1, "infer_cpus": 0.5, "infer_batch_size": 16},
-        "serve": {"port": port, "min_replicas": 1, "max_replicas": 1, "num_cpus": 1, "max_batch_size": 8,
+        "mlflow": {"tracking_uri": mlflow_server.url, "artifact_location": "mlflow-artifacts:/serve-test",
+                   "experiment": "serve-test"},
+        "serve": {"port": port, **AUTOSCALING, "num_cpus": 1, "memory_gb": 0.5, "max_batch_size": 8,
                   "max_ongoing_requests": 32, "max_candidates": 50, "max_history": 10, "max_k": 20,
                   "max_body_bytes": 65536, "auth_token_file": str(work / "token")},
     })
@@ -148,11 +154,9 @@ def served(ray_cluster, tmp_path_factory):
     write_version(cfg.embeddings_dir, _predictor(cfg, versions[1]), versions[1], n_items=N_ITEMS, n_users=N_USERS,
                   fingerprint=cfg.fingerprint("model"))
     t2 = time.monotonic()
-    # A stopping HAProxy-fronted replica keeps answering 30 s by default so load balancers can drain
-    # it; nothing here needs that, and Serve's shutdown at the end would wait for it.
-    drain = "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"
-    preset = drain in os.environ
-    os.environ.setdefault(drain, "1")
+    # serve_env forwards RAY_SERVE_* variables of this process to Serve's controller and replicas.
+    preset = {k: os.environ[k] for k in SERVE_ENV if k in os.environ}
+    os.environ.update(SERVE_ENV)
     try:
         deploy(cfg)
         url = f"http://127.0.0.1:{port}"
@@ -169,8 +173,9 @@ def served(ray_cluster, tmp_path_factory):
         yield Served(cfg, url, versions, embed_report)
     finally:
         shutdown()  # serve.shutdown(), and forget the driver's cached scorer handles
-        if not preset:
-            os.environ.pop(drain, None)
+        for k in SERVE_ENV:
+            os.environ.pop(k, None)
+        os.environ.update(preset)
 
 
 def _post(served: Served, path: str, body: dict, **kw):
@@ -339,51 +344,100 @@ def test_fuzz_openapi_finds_no_server_error(served):
 
 
 # ---- rollouts (last: they change the served version) -------------------------------------------------
-def test_rollout_under_load_fails_no_request_and_mixes_no_versions(served):
-    from embsum.registry import Registry
-    from serve.app import rollout
+def test_a_bind_beyond_loopback_without_a_token_refuses_to_start(served, monkeypatch):
+    from ray import serve
+
+    from embsum.config import replace
+    from serve.app import deploy
+
+    monkeypatch.delenv("EMBSUM_API_TOKEN", raising=False)
+    cfg = replace(replace(replace(served.cfg, "serve.host", "0.0.0.0"), "serve.auth_token_file", ""),
+                  "serve.route_prefix", "/open")
+    with pytest.raises(ValueError, match=r"serve.host='0.0.0.0' binds beyond loopback and no API token is set"):
+        deploy(cfg, name="embsum-open")
+    assert "embsum-open" not in serve.status().applications
+    # Explicitly off is the only way to serve open beyond loopback (not deployed here: the check is enough).
+    from serve.auth import api_token
+
+    assert api_token(replace(cfg, "serve.auth", "none").serve) is None
+
+
+# ---- the fleet under load: autoscaling, killed replicas, alias move, rollout (they change the version) ----
+@pytest.fixture(scope="module")
+def fleet(served):
+    """bench/fleet.py's scenario on this app: 8 closed-loop clients; 1 -> 2 replicas; a replica killed;
+    the alias moved to v2 and a replica killed again; a rollout to the alias under load; load off; 2 -> 1."""
+    from types import SimpleNamespace
+
+    from bench.fleet import ClosedLoop, replica_states, run_fleet, wait_until
+    from serve.app import APP_NAME, DEPLOYMENT_NAME
 
     v1, v2 = served.versions[:2]
+    wait_until("1 replica before the load", lambda: replica_states(APP_NAME, DEPLOYMENT_NAME) == {"RUNNING": 1}, 60)
     items = [f"n{j}" for j in range(0, N_ITEMS, 4)]
     body = {"user_id": "U3", "candidates": [{"item_id": i} for i in items]}
-    expected = {v: served.offline(v, "U3", items) for v in (v1, v2)}
-    assert not np.allclose(expected[v1], expected[v2], atol=1e-3)
-    results: list[tuple[int, str | None, list[float] | str]] = []
-    stop = threading.Event()
-
-    def client():
-        while not stop.is_set():
-            try:
-                r = _post(served, "/v1/score", body)
-                ok = r.status_code == 200
-                results.append((r.status_code, r.json()["model_version"] if ok else None,
-                                [s["score"] for s in r.json()["scores"]] if ok else r.text))
-            except Exception as e:  # noqa: BLE001 - a failed request is what this test counts
-                results.append((0, None, repr(e)))
-            time.sleep(0.01)
-
-    thread = threading.Thread(target=client, daemon=True)
-    thread.start()
-    time.sleep(1.0)
-    Registry(served.cfg).promote(v2)  # move the alias, then roll out to where it points
-    outcome = rollout(served.cfg)
-    time.sleep(1.0)
-    stop.set()
-    thread.join(30)
-    assert outcome["ok"] and outcome["version"] == v2 and outcome["previous"] == v1, outcome
-    failed = [r for r in results if r[0] != 200]
-    assert not failed, failed[:3]
-    versions = [r[1] for r in results]
-    print(f"[serve-test] rollout under load: {len(results)} requests, {versions.count(v1)} answered by v{v1}, "
-          f"{versions.count(v2)} by v{v2}; rollout took {outcome['seconds']:.1f}s")
-    assert versions[0] == v1 and versions[-1] == v2
-    first_v2 = versions.index(v2)
-    assert set(versions[first_v2:]) == {v2}, "a v1 response after v2 was served"
-    for _, version, scores in results:
-        np.testing.assert_allclose(scores, expected[version], atol=1e-5)
+    load = ClosedLoop(served.url + "/v1/score", body, clients=8, token=TOKEN, keep_bodies=True)
+    run = run_fleet(served.cfg, load, app=APP_NAME, deployment=DEPLOYMENT_NAME, move_alias_to=v2, rollout=True)
+    print(f"[serve-test] fleet: {len(load.outcomes)} requests; timeline (s from load start): {run.timeline()}")
+    return SimpleNamespace(run=run, load=load, v1=v1, v2=v2,
+                           expected={v: served.offline(v, "U3", items) for v in (v1, v2)})
 
 
-def test_failed_rollout_keeps_serving_and_reports(served):
+def _outside(fleet, windows):
+    return [o for o in fleet.load.outcomes if not any(a <= o.sent < b for a, b in windows)]
+
+
+def test_fleet_scales_1_2_1_under_load_without_a_failed_request(fleet):
+    from bench.fleet import tally
+
+    m = fleet.run.marks
+    steps = ["load_start", "two_replicas", "kill", "recovered", "alias_moved", "restarted", "rollout_start",
+             "rollout_end", "load_stop", "one_replica"]
+    assert [m[s] for s in steps] == sorted(m[s] for s in steps), fleet.run.timeline()
+    before = tally(fleet.load.between(m["load_start"], m["kill"]))
+    assert before["requests"] > 0 and before["failed"] == 0 and before["versions"] == {fleet.v1: before["ok"]}
+    # Scaling up and down (and the rollout) cost nothing; only the killed replicas' windows may.
+    rest = tally(_outside(fleet, fleet.run.kill_windows()))
+    assert rest["failed"] == 0, rest["failure_samples"]
+
+
+def test_a_killed_replica_costs_under_a_tenth_of_a_percent(fleet):
+    from bench.fleet import tally
+
+    total = tally(fleet.load.outcomes)
+    in_windows = tally([o for a, b in fleet.run.kill_windows() for o in fleet.load.between(a, b)])
+    print(f"[serve-test] 2 replicas killed under load: {in_windows['failed']} of {in_windows['requests']} requests "
+          f"in the kill windows failed, {total['failed']} of {total['requests']} in the whole run")
+    assert len(fleet.run.killed) == 2 and in_windows["requests"] > 100
+    assert total["failed"] / total["requests"] < 0.001, in_windows["failure_samples"]
+
+
+def test_a_replica_restarted_after_the_alias_moved_serves_the_pinned_version(fleet):
+    from bench.fleet import tally
+
+    m = fleet.run.marks
+    assert fleet.run.pinned_after_restart == [fleet.v1, fleet.v1]
+    moved = tally(fleet.load.between(m["alias_moved"], m["rollout_start"]))
+    assert moved["ok"] > 0 and moved["versions"] == {fleet.v1: moved["ok"]}
+
+
+def test_a_rollout_moves_every_replica_under_load(fleet, served):
+    from bench.fleet import tally
+
+    m, out = fleet.run.marks, fleet.run.rollout
+    assert out["ok"] and out["version"] == fleet.v2 and out["previous"] == fleet.v1, out  # ok = every replica
+    during = tally(fleet.load.between(m["rollout_start"], m["load_stop"]))
+    after = tally(fleet.load.between(m["rollout_end"], m["load_stop"]))
+    assert during["failed"] == 0 and after["ok"] > 0 and after["versions"] == {fleet.v2: after["ok"]}
+    print(f"[serve-test] rollout under load took {out['seconds']:.1f}s; versions answered meanwhile: "
+          f"{during['versions']}")
+    for o in fleet.load.outcomes:  # no response mixes a model of one version with embeddings of another
+        if o.status == 200:
+            np.testing.assert_allclose([s["score"] for s in o.body["scores"]], fleet.expected[o.version], atol=1e-5)
+    assert served.http.get("/v1/model").json()["model_version"] == fleet.v2  # the replica left after scale-down
+
+
+def test_failed_rollout_keeps_serving_and_reports(served, fleet):
     from serve.app import rollout, status
 
     v2, v3 = served.versions[1], served.versions[2]

@@ -18,7 +18,7 @@ from embsum.tokenization import EmbSumTokenizer
 from tests.conftest import TINY
 from tests.fake_llm import FakeLLM
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
 CATEGORIES = [("sports", "nfl"), ("sports", "soccer"), ("finance", "markets"), ("travel", "europe")]
 N_ITEMS, N_USERS = 24, 40
@@ -39,7 +39,8 @@ def ray_cluster():
 
 
 def _write_fixture(data_dir, poison_item: str | None = None) -> list[str]:
-    """users/ and items.parquet exactly as embsum/data/layout.py describes; returns train user ids."""
+    """train/ (the columns summarize reads) and items.parquet as embsum/data/layout.py describes;
+    returns the train user ids (one example each)."""
     data_dir.mkdir(parents=True, exist_ok=True)
     items = []
     for i in range(N_ITEMS):
@@ -55,19 +56,20 @@ def _write_fixture(data_dir, poison_item: str | None = None) -> list[str]:
         ("abstract", pa.string()), ("title_entities", pa.string())]))
     pq.write_table(table, layout.path(data_dir, layout.ITEMS))
     splits = ["train" if u % 8 < 6 else ("valid" if u % 8 == 6 else "test") for u in range(N_USERS)]
-    sessions = np.ones((N_USERS, TINY["num_sessions"], TINY["session_tokens"]), dtype=np.int32)  # (U, G, L)
-    users = pa.table({
-        "user_id": pa.array([f"U{u}" for u in range(N_USERS)], pa.string()),
-        "split": pa.array(splits, pa.string()),
-        "history": pa.array([HISTORY[f"U{u}"] for u in range(N_USERS)], pa.list_(pa.string())),
+    train = [f"U{u}" for u in range(N_USERS) if splits[u] == "train"]  # one training example per train user
+    sessions = np.ones((len(train), TINY["num_sessions"], TINY["session_tokens"]), dtype=np.int32)  # (E, G, L)
+    examples = pa.table({
+        "example_id": pa.array([f"{u}:1" for u in train], pa.string()),
+        "user_id": pa.array(train, pa.string()),
         "session_ids": ArrowTensorArray.from_numpy(sessions),  # a Ray Data tensor column, as prepare writes
+        "history": pa.array([HISTORY[u] for u in train], pa.list_(pa.string())),
     })
-    users_dir = layout.path(data_dir, layout.USERS)
-    users_dir.mkdir()
-    for part in (0, 1):  # two prepare partitions: even and odd users
-        pq.write_table(users.filter(pa.array([u % 2 == part for u in range(N_USERS)])),
-                       users_dir / f"part-{'ab'[part]}.parquet")
-    return [f"U{u}" for u in range(N_USERS) if splits[u] == "train"]
+    train_dir = layout.path(data_dir, layout.TRAIN)
+    train_dir.mkdir()
+    for part in (0, 1):  # two prepare partitions: users with an even and an odd number
+        pq.write_table(examples.filter(pa.array([int(u[1:]) % 2 == part for u in train])),
+                       train_dir / f"part-{'ab'[part]}.parquet")
+    return train
 
 
 def _cfg(tmp_path, **teacher):
@@ -85,16 +87,17 @@ def test_offline_job_writes_one_summary_per_train_user(ray_cluster, tmp_path):
     cfg = _cfg(tmp_path)
     train = _write_fixture(cfg.data_dir)
     report = run_summarize(cfg)
-    assert report["users_in"] == report["summarized"] == len(train) and report["failed"] == 0
+    assert report["examples_in"] == report["summarized"] == len(train) and report["failed"] == 0
     assert report["teacher"] == "offline-v1" and report["requests"] == 0 and report["status"] == "ok"
     assert json.loads(layout.path(cfg.data_dir, layout.SUMMARY_REPORT).read_text())["summarized"] == len(train)
 
     ds = ray_cluster.data.read_parquet(str(layout.path(cfg.data_dir, layout.SUMMARIES)))
     assert ds.columns() == [*SUMMARY_COLUMNS, layout.PART_COLUMN]  # part: from the hive folder names
     rows = ds.take_all()
-    assert sorted(r["user_id"] for r in rows) == sorted(train)  # train users only, each once
-    # Partitioned like users/ (and train/): each user's summary sits under its users file's stem,
-    # one file per partition.
+    assert sorted(r["user_id"] for r in rows) == sorted(train)  # training examples only, each once
+    assert sorted(r["example_id"] for r in rows) == sorted(f"{u}:1" for u in train)
+    # Partitioned like train/: each example's summary sits under its train file's stem, one file
+    # per partition.
     assert all(r[layout.PART_COLUMN] == f"part-{'ab'[int(r['user_id'][1:]) % 2]}" for r in rows)
     folders = sorted(layout.path(cfg.data_dir, layout.SUMMARIES).glob("part=*"))
     assert [f.name for f in folders] == ["part=part-a", "part=part-b"]
@@ -158,9 +161,9 @@ def test_chat_job_above_the_failure_threshold_raises_and_publishes_nothing(ray_c
         train = _write_fixture(cfg.data_dir, poison_item="n5")
         poisoned = sorted(u for u in train if "n5" in HISTORY[u])
         llm.fail_marker = POISON
-        with pytest.raises(SummarizeError, match=rf"{len(poisoned)} of {len(train)} training users") as e:
+        with pytest.raises(SummarizeError, match=rf"{len(poisoned)} of {len(train)} training examples") as e:
             run_summarize(cfg)
-        assert "HTTP 500" in str(e.value) and poisoned[0] in str(e.value)  # first errors, with user ids
+        assert "HTTP 500" in str(e.value) and poisoned[0] in str(e.value)  # first errors, with example ids
         failures = _read_dir(layout.path(cfg.data_dir, layout.SUMMARY_FAILURES)).to_pylist()
         assert sorted(f["user_id"] for f in failures) == poisoned
         report = json.loads(layout.path(cfg.data_dir, layout.SUMMARY_REPORT).read_text())

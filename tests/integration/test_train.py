@@ -178,3 +178,54 @@ def test_evaluation_matches_direct_metrics(zero2_run: tuple[Config, dict]) -> No
     assert direct.impressions == res["valid"]["impressions"] > 0
     for m in ("auc", "mrr", "ndcg5", "ndcg10"):
         assert res["valid"][m] == pytest.approx(getattr(direct, m), abs=1e-5), m
+
+
+def test_evaluate_new_impressions_file_quarantines_bad_rows(zero2_run: tuple[Config, dict], tmp_path: Path) -> None:
+    """`embsum evaluate --impressions --items`: a MIND-format file the pipeline never saw, with bad
+    rows, scored by the version with its own tokenizer/formatting; metrics equal direct scoring."""
+    import pyarrow.dataset as pads
+
+    from embsum.metrics import summarize
+    from embsum.predictor import Predictor
+    from embsum.registry import Registry
+    from embsum.tokenization import format_item_text
+    from train.evaluate import run_evaluate_new
+
+    cfg, out = zero2_run
+    books = shared_data("book-crossing", "books.tsv").read_text().splitlines()
+    header, rows = books[0], books[1:41]
+    ids = [r.split("\t")[0] for r in rows]
+    (tmp_path / "books.tsv").write_text("\n".join([header, *rows, "only-two\tcolumns", rows[0]]) + "\n")
+    good = [f"I{k}\tU{k}\t11/15/2019 8:00:00 AM\t{' '.join(ids[k:k + 3])}\t{ids[10 + k]}-1 {ids[20 + k]}-0 "
+            f"{ids[30 + k]}-0 UNKNOWN-0" for k in range(6)]
+    bad = ["I90\tU90\tnot a time\t\tX-1 Y-0", "I91\tU91", "I92\tU92\t11/15/2019 8:00:00 AM\t\tX-7",
+           f"I93\tU93\t11/15/2019 8:00:00 AM\t{ids[0]}\t{ids[1]}-1 {ids[2]}-1"]  # last: no unclicked candidate
+    (tmp_path / "behaviors.tsv").write_text("\n".join([*good[:3], *bad, *good[3:]]) + "\n")
+
+    res = run_evaluate_new(cfg, out["version"], str(tmp_path / "behaviors.tsv"), str(tmp_path / "books.tsv"))
+    data = res["data"]
+    assert res["new"]["impressions"] == 6 and data["impressions"] == 6 and data["rows"] == 10
+    assert data["skipped_without_both_labels"] == 1 and data["dropped_unknown_candidates"] == 6
+    assert sum(data["quarantined"].values()) == 5  # 3 behaviors rows, a short catalog row, a duplicate id
+    root = next((cfg.workdir_path / "eval" / f"v{out['version']}").glob("new-behaviors-*"))
+    q = pads.dataset(str(root / "data" / "quarantine")).to_table().to_pylist()
+    lines = {(Path(r["source"]).name, r["line"]) for r in q}
+    assert {("behaviors.tsv", 4), ("behaviors.tsv", 5), ("behaviors.tsv", 6), ("books.tsv", 42),
+            ("books.tsv", 43)} == lines
+    assert Registry(cfg).version(out["version"]).metric("new_auc") == pytest.approx(res["new"]["auc"])
+
+    # Direct scoring with the version's predictor and the config's text formatting gives the same metrics.
+    pred = Predictor.from_dir(Registry(cfg).download(out["version"]))
+    fields = dict(zip(header.split("\t"), zip(*(r.split("\t") for r in rows), strict=True), strict=True))
+    text = {ids[k]: format_item_text({f: v[k] for f, v in fields.items()}, cfg.data.item_text_fields,
+                                     cfg.data.item_text_max_chars) for k in range(len(ids))}
+    pairs = []
+    for line in good:
+        _, _, _, hist, imps = line.split("\t")
+        cands = [(c.rsplit("-", 1)[0], int(c.rsplit("-", 1)[1])) for c in imps.split() if not c.startswith("UNK")]
+        upe = pred.encode_user_texts([[text[h] for h in hist.split()]]).upe
+        emb = pred.encode_item_texts([text[c] for c, _ in cands])
+        pairs.append(([y for _, y in cands], pred.score(upe, emb.cpe, emb.key)[0]))
+    direct = summarize(pairs)
+    for m in ("auc", "mrr", "ndcg10"):
+        assert res["new"][m] == pytest.approx(getattr(direct, m), abs=1e-5), m

@@ -203,6 +203,9 @@ def test_bad_literal_choices(override: str, fragments: list[str]) -> None:
                                                               "< 1"]),
     (["model.session_tokens=8", "model.items_per_session=5"], ["model.session_tokens=8",
                                                                 "model.items_per_session=5", ">="]),
+    (["data.format=logs", "data.event_order=timestamp"], ["data.event_order='timestamp'", "data.timestamp_col",
+                                                          "random", "file"]),
+    (["data.format=mind", "data.event_order=random"], ["data.event_order='random'", "logs", "auto"]),
 ])
 def test_cross_field_rules(overrides: list[str], fragments: list[str]) -> None:
     _raises(overrides, *fragments)

@@ -110,3 +110,40 @@ def test_book_crossing_by_config(tokenizer):
     labels = Counter(lab for x in recs.column("labels").to_pylist() for lab in x)
     assert labels[IGNORED] == 65_273 and labels[0] + labels[1] == 41_456
     assert len(set(recs.column("user_id").to_pylist())) == 1820
+
+
+def test_book_crossing_evaluation_ignores_the_files_isbn_order(tokenizer):
+    """Book-Crossing's rows are sorted by ISBN within each user, which is not time. With the
+    shipped config (no timestamps -> a seeded random order), shuffling every user's rows gives the
+    same held-out positives, histories and negatives: the evaluation cannot reward file order."""
+    import random
+
+    cfg = _config("book-crossing.yaml")
+    ratings, books = shared_data("book-crossing", "ratings.tsv"), shared_data("book-crossing", "books.tsv")
+    cspec = CatalogSpec.from_config(cfg.data, cfg.data.items_format)
+    cat = build_catalog(parse_catalog(_lines(books, "tsv", True), cspec,
+                                      preflight(resolve(str(books), "x"), "tsv", cspec.required, "x"), tokenizer),
+                        tokenizer)
+    lspec = LogSpec.from_config(cfg.data, "tsv")
+    headers = preflight(resolve(str(ratings), "x"), "tsv", lspec.required, "x")
+    lines = ratings.read_text().splitlines()
+    users = sorted({ln.split("\t")[0] for ln in lines[1:]})[:300]  # a sample of users keeps the test fast
+    keep = set(users)
+    rows = [ln for ln in lines[1:] if ln.split("\t")[0] in keep]
+    shuffled = rows[:]
+    random.Random(5).shuffle(shuffled)  # rows of each user now in a random order (and users interleaved)
+    spec = PlanSpec.from_config(cfg, mind=False)
+    assert spec.random_order and spec.eval_positives == 5
+
+    def evals(body: list[str]) -> list[tuple]:
+        path = ratings.parent / "x"  # only the name is used in quarantine keys; contents come from the table
+        table = pa.table({"source": [str(path)] * len(body), "line": pa.array(range(2, len(body) + 2), pa.int64()),
+                          "raw": pa.array([b.encode() for b in body], pa.binary())}, schema=EXPLODED_SCHEMA)
+        recs = parse_logs(table, lspec, {str(path): headers[str(ratings)]}, cat.index.position)
+        plan = plan_batch(recs.filter(pc.equal(recs.column("reason"), "")), spec, cat.index)
+        test = plan.filter(pc.is_in(plan.column("kind"), pa.array(["test", "valid"])))
+        return sorted(zip(*(test.column(c).to_pylist() for c in ("impression_id", "history", "candidates", "labels")),
+                          strict=True))
+
+    a, b = evals(rows), evals(shuffled)
+    assert len(a) > 100 and a == b

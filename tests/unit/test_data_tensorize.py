@@ -81,5 +81,19 @@ def test_eval_users_and_empty(index, tokenizer):
 
 def test_wrong_candidate_count_is_an_internal_error(index, tokenizer):
     plan = _plan([{"kind": "train", "history": ["n0"], "candidates": ["n1", "n2"], "labels": [1, 0]}])
-    with pytest.raises(AssertionError, match="1 \\+ 4 candidates"):
+    with pytest.raises(AssertionError, match="5 candidates"):
         tensorize(plan, "train", index, negatives=4)
+
+
+def test_grouped_examples_hold_t_blocks_and_their_labels(index, tokenizer):
+    plan = _plan([{"kind": "train", "example_id": "u1:1", "user_id": "u1", "history": ["n0"],
+                   "candidates": ["n3", "n4", "n0", "n1", "n2", "n4"], "labels": [1, 0, 0, 1, 0, 0]},
+                  {"kind": "train", "example_id": "u2:1", "user_id": "u2", "history": ["n1"],
+                   "candidates": ["n2", "n3", "n4", "n2", "n3", "n4"], "labels": [1, 0, 0, -1, -1, -1]}])
+    out = tensorize(plan, "train", index, negatives=2, targets=2)
+    assert out.schema == output_schema("train", tokenizer.cfg, 2, targets=2)
+    c = out.column("candidate_ids").combine_chunks().to_numpy_ndarray()
+    assert c.shape == (2, 6, tokenizer.cfg.content_tokens)
+    assert out.column("labels").to_pylist()[1] == [1, 0, 0, -1, -1, -1]
+    assert output_schema("valid_examples", tokenizer.cfg, 2, targets=2).field("candidate_ids").type.shape == \
+        [3, tokenizer.cfg.content_tokens]  # in-loop validation examples always hold one target

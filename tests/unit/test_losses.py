@@ -11,6 +11,7 @@ import torch
 from embsum.config import EmbSumConfig
 from embsum.losses import embsum_loss, nce_loss, summary_loss
 from embsum.model import EmbSum
+from embsum.scoring import score
 from embsum.tokenization import EmbSumTokenizer
 
 
@@ -118,3 +119,27 @@ def test_adamw_steps_reduce_the_loss(tiny_cfg: EmbSumConfig, tokenizer: EmbSumTo
         out = model(s, cands, y)
         final = float(embsum_loss(out.scores, out.summary_logits, y, summary_weight=0.05).total)
     assert final < 0.8 * losses[0], losses + [final]
+
+
+def test_grouped_rows_and_batch_negatives_with_several_targets() -> None:
+    from embsum.losses import batch_negative_scores, grouped_rows
+
+    torch.manual_seed(0)
+    b, t, c, n, d, lc = 2, 2, 3, 2, 4, 5
+    cands = torch.randint(3, 50, (b, t * c, lc))
+    cands[1, 4] = cands[0, 0]  # user 1's negative is user 0's positive item
+    labels = torch.tensor([[1, 0, 0, 1, 0, 0], [1, 0, 0, -1, -1, -1]])
+    upe, cpe, key = torch.randn(b, 3, d), torch.randn(b, t * c, n, d), torch.randn(b, t * c, n, d)
+    own = score(upe, cpe, key)  # (B, T*C)
+    extra = batch_negative_scores(upe, cpe, key, cands, labels)  # (B, B*T*C)
+    assert extra.shape == (2, 12)
+    assert torch.isinf(extra[0, :6]).all() and torch.isinf(extra[1, 6:]).all()  # own example excluded
+    assert torch.isinf(extra[0, 10])  # user 1's candidate equal to user 0's positive: not a negative for 0
+    assert torch.isfinite(extra[1, :6]).all()
+    rows, rows_extra = grouped_rows(own, labels, c, extra)
+    assert rows.shape == (3, 3) and rows_extra.shape == (3, 12)  # user 1's padding block is dropped
+    assert torch.equal(rows[2], own[1, :3]) and torch.equal(rows_extra[1], extra[0])
+    loss = nce_loss(rows, 2.0, rows_extra)
+    manual = torch.stack([-torch.log_softmax(torch.cat([r, x]) / 2.0, 0)[0] for r, x in zip(rows, rows_extra,
+                                                                                            strict=True)]).mean()
+    assert loss == pytest.approx(float(manual), rel=1e-5)

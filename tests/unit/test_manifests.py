@@ -13,8 +13,10 @@ What is checked:
   field validation does; the CEL rules, x-kubernetes-validations, are not evaluated);
 - the RayService's serveConfigV2 validates against Ray Serve's ServeDeploySchema and its
   deployment settings equal ray_config.yaml's serve section after the app's overrides;
-- the pipeline script, run with a stub `embsum`, makes the six stage calls with overrides that
-  embsum.config accepts, and puts checkpoints on shared storage;
+- the PodMonitor (cluster/monitoring/) validates against the Prometheus Operator's CRD (cluster/crds);
+- the pipeline script, run with a stub `embsum`, runs `embsum run --no-serve` (the one ordered stage
+  list of embsum/pipeline.py) with overrides that embsum.config accepts, and puts checkpoints on
+  shared storage;
 - one Ray version everywhere: CRs, image tags, the Dockerfile, the lock and pyproject's range;
 - every reference (ConfigMap, Secret, PVC, Service selector, port name) resolves.
 """
@@ -37,6 +39,7 @@ import yaml
 from packaging.specifiers import SpecifierSet
 
 from embsum.config import Config, load_config
+from embsum.pipeline import select_stages
 
 REPO = Path(__file__).resolve().parents[2]
 CLUSTER = REPO / "cluster"
@@ -50,13 +53,16 @@ BUILDS = ["base", *(f"overlays/{o}" for o in OVERLAYS)]
 CRD_FILES = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml",
              "RayService": "ray.io_rayservices.yaml"}
 RAY_KINDS = set(CRD_FILES)
+# Other custom kinds, validated against their vendored CRD (cluster/crds/README.md).
+OTHER_CRDS = {"PodMonitor": ("monitoring.coreos.com/v1", "monitoring.coreos.com_podmonitors.yaml")}
 SHARED_MOUNT = "/mnt/embsum"  # where every Ray pod mounts PVC embsum-shared
 IMAGE_CONFIG = "/app/ray_config.yaml"  # ray_config.yaml inside the image (cluster/Dockerfile)
-STAGES = ["prepare", "summarize", "train", "evaluate", "promote", "embed"]
+# What the RayJob runs: the pipeline's stages in order, without serving (a rollout is its own step).
+STAGES = ["prepare", "summarize", "train", "evaluate", "embed", "promote"]
 UPGRADE_TYPES = {"NewCluster", "NewClusterWithIncrementalUpgrade", "None"}  # KubeRay v1.7
 # Secrets the gpu overlay expects to be created out of band (overlays/gpu/secrets.example.yaml);
 # any other reference must resolve inside the build or be optional.
-OUT_OF_BAND_SECRETS = {"mlflow-db"}
+OUT_OF_BAND_SECRETS = {"mlflow-db", "mlflow-auth", "embsum-redis", "embsum-api"}
 Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
@@ -290,13 +296,14 @@ def _openapi_to_jsonschema(node: Any) -> Any:
 
 @cache
 def crd(kind: str) -> dict[str, Any]:
-    return yaml.load((CRDS / CRD_FILES[kind]).read_text(), Loader=Loader)
+    name = CRD_FILES[kind] if kind in CRD_FILES else OTHER_CRDS[kind][1]
+    return yaml.load((CRDS / name).read_text(), Loader=Loader)
 
 
 @cache
 def crd_validator(kind: str) -> jsonschema.Validator:
     v1 = [v for v in crd(kind)["spec"]["versions"] if v["name"] == "v1"]
-    assert len(v1) == 1, f"{CRD_FILES[kind]}: no single v1 version"
+    assert len(v1) == 1, f"{kind} CRD: no single v1 version"
     schema = _openapi_to_jsonschema(v1[0]["schema"]["openAPIV3Schema"])
     jsonschema.Draft7Validator.check_schema(schema)
     return jsonschema.Draft7Validator(schema)
@@ -335,8 +342,9 @@ def test_every_manifest_file_validates(path: Path):
     docs = load_docs(path)
     assert docs, f"{path} is empty"
     for doc in docs:
-        if doc["kind"] in RAY_KINDS:
-            assert doc["apiVersion"] == "ray.io/v1", f"{path.name}: {doc['kind']} must use ray.io/v1"
+        if doc["kind"] in RAY_KINDS or doc["kind"] in OTHER_CRDS:
+            want = "ray.io/v1" if doc["kind"] in RAY_KINDS else OTHER_CRDS[doc["kind"]][0]
+            assert doc["apiVersion"] == want, f"{path.name}: {doc['kind']} must use {want}"
             errors = sorted(crd_validator(doc["kind"]).iter_errors(doc), key=lambda e: list(e.path))
             assert not errors, "\n".join(f"{'.'.join(map(str, e.path))}: {e.message}" for e in errors[:5])
         else:
@@ -392,19 +400,19 @@ def test_overlay_sets_its_knobs_in_one_kustomization(overlay: str):
         assert "path" not in patch, f"{overlay}: keep patches inline, in this one file"
 
 
-def test_gpu_overlay_enables_gpus_consistently():
+def test_gpu_overlay_trains_on_gpus_and_scores_on_cpus():
     docs = build("overlays/gpu")
     job, service = one(docs, "RayJob"), one(docs, "RayService")
     s = settings(docs)
     assert s["EMBSUM_USE_GPU"] == "true"
-    job_gpu, svc_gpu = group(job, "gpu"), group(service, "gpu")
-    assert job_gpu["maxReplicas"] > 0 and svc_gpu["maxReplicas"] > 0
-    # The GPU type is set twice in one file (JSON6902 cannot share a patch between kinds): same value.
-    for key in ("nodeSelector", "tolerations"):
-        assert job_gpu["template"]["spec"].get(key) == svc_gpu["template"]["spec"].get(key), key
-    assert (job_gpu["template"]["spec"]["containers"][0]["resources"]
-            == svc_gpu["template"]["spec"]["containers"][0]["resources"])
-    assert gpus_per_pod(job_gpu) >= 1
+    job_gpu = group(job, "gpu")
+    assert job_gpu["maxReplicas"] > 0 and gpus_per_pod(job_gpu) >= 1
+    assert job_gpu["template"]["spec"]["nodeSelector"].get("nvidia.com/gpu.product"), "the GPU type is chosen"
+    # The scorer has no GPU (cluster/README.md says why): no GPU worker group, no GPU per replica.
+    assert all(gpus_per_pod(g) == 0 for g in cluster_spec(service)["workerGroupSpecs"])
+    _, app = serve_app(service)
+    assert app_config(app["args"]["overrides"]).serve.num_gpus == 0
+    assert "Why the scorer has no GPU" in (CLUSTER / "README.md").read_text()
     images = {c["image"] for d in docs for _, t in pod_templates(d) for c in t["spec"]["containers"]
               if "embsum:" in c["image"] or "/embsum:" in c["image"]}
     assert images and all(re.search(r"-cu\d+$", i) for i in images), f"CUDA image expected: {images}"
@@ -575,11 +583,15 @@ def test_pipeline_calls_every_stage_with_valid_overrides(rel: str, tmp_path: Pat
     s = settings(docs)
     proc, calls = run_pipeline(s, tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert [c[0] for c in calls] == STAGES
-    for call in calls:
-        assert call[1:5] == ["--config", IMAGE_CONFIG, "--address", "auto"], call
-        assert call[5:] == calls[0][5:], "every stage sees the same overrides"
-    cfg = app_config(calls[0][5:])
+    assert len(calls) == 1 and calls[0][:6] == ["run", "--config", IMAGE_CONFIG, "--address", "auto", "--no-serve"]
+    # One ordered stage list (embsum/pipeline.py) for `embsum run` and the RayJob; the CLI parses the call.
+    assert select_stages(serve=False) == STAGES
+    import typer
+
+    from embsum.cli import app as cli_app
+
+    typer.main.get_command(cli_app).commands["run"].make_context("run", calls[0][1:])
+    cfg = app_config(calls[0][6:])
     job = one(docs, "RayJob")
     # Shared storage, never a pod's disk: an object store, or a path on the shared PVC.
     assert re.match(r"(s3|gs|abfss?)://", cfg.train.storage_path) or \
@@ -617,7 +629,7 @@ def test_pipeline_passes_extra_overrides_verbatim(tmp_path: Path):
     proc, calls = run_pipeline(s, tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert calls[0][-2:] == ["data.format=logs", "data.interactions=s3://b/logs/*.parquet"]
-    app_config(calls[0][5:])
+    app_config(calls[0][6:])
 
 
 # --------------------------------------------------------------------------- tests: Ray Serve
@@ -643,27 +655,37 @@ def test_serve_config_is_valid_and_matches_ray_config(rel: str):
     assert cfg.workdir == s["EMBSUM_WORKDIR"], "serving reads the embeddings the pipeline wrote"
     assert cfg.mlflow.tracking_uri == s["EMBSUM_MLFLOW_URI"]
     assert app["route_prefix"] == cfg.serve.route_prefix == "/"
-    assert raw["http_options"] == {"host": cfg.serve.host, "port": cfg.serve.port}
+    # What serve.app.deploy passes Serve for the same config (request timeout included).
+    from serve.app import actor_options, autoscaling_config, http_options
+
+    assert raw["http_options"] == http_options(cfg.serve) and raw["http_options"]["request_timeout_s"] > 0
 
     deployments = {d["name"]: d for d in app["deployments"]}
     assert set(deployments) == {"EmbSumScorer"}, "one deployment: the HTTP ingress is the scorer"
     scorer = deployments["EmbSumScorer"]
-    want = {"min_replicas": cfg.serve.min_replicas, "max_replicas": cfg.serve.max_replicas,
-            "target_ongoing_requests": cfg.serve.target_ongoing_requests}
-    assert scorer["autoscaling_config"] == want
+    assert scorer["autoscaling_config"] == autoscaling_config(cfg.serve)
     assert scorer["max_ongoing_requests"] == cfg.serve.max_ongoing_requests >= cfg.serve.max_batch_size
-    assert scorer["ray_actor_options"] == {"num_cpus": cfg.serve.num_cpus, "num_gpus": cfg.serve.num_gpus}
+    assert scorer["ray_actor_options"] == actor_options(cfg.serve) and "memory" in scorer["ray_actor_options"]
+    assert scorer.get("max_replicas_per_node", 0) == cfg.serve.max_replicas_per_node
     assert raw["logging_config"]["enable_access_log"] == cfg.serve.access_log
-    assert isinstance(scorer["user_config"]["model_version"], str), "rollouts go through user_config"
+    # One pinned number per fleet: no user_config (build_app pins the alias's version once), or a
+    # number a rollout wrote; never "" (which made each replica resolve the alias when it started).
+    version = (scorer.get("user_config") or {}).get("model_version")
+    assert version is None or str(version).isdigit(), f"{rel}: user_config.model_version={version!r}"
+    assert not cfg.serve.model_version or cfg.serve.model_version.isdigit()
 
-    # The replicas fit the serving cluster at max scale.
+    # The replicas fit the serving cluster at max scale: CPUs, one per pod, memory.
     spec = cluster_spec(service)
-    if cfg.serve.num_gpus > 0:
-        gpu = group(service, "gpu")
-        assert gpu["maxReplicas"] * gpus_per_pod(gpu) >= cfg.serve.max_replicas * cfg.serve.num_gpus
-    cpus = sum(g["maxReplicas"] * pod_resource(g["template"], "cpu") for g in spec["workerGroupSpecs"])
+    groups = [g for g in spec["workerGroupSpecs"] if g["maxReplicas"] > 0]
+    cpus = sum(g["maxReplicas"] * pod_resource(g["template"], "cpu") for g in groups)
     need = cfg.serve.max_replicas * cfg.serve.num_cpus
     assert cpus >= need, f"{rel}: {cpus} worker CPUs < {need} needed at max replicas"
+    if cfg.serve.max_replicas_per_node:
+        pods = sum(g["maxReplicas"] for g in groups)
+        assert pods * cfg.serve.max_replicas_per_node >= cfg.serve.max_replicas
+        assert sum(g["minReplicas"] for g in groups) * cfg.serve.max_replicas_per_node >= cfg.serve.min_replicas
+    for g in groups:  # Ray's memory resource is the pod's memory less its object store (30% by default)
+        assert scorer["ray_actor_options"]["memory"] <= 0.6 * pod_resource(g["template"], "memory"), g["groupName"]
     serve_ports = {p["containerPort"] for _, t in pod_templates(service)
                    for p in t["spec"]["containers"][0].get("ports", []) if p["name"] == "serve"}
     assert serve_ports == {cfg.serve.port}
@@ -674,7 +696,7 @@ def test_upgrade_strategy_never_doubles_gpus(rel: str):
     service = one(build(rel), "RayService")
     kind = service["spec"]["upgradeStrategy"]["type"]
     assert kind in UPGRADE_TYPES
-    uses_gpus = group(service, "gpu")["maxReplicas"] > 0
+    uses_gpus = any(g["maxReplicas"] > 0 and gpus_per_pod(g) > 0 for g in cluster_spec(service)["workerGroupSpecs"])
     if uses_gpus:
         # NewCluster holds a full second cluster (2x the GPUs) during every cluster change.
         assert kind != "NewCluster", f"{rel}: pick None or NewClusterWithIncrementalUpgrade for GPUs"

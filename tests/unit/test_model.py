@@ -127,14 +127,25 @@ def test_generation_is_greedy_on_the_teacher_forced_logits(model: EmbSum, batch)
         states, mask = model.encode_sessions(batch["sessions"])
         gen = model.generate_summary_ids(states, mask)
         _, logits = model.decode_summary(states, mask, gen)  # causal: step t sees gen[:t] only
+    n = model.cfg.summary_no_repeat_ngram
+    assert n == 3  # the default guard is on in this test
     for r, row in enumerate(gen.tolist()):
         for t, tok in enumerate(row):
             lt = logits[r, t].clone()
             if t == 0:
                 lt[model.eos_id] = -float("inf")  # min_new_tokens=1 forbids EOS first
+            # no_repeat_ngram_size=n: a token that would repeat an n-gram already generated is banned.
+            # The decoder's input at step t is [start, row[:t]]; the start token counts as generated.
+            seen = [model.pad_id, *row[:t]]
+            for j in range(len(seen) - n + 1):
+                if n > 1 and seen[j:j + n - 1] == seen[len(seen) - n + 1:]:
+                    lt[seen[j + n - 1]] = -float("inf")
             assert lt[tok] >= lt.max() - 1e-4, (r, t, tok, int(lt.argmax()))
             if tok == model.eos_id:
                 break
+        text = [x for x in row if x != model.pad_id]
+        grams = [tuple(text[i:i + n]) for i in range(len(text) - n + 1)]
+        assert len(grams) == len(set(grams)), "a trigram repeats"
 
 
 def test_decode_summary_matches_hf_t5(model: EmbSum, batch) -> None:

@@ -195,3 +195,29 @@ def test_fuzz_finds_no_server_error(bundle):
             except Unsatisfiable:  # nothing to make invalid (e.g. GET /healthz has no inputs)
                 assert mode is GenerationMode.NEGATIVE
     assert calls.get(2, 0) >= 5 and sum(calls.values()) > 150, calls  # the scoring paths ran, not only 4xx
+
+
+def test_cold_items_per_request_are_capped(bundle):
+    """serve.max_cold_items bounds the T5 encodes one request may ask for: unknown ids given by text
+    count (each distinct text once); known ids never do, with or without a text."""
+    app = TestClient(build_api(InProcessScorer(bundle, max_cold_items=2), replace_limits(max_cold_items=2)))
+
+    def score(cands):
+        return app.post("/v1/score", json={"user_id": "U1", "candidates": cands})
+
+    two = [{"text": "a cold item | news"}, {"item_id": "x9", "text": "another one | sports"}]
+    assert score(two).status_code == 200
+    assert score([*two, {"text": "a cold item | news"}]).status_code == 200  # the same text is one encode
+    known = [{"item_id": f"n{i}", "text": "ignored: the id is known"} for i in range(3)]
+    assert score([*two, *known]).status_code == 200
+    r = score([*two, {"text": "a third | travel"}])
+    assert r.status_code == 413
+    assert r.json()["detail"] == ("cold items: 3 candidates need a T5 encode (given by text, id not in the served "
+                                  "embeddings), more than serve.max_cold_items=2")
+    assert "2 candidates to encode per request" in app.get("/openapi.json").json()["info"]["description"]
+
+
+def replace_limits(**kw):
+    from dataclasses import replace
+
+    return replace(LIMITS, **kw)

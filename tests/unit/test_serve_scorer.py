@@ -99,12 +99,26 @@ def test_rollout_swaps_atomically_and_keeps_serving_on_failure(tmp_path, monkeyp
     asyncio.run(scenario())
 
 
-def test_empty_version_follows_the_alias(tmp_path, monkeypatch, bundles):
-    monkeypatch.setattr(scorer_mod, "resolve_version", lambda cfg, requested: "2")
-    monkeypatch.setattr(scorer_mod, "load_bundle", lambda cfg, version: bundles[version])
+def test_a_replica_never_resolves_the_alias_itself(tmp_path, monkeypatch, bundles):
+    """The deployment pins one number; a replica given none (or an alias) refuses instead of loading
+    whatever the alias says when it happens to start."""
+    loads: list[str] = []
+    monkeypatch.setattr(scorer_mod, "load_bundle", lambda cfg, version: loads.append(version) or bundles[version])
     s = new_scorer(tmp_path)
-    asyncio.run(s.reconfigure({"model_version": ""}))
-    assert asyncio.run(s.ready()).model_version == "2"
+    for bad in ("", "champion", None):
+        with pytest.raises(RuntimeError, match=r"EmbSum scorer cannot start: cannot load model version .*: "
+                                               r"user_config.model_version=.* is not a version number"):
+            asyncio.run(s.reconfigure({"model_version": bad}))
+    assert loads == []
+
+    async def rollout_to_alias():
+        await s.reconfigure({"model_version": "2"})
+        await s.reconfigure({"model_version": "champion"})  # a running replica keeps serving and reports it
+        return await s.model_info()
+
+    info = asyncio.run(rollout_to_alias())
+    assert info.model_version == "2" and "is not a version number" in info.last_rollout_error.error
+    assert loads == ["2"]
 
 
 def test_build_app_args_and_deployment_options(tmp_path, monkeypatch):
@@ -123,15 +137,24 @@ def test_build_app_args_and_deployment_options(tmp_path, monkeypatch):
     d = app_mod.build_app({"config": str(path)})._bound_deployment
     assert d.name == "EmbSumScorer" and d.user_config == {"model_version": "5"}
     assert d.max_ongoing_requests == 32 >= 8
-    assert d.ray_actor_options == {"num_cpus": 1.0, "num_gpus": 0.0}
+    assert d.ray_actor_options == {"num_cpus": 1.0, "num_gpus": 0.0, "memory": 2**30}
     auto = d._deployment_config.autoscaling_config
     assert (auto.min_replicas, auto.max_replicas, auto.target_ongoing_requests) == (1, 2, 8.0)
+    assert (auto.upscale_delay_s, auto.downscale_delay_s, auto.look_back_period_s) == (10.0, 300.0, 30.0)
     assert d._replica_config.init_args[0]["serve"]["max_batch_size"] == 8  # the whole config, as values
     # One deployment: the HTTP ingress is the scorer (no handle hop on the request path).
     from serve.deployment import EmbSumScorer
     from serve.scorer import Scorer
 
     assert issubclass(d.func_or_class, Scorer) and d.func_or_class is EmbSumScorer.func_or_class
+    # A RayService builds the app on the head: a bind beyond loopback without a token fails the build
+    # (the application never deploys), with the reason as Serve's message.
+    monkeypatch.delenv("EMBSUM_API_TOKEN", raising=False)
+    with pytest.raises(ValueError, match="serve.host='0.0.0.0' binds beyond loopback and no API token is set"):
+        app_mod.build_app({"config": str(path), "overrides": ["serve.host=0.0.0.0"]})
+    monkeypatch.setenv("EMBSUM_API_TOKEN", "CHANGE-ME")
+    with pytest.raises(ValueError, match="placeholder"):
+        app_mod.build_app({"config": str(path), "overrides": ["serve.host=0.0.0.0"]})
 
 
 def test_serve_env_selects_the_ingress_and_forwards_serve_settings(tmp_path):

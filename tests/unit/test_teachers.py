@@ -262,7 +262,7 @@ def test_failure_verdict_of_the_summarize_job():
     from train.summarize import failure_verdict  # importing the job module starts no Ray
 
     assert failure_verdict(100, 5, 0.05) == ""
-    assert "6 of 100 training users (6.0%) failed" in failure_verdict(100, 6, 0.05)
+    assert "6 of 100 training examples (6.0%) failed" in failure_verdict(100, 6, 0.05)
     assert "max_failure_fraction=0.05" in failure_verdict(100, 6, 0.05)
-    assert failure_verdict(3, 3, 1.0) == "every one of the 3 training users failed"  # even at 1.0
-    assert "no training users" in failure_verdict(0, 0, 0.05)
+    assert failure_verdict(3, 3, 1.0) == "every one of the 3 training examples failed"  # even at 1.0
+    assert "no training examples" in failure_verdict(0, 0, 0.05)

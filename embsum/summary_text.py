@@ -1,0 +1,51 @@
+"""How good is a generated user-interest summary? Unigram F1 against the teacher, and degeneracy.
+
+The summary is the paper's served by-product (an explanation a person reads), so two properties
+are checked: it says what the teacher says (unigram F1, i.e. ROUGE-1 F1 without stemming), and it
+is a sentence rather than a decoding failure. ``degenerate`` names the failure when there is one:
+empty output, an empty bracket slot ('()'), a phrase of one to three words
+repeated three times in a row ('and and and'),
+a character run of four or more inside a word ('jassssss'), or a word that makes up more than half
+of a summary of six or more words.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+
+_WORD = re.compile(r"[\w'&-]+")
+_RUN = re.compile(r"(\w)\1{3,}")
+
+
+def words(text: str) -> list[str]:
+    return _WORD.findall(text.lower())
+
+
+def unigram_f1(pred: str, ref: str) -> float:
+    p, r = Counter(words(pred)), Counter(words(ref))
+    common = sum((p & r).values())
+    if not common:
+        return 0.0
+    prec, rec = common / sum(p.values()), common / sum(r.values())
+    return 2 * prec * rec / (prec + rec)
+
+
+def degenerate(text: str) -> str | None:
+    """Why ``text`` is not a readable summary, or None when it is."""
+    w = words(text)
+    if not w:
+        return "empty"
+    if re.search(r"\(\s*\)", text):
+        return "empty bracket slot '()'"
+    for n in (1, 2, 3):  # a phrase of n words three times in a row
+        for i in range(len(w) - 3 * n + 1):
+            if w[i:i + n] == w[i + n:i + 2 * n] == w[i + 2 * n:i + 3 * n]:
+                return f"repeated {' '.join(w[i:i + n])!r}"
+    run = _RUN.search(text)
+    if run and not run.group(0).isdigit():
+        return f"character run {run.group(0)!r}"
+    top, n = Counter(w).most_common(1)[0]
+    if len(w) >= 6 and n > len(w) / 2:
+        return f"{top!r} is {n} of {len(w)} words"
+    return None

@@ -337,7 +337,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         ray.shutdown()
     cmd = "python -m bench.quality" + (" --quick" if args.quick else "") + \
-        ("" if Path(args.config) == BX_CONFIG else f" --config {args.config}")
+        ("" if Path(args.config) == BX_CONFIG else f" --config {args.config}") + \
+        ("" if variants == list(VARIANTS) else f" --variants {','.join(variants)}") + \
+        ("" if args.seeds is None else f" --seeds {args.seeds}")
     res = {"name": "quality", "quick": args.quick, "seeds": list(seeds), "variants": variants,
            "dataset": Path(args.config).stem, "study": study, "machine": harness.machine(),
            "wall_seconds": time.perf_counter() - t0, "command": cmd}

@@ -1,9 +1,9 @@
 """The benchmark runner: runs the benchmark scripts, reads their JSON results, prints one table.
 
-    python -m bench all [--quick]            # prepare, train, embed, serve, fleet, quality, sweep
-    python -m bench train [--quick]          # one benchmark (prepare|train|embed|serve|fleet|quality|sweep)
+    python -m bench all [--quick]            # prepare, train, embed, serve, fleet, quality
+    python -m bench train [--quick]          # one benchmark (prepare|train|embed|serve|fleet|quality)
     python -m bench table [--quick]          # rebuild the table from the results already written
-    python -m bench all --reuse quality,sweep   # run the others, take these from earlier results
+    python -m bench all --reuse quality         # run the others, take these from earlier results
 
 Each script runs as a subprocess (its output goes to bench/results/logs/), so the peak memory of
 its whole process tree can be measured from here: the script, the local Ray cluster it starts
@@ -45,10 +45,9 @@ BENCHMARKS: dict[str, tuple[str, tuple[int, int]]] = {
     "serve": ("bench.serve_bench", (1, 1)),
     "fleet": ("bench.fleet_bench", (1, 1)),
     "quality": ("bench.quality", (1, 1)),
-    "sweep": ("bench.sweep", (1, 1)),
 }
-SUMMARY_LINE = re.compile(r"^(\[bench\]|\[train bench\]|\[embed bench\]|\[fleet bench\]|\[sweep\]|(prepare|train|embed|"
-                          r"serve|fleet|quality|sweep) bench:|score\(\) over|targets:|error)")
+SUMMARY_LINE = re.compile(r"^(\[bench\]|\[train bench\]|\[embed bench\]|\[fleet bench\]|(prepare|train|embed|"
+                          r"serve|fleet|quality) bench:|score\(\) over|targets:|error)")
 
 
 @dataclass
@@ -329,26 +328,9 @@ def quality_figures(runs: list[dict[str, Any]]) -> list[Figure]:
     return figs
 
 
-def sweep_figures(runs: list[dict[str, Any]]) -> list[Figure]:
-    r = runs[0]
-    best, default = r.get("best"), r.get("default")
-    if not best or not default:
-        return []
-    at = dict(zip(default.get("seeds", []), default["valid_auc_values"], strict=True))
-    same = [(s, v) for s, v in zip(best.get("seeds", []), best["valid_auc_values"], strict=True) if s in at]
-    if same:  # each seed's run against the default's run on that seed
-        return [Figure("sweep", f"Book-Crossing valid AUC, best sweep point ({best['label']})", "AUC",
-                       [v for _, v in same], [at[s] for s, _ in same],
-                       f"default point, same seeds {[s for s, _ in same]}")]
-    ref = statistics.fmean(default["valid_auc_values"])
-    return [Figure("sweep", f"Book-Crossing valid AUC, best sweep point ({best['label']})", "AUC",
-                   best["valid_auc_values"], [ref] * len(best["valid_auc_values"]),
-                   f"default point, mean of {len(default['valid_auc_values'])} seeds")]
-
-
 EXTRACT: dict[str, Callable[[list[dict[str, Any]]], list[Figure]]] = {
     "prepare": prepare_figures, "train": train_figures, "embed": embed_figures, "serve": serve_figures,
-    "fleet": fleet_figures, "quality": quality_figures, "sweep": sweep_figures,
+    "fleet": fleet_figures, "quality": quality_figures,
 }
 
 

@@ -55,3 +55,22 @@ def tokenizer(tiny_cfg):
     from embsum.tokenization import EmbSumTokenizer
 
     return EmbSumTokenizer.from_config(tiny_cfg)
+
+
+def assert_f32_close(actual, desired, rtol: float = 1e-5) -> None:
+    """Two float32 results of the same arithmetic done in another order (chunked, batched, another
+    BLAS kernel: the order differs between CPUs and libraries) agree to ``rtol`` of the largest
+    magnitude compared. A float32 sum's rounding error grows with the size of what it adds up, not
+    with its result, so the absolute part of the tolerance is ``rtol`` times that scale: a fixed
+    atol of 1e-6 on scores near 10 is about one unit in the last place and failed on an AMD EPYC
+    where an Intel Xeon passed. rtol 1e-5 is ~80 ulps; comparisons through the whole encoder with
+    different batch shapes use 1e-4."""
+    import numpy as np
+
+    def arr(x):
+        return np.asarray(x.detach().cpu().numpy() if hasattr(x, "detach") else x, dtype=np.float64)
+
+    a, d = arr(actual), arr(desired)
+    assert a.shape == d.shape, (a.shape, d.shape)
+    scale = max(float(np.abs(a).max(initial=0.0)), float(np.abs(d).max(initial=0.0)), 1e-30)
+    np.testing.assert_allclose(a, d, rtol=rtol, atol=rtol * scale)

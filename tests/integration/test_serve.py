@@ -28,7 +28,7 @@ import torch
 from embsum.config import Config, config_from_dict
 from embsum.data import layout
 from embsum.predictor import Predictor
-from tests.conftest import TINY
+from tests.conftest import TINY, assert_f32_close
 from tests.mlflow_server import free_port
 from tests.unit.test_serve_store import history_of, item_text, write_version
 
@@ -191,8 +191,7 @@ def test_scores_equal_offline_score(served):
         assert r.status_code == 200, r.text
         body = r.json()
         assert body["model_version"] == v1 and r.headers["x-model-version"] == v1
-        np.testing.assert_allclose([s["score"] for s in body["scores"]], served.offline(v1, f"U{u}", items),
-                                   rtol=0, atol=1e-5)
+        assert_f32_close([s["score"] for s in body["scores"]], served.offline(v1, f"U{u}", items))
 
 
 def test_concurrent_requests_are_batched_and_each_correct(served):
@@ -209,8 +208,7 @@ def test_concurrent_requests_are_batched_and_each_correct(served):
         responses = list(pool.map(one, jobs))
     for (user, items), r in zip(jobs, responses, strict=True):
         assert r.status_code == 200, r.text
-        np.testing.assert_allclose([s["score"] for s in r.json()["scores"]], served.offline(v1, user, items),
-                                   atol=1e-5)
+        assert_f32_close([s["score"] for s in r.json()["scores"]], served.offline(v1, user, items))
 
 
 def test_recommend_is_the_true_top_k_excluding_history(served):
@@ -224,7 +222,7 @@ def test_recommend_is_the_true_top_k_excluding_history(served):
     assert r.status_code == 200, r.text
     got = r.json()["items"]
     assert [x["item_id"] for x in got] == want
-    np.testing.assert_allclose([x["score"] for x in got], [full[s.item_index[i]] for i in want], atol=1e-5)
+    assert_f32_close([x["score"] for x in got], [full[s.item_index[i]] for i in want])
     assert got[0]["text"] == s.item_texts[s.item_index[want[0]]]
     kept = _post(served, "/v1/recommend", {"user_id": "U5", "k": 20, "exclude_history": False}).json()["items"]
     assert [x["item_id"] for x in kept] == [s.item_ids[i] for i in np.argsort(-full, kind="stable")[:20]]
@@ -240,7 +238,7 @@ def test_cold_user_and_items_are_encoded_by_the_same_predictor(served):
     out = r.json()
     assert out["user_encoded"] and [x["encoded"] for x in out["scores"]] == [False, True, True]
     # The same history's precomputed UPE (U4) scores the same items the same way.
-    np.testing.assert_allclose([x["score"] for x in out["scores"]], served.offline(v1, "U4", items), atol=1e-4)
+    assert_f32_close([x["score"] for x in out["scores"]], served.offline(v1, "U4", items), rtol=1e-4)
     rec = _post(served, "/v1/recommend", {"history": [{"text": "football final story 0 | football"}], "k": 3})
     assert rec.status_code == 200 and rec.json()["user_encoded"] and len(rec.json()["items"]) == 3
 
@@ -433,7 +431,7 @@ def test_a_rollout_moves_every_replica_under_load(fleet, served):
           f"{during['versions']}")
     for o in fleet.load.outcomes:  # no response mixes a model of one version with embeddings of another
         if o.status == 200:
-            np.testing.assert_allclose([s["score"] for s in o.body["scores"]], fleet.expected[o.version], atol=1e-5)
+            assert_f32_close([s["score"] for s in o.body["scores"]], fleet.expected[o.version])
     assert served.http.get("/v1/model").json()["model_version"] == fleet.v2  # the replica left after scale-down
 
 

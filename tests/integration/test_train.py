@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from embsum.config import Config, load_config
-from tests.conftest import REPO, shared_data
+from tests.conftest import REPO, assert_f32_close, shared_data
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
@@ -115,7 +115,7 @@ def _assert_champion_matches_probe(cfg: Config, probe_path: Path) -> None:
     with torch.no_grad():
         scores = model(*(torch.as_tensor(probe[k], dtype=torch.long)
                          for k in ("session_ids", "candidate_ids", "summary_ids"))).scores.numpy()
-    np.testing.assert_allclose(scores, probe["scores"], atol=1e-5, rtol=0)
+    assert_f32_close(scores, probe["scores"])
 
 
 def test_fit_zero3_gathers_the_served_model(bx_workdir: Path) -> None:

@@ -1,6 +1,6 @@
 """The benchmark runner's table logic on fake results: ratios, orientation, targets, spreads, the
-Markdown table, unreadable results, `python -m bench table`, the sweep's decision rule and YAML
-edits. No timing is asserted anywhere: timing belongs in the benchmarks themselves."""
+Markdown table, unreadable results, `python -m bench table`. No timing is asserted anywhere: timing
+belongs in the benchmarks themselves."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import harness, runner, sweep
+from bench import harness, runner
 from bench.runner import Figure
 
 
@@ -82,8 +82,6 @@ def fake_results() -> dict[str, list[dict]]:
             "EmbSum lambda=0 (no summary loss)": {"auc": {"values": [0.71, 0.71, 0.71]},
                                                   "ndcg10": {"values": [0.2, 0.2, 0.2]}},
         }}}}],
-        "sweep": [{"best": {"label": "M=16", "seeds": [1], "valid_auc_values": [0.75]},
-                   "default": {"label": "default", "seeds": [0, 1, 2], "valid_auc_values": [0.72, 0.73, 0.71]}}],
     }
 
 
@@ -124,7 +122,6 @@ def test_figures_of_every_benchmark() -> None:
     lam = q[("EmbSum lambda=0 (no summary loss)", "AUC")]
     assert lam.ratio == pytest.approx(1.0) and lam.met is False  # 0.71 vs 0.71 median: not a win
     assert len(figs["quality"]) == 6  # 3 other systems x (AUC, nDCG@10)
-    assert figs["sweep"][0].ratio == pytest.approx(0.75 / 0.73)  # vs the default's run on the same seed
 
 
 def test_unreadable_result_becomes_a_row() -> None:
@@ -184,59 +181,6 @@ def test_tree_memory_measures_this_process() -> None:
         pass
     rep = mem.report()
     assert rep["peak_rss_mb"] > 10 and rep["max_processes"] >= 1
-
-
-# ---- the sweep's decision rule and YAML edits --------------------------------------------------------------
-def _point(factor, value, auc, secs=100.0, f1=0.2):
-    return {"factor": factor, "value": value, "label": f"{factor}={value}", "valid_auc_mean": auc,
-            "train_seconds": secs, "summary_unigram_f1": f1}
-
-
-def test_sweep_keeps_default_within_noise_and_takes_clear_gains() -> None:
-    center = {**_point("M", 8, 0.70), "valid_auc_std": 0.01}
-    within = sweep.decide("M", [_point("M", 4, 0.715), center], center)
-    assert within["chosen"] == 8 and not within["changed"]  # +0.015 < 2 x 0.01
-    gain = sweep.decide("M", [_point("M", 16, 0.74), center], center)
-    assert gain["chosen"] == 16 and gain["changed"]
-    costly = sweep.decide("M", [_point("M", 16, 0.74, secs=200.0), center], center)
-    assert not costly["changed"]  # twice the training time: the demo budget rules it out
-
-
-def test_sweep_compares_a_point_with_the_default_on_the_same_seeds() -> None:
-    # The default's seed 0 is its best seed: a seed-0 point 0.03 above the default's mean is below
-    # the default's own seed-0 run, not a gain.
-    center = {**_point("M", 8, 0.70), "seeds": [0, 1, 2], "valid_auc_values": [0.75, 0.68, 0.67],
-              "valid_auc_std": 0.01}
-    lucky = {**_point("M", 16, 0.73), "seeds": [0], "valid_auc_values": [0.73]}
-    assert sweep.delta(lucky, center) == pytest.approx(-0.02)
-    assert not sweep.decide("M", [lucky, center], center)["changed"]
-    real = {**_point("M", 16, 0.78), "seeds": [0], "valid_auc_values": [0.78]}
-    d = sweep.decide("M", [real, center], center)
-    assert d["changed"] and d["chosen"] == 16 and "same seeds" in d["reason"]
-
-
-def test_sweep_prefers_readable_summaries_for_lambda_when_auc_is_unharmed() -> None:
-    center = {**_point("lambda", 0.05, 0.70, f1=0.20), "valid_auc_std": 0.01}
-    d = sweep.decide("lambda", [center, _point("lambda", 1.0, 0.695, f1=0.40)], center)
-    assert d["chosen"] == 1.0 and "summaries" in d["reason"]
-    hurt = sweep.decide("lambda", [center, _point("lambda", 1.0, 0.60, f1=0.40)], center)
-    assert hurt["chosen"] == 0.05
-
-
-def test_set_yaml_defaults_keeps_comments(tmp_path: Path) -> None:
-    p = tmp_path / "c.yaml"
-    p.write_text("model:\n  d_model: 64          # width\n  user_codes: 8\n\ntrain:\n  lr: 0.001\n  max_steps: 300\n"
-                 "\nmlflow:\n  experiment: embsum\n")
-    done = sweep.set_yaml_defaults(p, {("model", "user_codes"): 16, ("train", "summary_weight"): 0.2,
-                                       ("model", "d_model"): 64})
-    text = p.read_text()
-    assert "  user_codes: 16\n" in text and "  d_model: 64          # width\n" in text
-    assert "  max_steps: 300\n  summary_weight: 0.2\n\nmlflow:" in text
-    assert len(done) == 2  # d_model was unchanged
-    from embsum.config import load_config
-
-    cfg = load_config(p)
-    assert cfg.model.user_codes == 16 and cfg.train.summary_weight == 0.2
 
 
 def test_fleet_figures_count_lost_requests_per_policy() -> None:

@@ -13,6 +13,7 @@ from embsum.config import EmbSumConfig
 from embsum.model import EmbSum, count_parameters
 from embsum.scoring import score
 from embsum.tokenization import EmbSumTokenizer
+from tests.conftest import assert_f32_close
 
 T5_SMALL_PARAMS = 60_506_624  # published: T5ForConditionalGeneration("t5-small"), tied embeddings
 
@@ -107,9 +108,9 @@ def test_forward_equals_precompute_then_score(model: EmbSum, batch) -> None:
         cpe, key = model.encode_content(cands.reshape(b * n_cand, lc))  # ... and items, separately
         per_user = score(upe, cpe.view(b, n_cand, *cpe.shape[1:]), key.view(b, n_cand, *key.shape[1:]))
         all_pairs = score(upe, cpe, key)  # (B, B*C): each user against the whole "catalog"
-    torch.testing.assert_close(out.scores, per_user, atol=1e-5, rtol=1e-5)
+    assert_f32_close(out.scores, per_user)
     diag = torch.stack([all_pairs[i, i * n_cand:(i + 1) * n_cand] for i in range(b)])
-    torch.testing.assert_close(out.scores, diag, atol=1e-5, rtol=1e-5)
+    assert_f32_close(out.scores, diag)
     torch.testing.assert_close(out.upe, upe, atol=1e-6, rtol=1e-6)
 
 
@@ -157,11 +158,11 @@ def test_decode_summary_matches_hf_t5(model: EmbSum, batch) -> None:
         enc = states.reshape(b, -1, states.shape[-1])
         ref = model.t5(encoder_outputs=(enc,), attention_mask=mask.reshape(b, -1).long(), labels=y,
                        output_hidden_states=True)
-    torch.testing.assert_close(logits, ref.logits, atol=1e-5, rtol=1e-5)
+    assert_f32_close(logits, ref.logits)
     hidden = ref.decoder_hidden_states[-1]  # (B, S, D), after the final layer norm
     for i, row in enumerate(y.tolist()):
         eos_at = row.index(model.eos_id)  # every teacher summary here has an EOS
-        torch.testing.assert_close(glob[i], hidden[i, eos_at], atol=1e-5, rtol=1e-5)
+        assert_f32_close(glob[i], hidden[i, eos_at])
 
 
 def test_session_encoding_equals_hf_encoder_per_session(model: EmbSum, batch, tokenizer: EmbSumTokenizer) -> None:
@@ -178,11 +179,11 @@ def test_session_encoding_equals_hf_encoder_per_session(model: EmbSum, batch, to
                     assert (states[u, g] == 0).all() and not item_mask[u, g * p:(g + 1) * p].any()
                     continue
                 ref = enc(input_ids=ids[None]).last_hidden_state[0]  # (len, D)
-                torch.testing.assert_close(states[u, g, : len(ids)], ref, atol=1e-5, rtol=1e-5)
+                assert_f32_close(states[u, g, : len(ids)], ref)
                 sos_pos = [i for i, t in enumerate(ids.tolist()) if t == tokenizer.sos_id]
                 for k, pos in enumerate(sos_pos):
                     assert item_mask[u, g * p + k]
-                    torch.testing.assert_close(items[u, g * p + k], ref[pos], atol=1e-5, rtol=1e-5)
+                    assert_f32_close(items[u, g * p + k], ref[pos])
                 assert not item_mask[u, g * p + len(sos_pos):(g + 1) * p].any()
 
 
@@ -201,7 +202,7 @@ def test_skipping_empty_sessions_changes_nothing(model: EmbSum, batch, monkeypat
                             lambda ids: (everything.view(b, g, l_, -1), m.view(b, g, l_)))
         no_skip = model.encode_user(s, y)
     has_history = [i for i, n in enumerate(batch["n_items"]) if n > 0]
-    torch.testing.assert_close(no_skip[has_history], skipped[has_history], atol=1e-5, rtol=1e-5)
+    assert_f32_close(no_skip[has_history], skipped[has_history])
 
 
 @pytest.mark.parametrize("generate", [False, True])
@@ -211,19 +212,19 @@ def test_results_do_not_depend_on_the_batch(model: EmbSum, batch, generate: bool
         together = model.encode_user(s, None if generate else y)
         for i in range(s.shape[0]):  # alone, including the user with no history (then no session runs)
             alone = model.encode_user(s[i:i + 1], None if generate else y[i:i + 1])
-            torch.testing.assert_close(alone[0], together[i], atol=1e-5, rtol=1e-5)
+            assert_f32_close(alone[0], together[i])
 
 
 def test_encode_content_matches_unpadded_encoder_and_gate(model: EmbSum, batch) -> None:
     cands = batch["cands"].reshape(-1, batch["cands"].shape[-1])
     with torch.no_grad():
         cpe, key = model.encode_content(cands)
-        torch.testing.assert_close(key, F.gelu(cpe @ model.item_gate.weight.T), atol=1e-6, rtol=1e-6)
+        assert_f32_close(key, F.gelu(cpe @ model.item_gate.weight.T))
         for i in range(cands.shape[0]):
             ids = cands[i][cands[i] != model.pad_id]
             states = model.t5.get_encoder()(input_ids=ids[None]).last_hidden_state  # (1, len, D)
             ref = model.content_poly(states, torch.ones(1, len(ids), dtype=torch.bool))
-            torch.testing.assert_close(cpe[i], ref[0], atol=1e-5, rtol=1e-5)
+            assert_f32_close(cpe[i], ref[0])
 
 
 def test_eval_is_deterministic_and_dropout_is_live_in_train(tiny_cfg: EmbSumConfig, batch,

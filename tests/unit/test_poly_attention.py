@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from embsum.poly_attention import PolyAttention
+from tests.conftest import assert_f32_close
 
 
 def _reference(z: np.ndarray, mask: np.ndarray, w_f: np.ndarray, codes: np.ndarray) -> np.ndarray:
@@ -47,9 +48,9 @@ def test_matches_loop_reference(poly: PolyAttention) -> None:
     ref = _reference(z.double().numpy(), mask.numpy(), poly.proj.weight.double().detach().numpy(),
                      poly.codes.double().detach().numpy())
     assert got.shape == (3, 3, 6)
-    np.testing.assert_allclose(got.numpy(), ref, atol=1e-5, rtol=1e-5)
+    assert_f32_close(got, ref)
     # One valid row: every code returns that row.
-    np.testing.assert_allclose(got[2].numpy(), np.repeat(z[2, 3:4].numpy(), 3, axis=0), atol=1e-6)
+    assert_f32_close(got[2], np.repeat(z[2, 3:4].numpy(), 3, axis=0))
 
 
 def test_codes_differ_so_attention_is_not_trivial(poly: PolyAttention) -> None:
@@ -81,7 +82,7 @@ def test_padding_rows_change_nothing(poly: PolyAttention, n_valid: int, n_pad: i
         a = poly(z, base_mask)
         b = poly(z2, mask2)
     assert torch.isfinite(b).all()
-    torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+    assert_f32_close(b, a)
 
 
 def test_all_padding_row_is_finite_and_padding_gets_no_gradient(poly: PolyAttention) -> None:

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from embsum.scoring import score
+from tests.conftest import assert_f32_close
 
 M, N, D = 3, 2, 5
 
@@ -43,7 +44,7 @@ def test_all_pairs_matches_the_loop(data) -> None:
     got = score(_t(upe), _t(cpe), _t(_gelu(cpe @ w_s)))
     assert got.shape == (4, 6)
     ref = np.array([[_pair(upe[i], cpe[j], w_s) for j in range(6)] for i in range(4)])
-    np.testing.assert_allclose(got.numpy(), ref, rtol=1e-5, atol=1e-5)
+    assert_f32_close(got, ref)
 
 
 def test_per_user_candidates_match_the_loop(data) -> None:
@@ -51,7 +52,7 @@ def test_per_user_candidates_match_the_loop(data) -> None:
     got = score(_t(upe), _t(cand), _t(_gelu(cand @ w_s)))
     assert got.shape == (4, 3)
     ref = np.array([[_pair(upe[u], cand[u, c], w_s) for c in range(3)] for u in range(4)])
-    np.testing.assert_allclose(got.numpy(), ref, rtol=1e-5, atol=1e-5)
+    assert_f32_close(got, ref)
 
 
 def test_order_of_flattening_matters(data) -> None:
@@ -64,7 +65,7 @@ def test_order_of_flattening_matters(data) -> None:
     w_wrong = np.exp(g_wrong - g_wrong.max())
     wrong = float((w_wrong / w_wrong.sum()) @ k)
     got = float(score(_t(upe[:1]), _t(cpe[:1]), _t(gb[None]))[0, 0])
-    assert got == pytest.approx(_pair(a, b, w_s), abs=1e-5)
+    assert_f32_close(got, _pair(a, b, w_s))
     assert abs(got - wrong) > 1e-4
 
 

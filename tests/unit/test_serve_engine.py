@@ -10,6 +10,7 @@ import pytest
 from embsum.predictor import Predictor
 from serve import engine
 from serve.engine import RecommendQuery, Rejection, ScoreQuery, top_k
+from tests.conftest import assert_f32_close
 from tests.unit.test_serve_store import N_ITEMS, history_of, item_text, make_bundle, tiny_predictor
 
 
@@ -51,7 +52,7 @@ def test_batch_scores_equal_offline_score(bundle, monkeypatch, waste):
     for r, w, req in zip(out, want, reqs, strict=True):
         assert r.model_version == "1" and not r.user_encoded
         assert r.item_ids == [c[0] for c in req.candidates] and not any(r.encoded)
-        np.testing.assert_allclose(r.scores, w, rtol=0, atol=1e-5)
+        assert_f32_close(r.scores, w)
 
 
 def test_a_rejected_request_does_not_fail_its_batch(bundle):
@@ -61,8 +62,8 @@ def test_a_rejected_request_does_not_fail_its_batch(bundle):
     assert isinstance(out[1], Rejection) and out[1].status == 404 and "'nobody'" in out[1].detail
     assert isinstance(out[2], Rejection) and out[2].status == 404
     assert "unknown candidate item ids: 'zz9', 'zz8'" in out[2].detail and "text" in out[2].detail
-    np.testing.assert_allclose(out[0].scores, offline(bundle, "U1", ["n1", "n2"]), atol=1e-5)
-    np.testing.assert_allclose(out[3].scores[0], offline(bundle, "U2", ["n4"])[0], atol=1e-5)
+    assert_f32_close(out[0].scores, offline(bundle, "U1", ["n1", "n2"]))
+    assert_f32_close(out[3].scores[0], offline(bundle, "U2", ["n4"])[0])
 
 
 def test_cold_paths_match_the_precomputed_embeddings(bundle):
@@ -73,12 +74,12 @@ def test_cold_paths_match_the_precomputed_embeddings(bundle):
     (r,), stats = engine.score_batch(bundle, [req])
     assert r.user_encoded and all(r.encoded) and r.item_ids == [None] * 3
     assert stats.cold_users == 1 and stats.cold_items == 3
-    np.testing.assert_allclose(r.scores, want, atol=1e-4)
+    assert_f32_close(r.scores, want, rtol=1e-4)  # through the encoder, other batch shapes
     # Unknown ids with text are encoded; history may mix ids and texts.
     mixed = [(h, None) if j % 2 else (f"new-{j}", item_text(int(h[1:]))) for j, h in enumerate(history_of(3))]
     (r2,), _ = engine.score_batch(bundle, [sq(history=mixed, candidates=[("n0", None), ("brand-new", item_text(5))])])
     assert r2.encoded == [False, True] and r2.item_ids[1] == "brand-new"
-    np.testing.assert_allclose(r2.scores, want[:2], atol=1e-4)
+    assert_f32_close(r2.scores, want[:2], rtol=1e-4)
     body = r2.to_json()
     assert body["scores"][1] == {"item_id": "brand-new", "score": r2.scores[1], "encoded": True}
 
@@ -96,7 +97,7 @@ def test_recommend_is_the_exact_top_k_without_history(bundle):
     ranked = [i for i in np.argsort(-full, kind="stable") if i not in seen]
     (r,), _ = engine.recommend_batch(bundle, [rq("U4", k=5)])
     assert r.item_ids == [s.item_ids[i] for i in ranked[:5]]
-    np.testing.assert_allclose(r.scores, full[ranked[:5]], atol=1e-5)
+    assert_f32_close(r.scores, full[ranked[:5]])
     assert r.texts[0] == s.item_texts[ranked[0]]
     assert r.to_json()["items"][0] == {"item_id": r.item_ids[0], "score": r.scores[0], "text": r.texts[0]}
     # History kept, an explicit exclude list honoured, k larger than what is eligible.
@@ -118,7 +119,7 @@ def test_catalog_scores_in_chunks_equal_one_call(bundle, monkeypatch):
     s = bundle.store
     whole = engine.catalog_scores(s.upe[:3], s.cpe, s.cpe_key)
     monkeypatch.setattr(engine, "CHUNK_BYTES", 1)  # one item per chunk
-    np.testing.assert_allclose(engine.catalog_scores(s.upe[:3], s.cpe, s.cpe_key), whole, atol=1e-6)
+    assert_f32_close(engine.catalog_scores(s.upe[:3], s.cpe, s.cpe_key), whole)
 
 
 def test_top_k_edge_cases():

@@ -1,6 +1,7 @@
 # The two commands of the README: `make demo` (the whole pipeline on the embedded default) and
 # `make test` (the test suite). Both create .venv and install on first use; they need only
-# Python 3.11 (python3.11 or python3 on PATH) and pip access to PyPI.
+# Python 3.11 (python3.11 or python3 on PATH) and pip access to PyPI and to PyTorch's CPU wheel index,
+# download.pytorch.org/whl/cpu (not needed where pip's find-links already hold torch's CPU wheel).
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -8,11 +9,21 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install demo test test-unit test-integration bench bench-quick lint clean readme-config
 
+# torch's CPU build, named explicitly: on Linux, PyPI's torch==X is the CUDA build and pulls several GB
+# of nvidia-* wheels. The lock pins the version (torch==X, platform-neutral: the Dockerfile's CUDA
+# image uses the same lock); this step picks the build: X+cpu from a local wheel cache (pip's
+# find-links, where a machine has one: no network needed) or else PyTorch's CPU index. The next
+# step's torch==X is then already satisfied (X+cpu is an X), so pip keeps the CPU build.
+TORCH_VERSION := $(shell sed -n 's/^torch==//p' requirements/lock-cpu.txt)
+TORCH_INDEX_URL ?= https://download.pytorch.org/whl/cpu
+
 $(STAMP): pyproject.toml requirements/lock-cpu.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	# The lock pins the CPU build of torch (an unpinned torch pulls GBs of CUDA wheels).
 	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet --no-deps --no-index "torch==$(TORCH_VERSION)+cpu" 2>/dev/null \
+		|| $(PY) -m pip install --quiet --no-deps --index-url $(TORCH_INDEX_URL) "torch==$(TORCH_VERSION)+cpu"
 	$(PY) -m pip install --quiet -c requirements/lock-cpu.txt -e '.[dev]'
+	$(PY) -c "import torch, sys; sys.exit(0 if torch.__version__.endswith('+cpu') else 'torch ' + torch.__version__ + ' is not the CPU build')"
 	touch $(STAMP)
 
 install: $(STAMP)

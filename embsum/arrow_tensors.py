@@ -14,6 +14,15 @@ import numpy as np
 import pyarrow as pa
 
 
+def writable(a: Any, dtype: Any) -> np.ndarray:
+    """``a`` as a C-contiguous, writable ``dtype`` array: ``a`` itself when it already is one, else a
+    copy. Ray Data batches are often read-only views of Arrow buffers, and ``torch.from_numpy`` /
+    ``torch.as_tensor`` share a numpy array's memory, so on a read-only one torch warns that a write
+    through the tensor would be undefined ('The given NumPy array is not writable'). A copy is
+    what converting the dtype costs anyway."""
+    return np.require(a, dtype=dtype, requirements=["C", "W"])
+
+
 def table_tensor(table: pa.Table, name: str, dtype: Any = None) -> np.ndarray:
     """A tensor column of a table read from parquet -> numpy (rows, *shape)."""
     return tensor_to_numpy(table.column(name), dtype, shape=column_shape(table.schema.field(name)))

@@ -3,15 +3,16 @@
 
 Pipeline stages run as their own Ray driver programs (``python -m train.<stage>``, ``serve.app``),
 exactly as they run as Ray jobs on a cluster; ``embsum run`` starts one local Ray cluster and
-chains them on it. Registry and client commands run in-process. Errors are one line (``--debug``
-for the traceback) with a non-zero exit code.
+chains them on it. A stage's output (its own, Ray's, DeepSpeed's) goes to WORKDIR/logs/<stage>.log and the
+console shows its progress and one summary line (embsum/console.py; ``--verbose`` shows everything).
+Registry and client commands run in-process. Errors are one line (``--debug`` for the traceback) with a
+non-zero exit code.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import time
 import traceback
@@ -21,6 +22,7 @@ from typing import Any
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from embsum.config import Config, load_config
 
@@ -29,7 +31,9 @@ err = Console(stderr=True)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="Train and serve the EmbSum recommender on Ray. Every command takes --config "
-                       "(default ray_config.yaml) and trailing KEY=VALUE overrides.")
+                       "(default ray_config.yaml) and trailing KEY=VALUE overrides. --verbose (or EMBSUM_VERBOSE=1): "
+                       "every stage's log lines on the console too (they are always in WORKDIR/logs/); "
+                       "--debug: tracebacks.")
 data_app = typer.Typer(no_args_is_help=True, help="Datasets: generate the synthetic demo set.")
 models_app = typer.Typer(no_args_is_help=True, help="Registry lookups (MLflow): versions, aliases, metrics.")
 serve_app = typer.Typer(no_args_is_help=True, help="The Ray Serve app: start it (foreground or --detach), "
@@ -44,14 +48,22 @@ class CliError(Exception):
 
 
 class StageFailed(Exception):
-    """A stage program failed and already printed its one-line error."""
+    """A stage program failed and its one-line error was printed."""
 
     def __init__(self, code: int) -> None:
         super().__init__(code)
         self.code = code
 
 
-_STATE: dict[str, Any] = {"debug": False}
+class Interrupted(Exception):
+    """Ctrl-C (or SIGTERM, or `embsum serve stop`) stopped a stage; it has ended."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(code)
+        self.code = code
+
+
+_STATE: dict[str, Any] = {"debug": False, "verbose": False}
 ConfigOpt = typer.Option("ray_config.yaml", "--config", "-c", help="Run config (YAML).")
 AddressOpt = typer.Option(None, "--address", help="Existing Ray cluster ('auto', 'ray://host:10001', 'host:6379'); "
                                                    "default: start a local one.")
@@ -75,27 +87,81 @@ def _ov(overrides: list[str] | None, address: str | None) -> list[str]:
     return [*(overrides or []), *([f"ray.address={address}"] if address else [])]
 
 
+def _verbose() -> bool:
+    from embsum.console import env_flag
+
+    return bool(_STATE["verbose"]) or env_flag("EMBSUM_VERBOSE")
+
+
+def _log_name(module: str, extra: tuple[str, ...]) -> str:
+    """logs/<name>.log: the stage (prepare, train, ...), or serve / serve-<action> for serve.app."""
+    name = module.split(".")[-1]
+    if module == "serve.app":
+        action = next((a for a in extra if a in ("run", "deploy", "rollout", "status", "shutdown")), "")
+        return "serve" if action in ("run", "deploy", "") else f"serve-{action}"
+    return name
+
+
+def stage_header(title: str, log: Path) -> None:
+    """The stage's rule, naming its log file (on a line of its own when the rule cannot hold it)."""
+    from embsum.console import shown_path
+
+    where = shown_path(log)
+    text = f"{title} · log {where}"
+    if len(text) + 8 <= console.width:
+        console.rule(f"[bold]{title}[/bold] [dim]· log {where}[/dim]")
+    else:
+        console.rule(f"[bold]{title}")
+        console.print(f"[dim]log {where}[/dim]", soft_wrap=True, highlight=False)
+
+
 def _stage(module: str, config: str, overrides: list[str], *extra: str, title: str | None = None) -> dict[str, Any]:
-    """Run ``python -m MODULE`` as its own Ray driver; return the JSON result it writes."""
+    """Run ``python -m MODULE`` as its own Ray driver; return the JSON result it writes. Its output
+    goes to WORKDIR/logs/<stage>.log, its progress and summary to the console (embsum/console.py)."""
+    from embsum.console import run_stage, shown_path
+
     cfg = _config(config, overrides)
     result = cfg.workdir_path / "stages" / f"{module.split('.')[-1]}-{os.getpid()}-{time.time_ns()}.json"
     cmd = [sys.executable, "-m", module, "--config", config, "--result", str(result), *extra, *overrides]
     if _STATE["debug"]:
         cmd.insert(3, "--debug")
-    console.rule(f"[bold]{title or module}")
-    t0 = time.perf_counter()
+    title = title or module
+    log = cfg.workdir_path / "logs" / f"{_log_name(module, extra)}.log"
+    stage_header(title, log)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    # Its output is a file: Ray Data's progress from workers (a Train dataset's split coordinator) as
+    # plain log lines, not tqdm bars redrawn with cursor codes that only a terminal can undo.
+    env.setdefault("RAY_TQDM", "0")
     repo = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = repo + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    proc = subprocess.run(cmd, env=env)
-    if proc.returncode == 1:  # the stage printed its own one-line error
-        raise StageFailed(1)
-    if proc.returncode != 0:
-        raise CliError(f"{title or module} stopped with exit code {proc.returncode} (killed or crashed)")
-    out = json.loads(result.read_text()) if result.is_file() else {}
+    out = run_stage(cmd, name=title.split()[-1], log=log, console=console, env=env, verbose=_verbose())
+    if out.interrupted:
+        console.print(f"[yellow]stopped[/yellow] {title} after {out.seconds:.1f}s (exit code {out.returncode}; "
+                      f"log {shown_path(log)})", soft_wrap=True, highlight=False)
+        result.unlink(missing_ok=True)
+        raise Interrupted(out.returncode)
+    if out.returncode != 0:
+        _stage_error(title, out)
+    data = json.loads(result.read_text()) if result.is_file() else {}
     result.unlink(missing_ok=True)
-    console.print(f"[green]✓[/green] {title or module} done in {time.perf_counter() - t0:.1f}s")
-    return out
+    console.print(f"[green]✓[/green] {title} {out.seconds:.1f}s" + (f" · {out.summary}" if out.summary else ""),
+                  soft_wrap=True, highlight=False)
+    return data
+
+
+def _stage_error(title: str, out: Any) -> None:
+    """One 'error:' line naming the stage and its log, then the log's last relevant lines."""
+    from embsum.console import shown_path
+
+    what = out.error or (f"stopped with exit code {out.returncode} (killed or crashed)" if out.returncode != 1
+                         else "failed")
+    err.print(Text.assemble(("error:", "red"), f" {title}: {what} (log: {shown_path(out.log)})"), highlight=False,
+              soft_wrap=True)
+    if out.tail and not _verbose():  # --verbose showed them already
+        err.print(f"[dim]  last lines of {shown_path(out.log)}:[/dim]", highlight=False, soft_wrap=True)
+        for line in out.tail:
+            err.print(f"  | {line}", markup=False, highlight=False, soft_wrap=True)
+    raise StageFailed(1)
 
 
 # ---- data ---------------------------------------------------------------------------------------------
@@ -193,16 +259,44 @@ def serve_start(detach: bool = typer.Option(False, "--detach", help="Deploy and 
                                                                      "--address)."),
                 config: str = ConfigOpt, address: str = AddressOpt, overrides: list[str] = OverridesArg) -> None:
     """Start the Serve app (serve.app:build_app) for models:/NAME@ALIAS on serve.host:serve.port, in the
-    foreground until Ctrl-C, or --detach onto an existing cluster."""
+    foreground until Ctrl-C or `embsum serve stop` (then Serve and the local Ray cluster it started
+    stop, exit code 0), or --detach onto an existing cluster."""
     if detach and not address:
         raise CliError("--detach needs --address of a running Ray cluster (a local one would stop with this command)")
-    _stage("serve.app", config, _ov(overrides, address), "deploy" if detach else "run", title="serve")
+    try:
+        _stage("serve.app", config, _ov(overrides, address), "deploy" if detach else "run", title="serve")
+    except Interrupted as e:
+        if e.code != 0:
+            raise
+        # Ctrl-C / SIGTERM: the server stopped cleanly, which is how a foreground server ends.
 
 
 @serve_app.command("stop")
 def serve_stop(config: str = ConfigOpt, address: str = AddressOpt, overrides: list[str] = OverridesArg) -> None:
-    """Shut Serve down on a running cluster."""
-    _stage("serve.app", config, _ov(overrides, address or "auto"), "shutdown", title="serve stop")
+    """Stop a foreground `embsum serve start` of this config (same workdir and serve.port): it shuts Serve
+    down, stops the local Ray cluster it started and exits 0. With --address, or when no foreground
+    server of this config runs: shut Serve down on that running cluster (default address: auto)."""
+    from embsum.runtime import foreground_pid, foreground_record
+
+    cfg = _config(config, overrides)
+    record = foreground_record(cfg.workdir_path, cfg.serve.port)
+    pid = None if address else foreground_pid(record)
+    if pid is None:
+        _stage("serve.app", config, _ov(overrides, address or "auto"), "shutdown", title="serve stop")
+        return
+    import psutil
+
+    t0 = time.monotonic()
+    proc = psutil.Process(pid)
+    proc.terminate()  # SIGTERM: the server's signal to stop serving (serve/app.py serve_until_stopped)
+    try:
+        proc.wait(timeout=60)
+    except psutil.TimeoutExpired:
+        raise CliError(f"the server (pid {pid}) did not stop within 60s; its log: "
+                       f"{cfg.workdir_path / 'logs' / 'serve.log'}") from None
+    console.print(f"[green]✓[/green] stopped the server on port {cfg.serve.port} (pid {pid}) in "
+                  f"{time.monotonic() - t0:.1f}s: Serve and its local Ray cluster are down", highlight=False,
+                  soft_wrap=True)
 
 
 @serve_app.command("status")
@@ -374,14 +468,21 @@ def run(config: str = ConfigOpt, address: str = AddressOpt,
     report (metrics, a user's generated summary, top-5 recommendations, where everything is). Every stage after
     train acts on the version train registered. On the embedded default: a local Ray cluster, MLflow in
     WORKDIR/mlflow, the synthetic demo data, the offline teacher."""
+    from contextlib import nullcontext
+
+    from embsum.console import process_output_to
     from embsum.pipeline import run_pipeline, select_stages
     from embsum.registry import RegistryError
 
     cfg = _config(config, _ov(overrides, address))
+    # This process holds the local cluster: what Ray prints here (its start-up lines, messages it
+    # sends every driver) goes to logs/run.log unless --verbose.
+    quiet = nullcontext() if _verbose() else process_output_to(cfg.workdir_path / "logs" / "run.log", console, err)
     try:
         chosen = select_stages(stages.split(",") if stages else None, serve=serve_demo)
-        out = run_pipeline(cfg, config, _ov(overrides, address), stage=_stage, console=console, stages=chosen,
-                           version=version, keep_serving=keep_serving)
+        with quiet:
+            out = run_pipeline(cfg, config, _ov(overrides, address), stage=_stage, console=console, stages=chosen,
+                               version=version, keep_serving=keep_serving, verbose=_verbose())
     except RegistryError as e:
         raise CliError(str(e)) from None
     if report:
@@ -390,19 +491,30 @@ def run(config: str = ConfigOpt, address: str = AddressOpt,
         write_result(report, out)
 
 
+def _error(msg: str) -> None:
+    err.print(Text.assemble(("error:", "red"), f" {msg}"), highlight=False, soft_wrap=True)
+
+
 def main() -> None:
     argv = sys.argv[1:]
     if "--debug" in argv:
         argv.remove("--debug")
         _STATE["debug"] = True
         os.environ["EMBSUM_DEBUG"] = "1"
+    for flag in ("--verbose", "-v"):
+        if flag in argv:  # everything on the console: each stage's log lines as they come (see embsum/console.py)
+            argv.remove(flag)
+            _STATE["verbose"] = True
+            os.environ["EMBSUM_VERBOSE"] = "1"
     try:
         app(args=argv, prog_name="embsum", standalone_mode=False)
     except CliError as e:
-        err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        _error(str(e))
         sys.exit(1)
     except StageFailed as e:
         sys.exit(e.code)
+    except (Interrupted, KeyboardInterrupt):
+        sys.exit(130)
     except SystemExit:
         raise
     except Exception as e:  # click usage errors, ValueErrors from config, anything else: one line
@@ -411,13 +523,12 @@ def main() -> None:
         if isinstance(e, click.exceptions.Abort):
             sys.exit(130)
         if isinstance(e, click.ClickException):
-            err.print(f"[red]error:[/red] {e.format_message()}", highlight=False, soft_wrap=True)
+            _error(e.format_message())
             sys.exit(e.exit_code)
         if _STATE["debug"]:
             traceback.print_exc()
         msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-        err.print(f"[red]error:[/red] {msg}" + ("" if _STATE["debug"] else " (--debug for the traceback)"),
-                  highlight=False, soft_wrap=True)
+        _error(msg + ("" if _STATE["debug"] else " (--debug for the traceback)"))
         sys.exit(1)
 
 

@@ -29,7 +29,9 @@ class RayConfig:
     num_cpus: int | None = _f(None, "Logical CPUs of a local cluster; null = detected cores, at least 4 "
                               "(oversubscribed so Data read tasks never starve train workers).", lo=1)
     namespace: str = _f("embsum", "Ray namespace for named actors and Serve.")
-    include_dashboard: bool = _f(False, "Start the Ray dashboard with a local cluster (about 0.6 GB more memory).")
+    include_dashboard: bool = _f(True, "Start the Ray dashboard with a local cluster, on 127.0.0.1: the State API "
+                                 "(Ray Train's placement-group cleaner polls it, and warns every second without "
+                                 "it), `ray list`, the web UI. About 0.25 GB more memory (PSS).")
     temp_dir: str | None = _f(None, "Ray's temp/session directory for a local cluster; null = Ray's default.")
 
 
@@ -185,6 +187,8 @@ class TrainConfig:
     checkpoint_every: int = _f(200, "Save (collectively) every N steps; also at the end.", lo=1, hi=100_000_000)
     keep_checkpoints: int = _f(2, "Checkpoints kept, best by validation AUC.", lo=1, hi=1000)
     eval_batches: int = _f(20, "Validation batches per checkpoint (0 = no validation).", lo=0, hi=1_000_000)
+    eval_batch_size: int = _f(0, "Validation micro-batch per worker (0 = batch_size). Validation has no backward "
+                              "pass, so a larger batch reads more of the valid set for the same time.", lo=0, hi=65536)
     log_every: int = _f(10, "Report metrics every N steps.", lo=1, hi=1_000_000)
     max_failures: int = _f(1, "Worker failures a run survives (restart from the latest checkpoint).", lo=-1, hi=1000)
     run_name: str = _f("", "Ray Train run name; rerunning a name resumes from its latest checkpoint. "

@@ -15,10 +15,12 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from embsum.config import Config
 from embsum.embeddings import read_manifest, version_dir
@@ -40,12 +42,13 @@ def select_stages(names: Sequence[str] | None = None, serve: bool = True) -> lis
 
 def run_pipeline(cfg: Config, config_path: str, overrides: list[str], *, stage: Callable[..., dict[str, Any]],
                  console: Console, stages: Sequence[str] = STAGES, version: str | None = None,
-                 keep_serving: bool = False) -> dict[str, Any]:
+                 keep_serving: bool = False, verbose: bool = False) -> dict[str, Any]:
     """Run ``stages`` (in STAGES order) on one Ray cluster; ``version`` is required when train is not
-    among them and a later stage is."""
+    among them and a later stage is. ``verbose``: this process's Ray connection forwards worker logs
+    to the console too (every stage's own logs are in WORKDIR/logs/ either way)."""
     import ray
 
-    from embsum.runtime import init_ray
+    from embsum.runtime import init_ray, shutdown_serve
 
     stages = select_stages(stages)
     if version is None and "train" not in stages and any(s in _NEEDS_VERSION for s in stages):
@@ -59,12 +62,18 @@ def run_pipeline(cfg: Config, config_path: str, overrides: list[str], *, stage: 
         # them) only delayed the exit by those 30 s. A local HAProxy reloads in well under a second.
         # The serve stage forwards RAY_SERVE_* variables to the controller and replicas.
         os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "2")
-    init_ray(cfg.ray)
+    # This process only holds the cluster (the stages are its drivers): no worker of its own logs
+    # anything, and Ray's cluster-wide messages (e.g. the raylet's) belong in the logs, not here.
+    init_ray(cfg.ray, log_to_driver=verbose)
     ov = list(overrides)
+    from embsum.console import shown_path
+
+    logs = shown_path(cfg.workdir_path / "logs")
     if own_cluster:
         ov.append(f"ray.address={ray.get_runtime_context().gcs_address}")
         console.print(f"local Ray cluster at {ray.get_runtime_context().gcs_address} "
-                      f"({int(ray.cluster_resources().get('CPU', 0))} logical CPUs)")
+                      f"({int(ray.cluster_resources().get('CPU', 0))} logical CPUs); each stage's log in {logs}/",
+                      highlight=False, soft_wrap=True)
     out: dict[str, Any] = {}
     try:
         if version is not None:
@@ -81,8 +90,8 @@ def run_pipeline(cfg: Config, config_path: str, overrides: list[str], *, stage: 
             elif name == "embed":
                 if _has_embeddings(cfg, cfg.mlflow.registered_model, version):
                     console.rule(f"[bold]{title}")
-                    console.print(f"embeddings for v{version} already exist at "
-                                  f"{version_dir(cfg.embeddings_dir, version)}")
+                    console.print(f"[green]✓[/green] {title} · embeddings for v{version} already exist at "
+                                  f"{version_dir(cfg.embeddings_dir, version)}", highlight=False, soft_wrap=True)
                 else:
                     out["embed"] = stage("train.embed", config_path, ov, "--version", version, title=title)
             elif name == "promote":
@@ -103,16 +112,12 @@ def run_pipeline(cfg: Config, config_path: str, overrides: list[str], *, stage: 
                 while True:
                     time.sleep(3600)
             except KeyboardInterrupt:
-                pass
+                console.print("stopping Serve and the local Ray cluster")
         return out
     finally:
         if own_cluster:
-            try:
-                from ray import serve
-
-                serve.shutdown()
-            except Exception:  # noqa: BLE001 - best effort on the way out
-                pass
+            # Bounded: a stuck Serve must not keep Ctrl-C waiting (and Serve first: see shutdown_serve).
+            shutdown_serve(timeout_s=15.0)
             ray.shutdown()
 
 
@@ -130,7 +135,8 @@ def _promote(cfg: Config, version: str, console: Console) -> dict[str, Any]:
 
     registry = Registry(cfg)
     promoted, why = registry.gate(version)
-    console.print(("[green]promoted[/green]: " if promoted else "[yellow]not promoted[/yellow]: ") + why)
+    console.print(("[green]✓[/green] promoted: " if promoted else "[yellow]✓ not promoted[/yellow]: ") + why,
+                  highlight=False, soft_wrap=True)
     champion = registry.champion()
     return {"promoted": promoted, "reason": why, "version": version,
             "serving": champion.version if champion is not None else None}
@@ -183,8 +189,9 @@ def _report(cfg: Config, out: dict[str, Any], console: Console) -> None:
         console.print(t)
     tr = out.get("train", {})
     if tr:
-        console.print(f"trained: run {tr.get('run_name')} best step {tr.get('step')} val_auc={tr.get('val_auc')}; "
-                      f"registered v{tr.get('version')}")
+        auc = tr.get("val_auc")
+        console.print(f"trained: run {tr.get('run_name')} best step {tr.get('step')} val_auc="
+                      f"{f'{auc:.4f}' if isinstance(auc, float) else auc}; registered v{tr.get('version')}")
     pr = out.get("promote")
     if pr:
         console.print(f"gate: {pr['reason']}")
@@ -193,23 +200,40 @@ def _report(cfg: Config, out: dict[str, Any], console: Console) -> None:
                           f"KubeRay set user_config.model_version: \"{pr['serving']}\" (cluster/README.md)")
     sv = out.get("serve")
     if sv:
-        console.print(f"\nuser [bold]{sv['user']}[/bold], generated interest summary: "
-                      f"[italic]{sv['summary'].get('summary', '')!r}[/italic]")
+        console.print(Text.assemble("user ", (str(sv["user"]), "bold"), ", generated interest summary: ",
+                                    (repr(sv["summary"].get("summary", "")), "italic")), soft_wrap=True)
+        rows = [(str(i), str(it.get("item_id")), f"{it.get('score', 0):.4f}", str(it.get("text", "")))
+                for i, it in enumerate(sv["recommend"].get("items", []), 1)]
+        # One line per item: the text cut to what the console's width leaves (13 = borders and padding).
+        room = max(10, console.width - 13 - sum(max([len(h), *(len(r[j]) for r in rows)])
+                                                 for j, h in enumerate(("#", "item", "score"))))
         recs = Table(title=f"top 5 for {sv['user']} from {sv['url']} (model v{sv['recommend'].get('model_version')})")
-        recs.add_column("#")
-        recs.add_column("item")
-        recs.add_column("score", justify="right")
-        recs.add_column("text")
-        for i, it in enumerate(sv["recommend"].get("items", []), 1):
-            recs.add_row(str(i), str(it.get("item_id")), f"{it.get('score', 0):.4f}", str(it.get("text", ""))[:60])
+        for name in ("#", "item", "score", "text"):
+            recs.add_column(name, no_wrap=True, justify="right" if name == "score" else "left")
+        for r in rows:
+            recs.add_row(*r[:3], r[3] if len(r[3]) <= room else r[3][:room - 1] + "…")
         console.print(recs)
-    w = cfg.workdir_path
-    console.print(f"\nwritten under {w}:\n"
-                  f"  data        {cfg.data_dir}\n"
-                  f"  checkpoints {cfg.storage_path}\n"
-                  f"  mlflow      {cfg.tracking_uri}  (artifacts {cfg.artifact_location})\n"
-                  f"  embeddings  {cfg.embeddings_dir}\n"
-                  f"  eval        {w / 'eval'}\n"
-                  f"open the MLflow UI: mlflow ui --backend-store-uri {cfg.tracking_uri}\n"
+    console.print(_where(cfg), highlight=False, soft_wrap=True)
+    console.print(f"open the MLflow UI: mlflow ui --backend-store-uri {cfg.tracking_uri}\n"
                   f"serve again: embsum serve start --config <this config>   (then: embsum recommend USER_ID)\n"
-                  f"total {out.get('seconds', 0):.0f}s")
+                  f"total {out.get('seconds', 0):.0f}s", highlight=False, soft_wrap=True)
+
+
+def _where(cfg: Config) -> str:
+    """'written under runs/: data/ checkpoints/ ...', naming in full what lies outside the workdir."""
+    from embsum.console import shown_path
+
+    w = cfg.workdir_path
+    places = {"data": str(cfg.data_dir), "checkpoints": cfg.storage_path, "mlflow": cfg.tracking_uri,
+              "artifacts": cfg.artifact_location, "embeddings": str(cfg.embeddings_dir), "eval": str(w / "eval"),
+              "logs": str(w / "logs")}
+    inside, outside = [], []
+    for name, where in places.items():
+        local = where.removeprefix("sqlite:///").removeprefix("file://")
+        try:
+            rel = Path(local).resolve().relative_to(w)
+            inside.append(f"{rel.parts[0]}/" if rel.parts else name)
+        except ValueError:
+            outside.append(f"{name} {where}")
+    line = f"written under {shown_path(w)}/: " + " ".join(dict.fromkeys(inside))
+    return line + "".join(f"\n  {o}" for o in outside)

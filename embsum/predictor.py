@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from embsum.arrow_tensors import writable
 from embsum.checkpoint import load_model, read_meta
 from embsum.config import EmbSumConfig
 from embsum.scoring import score
@@ -52,7 +53,7 @@ class Predictor:
         return read_meta(path)
 
     def _t(self, a: np.ndarray) -> torch.Tensor:
-        return torch.as_tensor(np.ascontiguousarray(a), dtype=torch.long, device=self.device)
+        return torch.from_numpy(writable(a, np.int64)).to(self.device)
 
     # ---- users -----------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -100,6 +101,5 @@ class Predictor:
     @torch.no_grad()
     def score(upe: np.ndarray, cpe: np.ndarray, key: np.ndarray) -> np.ndarray:
         """All pairs: upe (U, M, D), cpe/key (I, N, D) -> (U, I) float32, via the one ``score``."""
-        return score(torch.from_numpy(np.ascontiguousarray(upe, np.float32)),
-                     torch.from_numpy(np.ascontiguousarray(cpe, np.float32)),
-                     torch.from_numpy(np.ascontiguousarray(key, np.float32))).numpy()
+        return score(torch.from_numpy(writable(upe, np.float32)), torch.from_numpy(writable(cpe, np.float32)),
+                     torch.from_numpy(writable(key, np.float32))).numpy()

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
+import time
+from pathlib import Path
 from typing import Any
 
 from embsum.config import RayConfig
@@ -66,6 +69,8 @@ def init_ray(cfg: RayConfig, *, log_to_driver: bool = True) -> Any:
     kwargs: dict[str, Any] = {}
     if cfg.temp_dir:
         kwargs["_temp_dir"] = cfg.temp_dir
+    if cfg.include_dashboard:
+        kwargs.update(dashboard_host="127.0.0.1", dashboard_port=_pin_api_server())
     num_cpus = local_num_cpus(cfg)
     system = local_system_config(num_cpus)
     if system:
@@ -77,6 +82,21 @@ def init_ray(cfg: RayConfig, *, log_to_driver: bool = True) -> Any:
     return ray
 
 
+def _pin_api_server() -> int:
+    """A free port for the dashboard of the cluster this process starts, named in RAY_API_SERVER_ADDRESS
+    before the start, so the cluster's own processes inherit it. Ray's State API client (which Ray
+    Train's placement-group cleaner calls with no address) otherwise looks for "the" cluster on
+    the machine and fails ("Found multiple active Ray instances") where several run: tests, a
+    benchmark, a colleague's. Set even over an inherited value: no one else knows this port."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    return port
+
+
 def local_system_config(num_cpus: int) -> dict[str, Any]:
     """Raylet settings for a cluster this process starts (never for one it joins).
 
@@ -86,11 +106,21 @@ def local_system_config(num_cpus: int) -> dict[str, Any]:
     were killed and started again for the next stage: each start imports ray, pyarrow and embsum,
     about 1-1.5 CPU-seconds on a 2-core machine. Measured on the prepare job, 50k impressions: one
     to four fresh workers per run at the default, none at 2 x num_cpus, 13.9 -> 13.0 CPU-s.
-    An environment variable RAY_num_workers_soft_limit still wins (Ray reads it itself).
+
+    ``worker_maximum_startup_concurrency``: how many workers the raylet starts at once. Ray derives
+    it from the physical cores (2 here), not from the logical CPUs the cluster declares (4, on
+    purpose, see local_num_cpus), and warns every driver once the workers alive reach 4x it ("8
+    PYTHON worker processes have been started ... 4x the maximum expected startup concurrency
+    (2)"): measured, the tiny CLI test's train stage held 12, the demo's 16 (2 train workers,
+    Train's controller, cleaner and preemption watcher, Ray Data's coordinators, stats,
+    autoscaling and location actors, read tasks, the idle workers kept above). Set to the declared
+    CPUs: a small run stays under the warning; the demo's train stage still reaches it once (in
+    the logs only, see embsum/console.py).
+
+    Either is left to Ray when its environment variable (RAY_<name>) is set: Ray reads it itself.
     """
-    if os.environ.get("RAY_num_workers_soft_limit"):
-        return {}
-    return {"num_workers_soft_limit": 2 * num_cpus}
+    wanted = {"num_workers_soft_limit": 2 * num_cpus, "worker_maximum_startup_concurrency": num_cpus}
+    return {k: v for k, v in wanted.items() if not os.environ.get(f"RAY_{k}")}
 
 
 def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
@@ -116,3 +146,56 @@ def use_hash_shuffle(ctx: Any) -> None:
 
     if ctx.shuffle_strategy not in (ShuffleStrategy.SHUFFLE_V2, ShuffleStrategy.HASH_SHUFFLE):
         ctx.shuffle_strategy = ShuffleStrategy.SHUFFLE_V2
+
+
+def shutdown_serve(timeout_s: float = 15.0) -> bool:
+    """``serve.shutdown()``, waited on for at most ``timeout_s``: False if it did not finish (a dead
+    or stuck controller: Serve retries its graceful-shutdown call forever and waits 30 s for it).
+    For a cluster this process is about to stop, where a stuck Serve must not hold the exit up;
+    Serve first, so its proxies stop their HAProxy processes (which a killed proxy would orphan)."""
+    import threading
+
+    from ray import serve
+
+    def stop() -> None:
+        try:
+            serve.shutdown()
+        except Exception:  # noqa: BLE001 - on the way out: the cluster stops next either way
+            pass
+
+    t = threading.Thread(target=stop, name="embsum-serve-shutdown", daemon=True)
+    t.start()
+    t.join(timeout_s)
+    return not t.is_alive()
+
+
+# ---- a foreground `embsum serve start`, found by `embsum serve stop` -----------------------------------
+def foreground_record(workdir: Path, port: int) -> Path:
+    """Where a foreground server on ``port`` records its process (one per workdir and port)."""
+    return Path(workdir) / "serve" / f"foreground-{port}.json"
+
+
+def record_foreground(path: Path, **info: Any) -> None:
+    """Write this process's id (and ``info``) to ``path``; `embsum serve stop` signals it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"pid": os.getpid(), "started": time.time(), **info}))
+    tmp.replace(path)
+
+
+def foreground_pid(path: Path) -> int | None:
+    """The recorded server's process id if that process still runs and is that server (a pid is
+    reused once its process ended); a stale record is removed."""
+    import psutil
+
+    try:
+        rec = json.loads(path.read_text())
+        proc = psutil.Process(int(rec["pid"]))
+        # A process started after the record was written is another one that got the same id.
+        if proc.is_running() and proc.create_time() <= float(rec["started"]) + 1 \
+                and any("serve.app" in part for part in proc.cmdline()):
+            return proc.pid
+    except (OSError, ValueError, KeyError, TypeError, psutil.Error):
+        pass
+    path.unlink(missing_ok=True)
+    return None

@@ -49,8 +49,9 @@ from typing import Any
 from ray import serve
 from ray.serve import Application
 
+from embsum import events
 from embsum.config import Config, ServeConfig, config_from_dict, load_config, replace
-from embsum.runtime import setup_env, worker_env
+from embsum.runtime import setup_env, shutdown_serve, worker_env
 from serve.auth import api_token
 from serve.bundle import resolve_version
 from serve.deployment import DEPLOYMENT_NAME, EmbSumScorer
@@ -257,33 +258,58 @@ def deploy(cfg: Config, blocking: bool = False, *, name: str = APP_NAME, timeout
         # A local cluster's replicas read the token where this process does: decide before binding.
         # (On a remote cluster the pods' environment decides, in build_app and in each replica.)
         api_token(cfg.serve)
+        # This cluster stops with this process: nothing routes to a stopping replica afterwards, and
+        # the direct-ingress drain (30 s by default: replicas keep answering so HAProxy can take them
+        # out of rotation) only held the exit up. serve_env forwards it to Serve's processes.
+        os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "2")
+    events.progress("connecting to Ray")
     init_ray(cfg.ray)
     preflight_serve(cfg.serve.min_replicas, cfg.serve.num_cpus, cfg.serve.num_gpus)  # else: a silent wait
     env = serve_env(cfg)
+    events.progress("starting Serve")
     serve.start(http_options=http_options(cfg.serve), controller_options={"runtime_env": {"env_vars": env}})
     version = resolve_version(cfg, version or "")
+    events.progress(f"deploying v{version}")
     _apply(_controller(), _app_config(cfg, name, version, env))
     _wait_app(name, timeout_s)
     result = status(name)
     if blocking:
-        _serve_forever()
+        serve_until_stopped(own_cluster=cfg.ray.address is None)
     return result
 
 
-def _serve_forever() -> None:
-    previous = signal.getsignal(signal.SIGTERM)
+def serve_until_stopped(*, own_cluster: bool, stop_timeout_s: float = 15.0) -> None:
+    """Block until SIGINT (Ctrl-C) or SIGTERM (`embsum serve stop`, a background `serve run`, Kubernetes),
+    then shut Serve down, waiting at most ``stop_timeout_s`` for it, and stop the local Ray cluster
+    if this process started it. Further signals are ignored while stopping: a second Ctrl-C must not
+    cut the clean-up short and leave HAProxy or the cluster behind."""
+    stopping = threading.Event()
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
 
     def stop(*_: Any) -> None:
-        raise KeyboardInterrupt
+        stopping.set()
 
-    signal.signal(signal.SIGTERM, stop)  # `serve run` in the background ignores SIGINT: honour SIGTERM
+    for s in previous:
+        signal.signal(s, stop)
     try:
-        while True:
-            time.sleep(1.0)
-    except KeyboardInterrupt:
-        shutdown()
+        while not stopping.wait(1.0):
+            pass
+        for s in previous:
+            signal.signal(s, signal.SIG_IGN)
+        t0 = time.monotonic()
+        events.progress("stopping Serve")
+        _handles.clear()
+        clean = shutdown_serve(stop_timeout_s)
+        if own_cluster:
+            import ray
+
+            events.progress("stopping the local Ray cluster")
+            ray.shutdown()
+        logger.info("serve: stopped in %.1fs%s", time.monotonic() - t0,
+                    "" if clean else f" (Serve did not shut down within {stop_timeout_s:.0f}s)")
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 _loop: asyncio.AbstractEventLoop | None = None
@@ -419,16 +445,30 @@ __all__ = ["APP_NAME", "DEPLOYMENT_NAME", "actor_options", "application", "autos
 
 # ---- command line (what `embsum serve ...` runs) ----------------------------------------------------------
 def _cli(cfg: Config, a: Any) -> dict[str, Any]:
-    if a.action == "run":  # foreground: serve until Ctrl-C / SIGTERM
-        out = deploy(cfg, blocking=False, version=a.version)
-        print(f"[serve] v{out.get('model', {}).get('model_version')} on http://{cfg.serve.host}:{cfg.serve.port}"
-              f"{cfg.serve.route_prefix} - Ctrl-C to stop", flush=True)
-        _serve_forever()
+    url = f"http://{cfg.serve.host}:{cfg.serve.port}{cfg.serve.route_prefix}"
+    if a.action == "run":  # foreground: serve until Ctrl-C / SIGTERM / `embsum serve stop`
+        from embsum.runtime import foreground_record, record_foreground
+
+        record = foreground_record(cfg.workdir_path, cfg.serve.port)
+        try:
+            out = deploy(cfg, blocking=False, version=a.version)
+        except KeyboardInterrupt:  # stopped while deploying: leave no Serve or cluster behind either
+            shutdown_serve()
+            raise
+        served = out.get("model", {}).get("model_version")
+        record_foreground(record, url=url, version=served)
+        try:
+            events.progress(f"serving v{served} on {url}")
+            events.note(f"serving v{served} on {url} - Ctrl-C or `embsum serve stop` to stop")
+            serve_until_stopped(own_cluster=cfg.ray.address is None)
+        finally:
+            record.unlink(missing_ok=True)
+        events.summary(f"served v{served} on {url}; stopped" + (", local Ray cluster down" if not cfg.ray.address
+                                                                 else ""))
         return out
     if a.action == "deploy":
         out = deploy(cfg, blocking=False, version=a.version)
-        print(f"[serve] deployed v{out.get('model', {}).get('model_version')} on http://{cfg.serve.host}:"
-              f"{cfg.serve.port}{cfg.serve.route_prefix}", flush=True)
+        events.summary(f"deployed v{out.get('model', {}).get('model_version')} on {url}")
         return out
     if a.action == "rollout":
         out = rollout(cfg, a.version)
@@ -443,6 +483,7 @@ def _cli(cfg: Config, a: Any) -> dict[str, Any]:
 
         init_ray(cfg.ray)
         shutdown()
+        events.summary(f"Serve shut down on the cluster at {cfg.ray.address}")
         return {"shutdown": True}
     raise ValueError(f"unknown action {a.action!r}")
 

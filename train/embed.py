@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from embsum import events
 from embsum.config import Config
 from embsum.data import layout
 from embsum.embeddings import ITEMS, USERS, Manifest, version_dir, write_manifest
@@ -149,13 +150,18 @@ class PhaseStats:
 
 
 def run_phase(ds: Any, writer: type, n_rows: int, out_dir: Path, pool: dict[str, Any],
-              model_kw: dict[str, Any], t: Any) -> PhaseStats:
+              model_kw: dict[str, Any], t: Any, what: str = "rows") -> PhaseStats:
     """Encode ``ds`` with an actor pool of ``writer``s that write their parquet parts to ``out_dir``."""
     t0 = time.time()
     ds, rows = in_calls(ds, n_rows, t)
     out_dir.mkdir()
-    calls = ds.map_batches(writer, batch_size=rows, **pool,
-                           fn_constructor_kwargs={"out_dir": str(out_dir), **model_kw}).take_all()  # one row per call
+    events.progress(f"encoding {what}", 0, n_rows, what)
+    calls, done = [], 0
+    for c in ds.map_batches(writer, batch_size=rows, **pool,
+                            fn_constructor_kwargs={"out_dir": str(out_dir), **model_kw}).iter_rows():
+        calls.append(c)  # one row per actor call, as each finishes
+        done += int(c["rows"])
+        events.progress(f"encoding {what}", done, n_rows, what)
     seconds = time.time() - t0
     if not calls:
         return PhaseStats(rows=0, seconds=seconds, startup_s=seconds, steady_per_s=0.0)
@@ -173,6 +179,7 @@ def run_embed(cfg: Config, version: str | None = None) -> dict[str, Any]:
         if not (data_dir / need).exists():
             raise ValueError(f"{data_dir / need} not found: run `embsum prepare` first")
     registry, version = resolve_version(cfg, version)
+    events.progress("connecting to Ray")
     init_ray(cfg.ray)
     ray.data.DataContext.get_current().enable_progress_bars = True
     local_model = registry.download(version, cfg.workdir_path / "models" / f"v{version}")
@@ -187,10 +194,12 @@ def run_embed(cfg: Config, version: str | None = None) -> dict[str, Any]:
     tmp.mkdir(parents=True, exist_ok=True)
     try:
         items = ray.data.read_parquet(str(data_dir / layout.ITEMS)).select_columns(["item_id", "text", "token_ids"])
-        st_items = run_phase(items, ItemWriter, parquet_rows(data_dir / layout.ITEMS), tmp / ITEMS, pool, model_kw, t)
+        st_items = run_phase(items, ItemWriter, parquet_rows(data_dir / layout.ITEMS), tmp / ITEMS, pool, model_kw, t,
+                             "items")
         users = ray.data.read_parquet(str(data_dir / layout.USERS)).select_columns(
             ["user_id", "history", "session_ids"])
-        st_users = run_phase(users, UserWriter, parquet_rows(data_dir / layout.USERS), tmp / USERS, pool, model_kw, t)
+        st_users = run_phase(users, UserWriter, parquet_rows(data_dir / layout.USERS), tmp / USERS, pool, model_kw, t,
+                             "users")
         manifest = Manifest(
             model_name=registry.name, model_version=str(version),
             model_fingerprint=str(meta.get("metadata", {}).get("model_fingerprint", "")),
@@ -211,6 +220,10 @@ def run_embed(cfg: Config, version: str | None = None) -> dict[str, Any]:
     print(f"[embed] v{version}: {st_items.rows} items ({st_items.per_s:.1f}/s; {st_items.steady_per_s:.1f}/s once "
           f"the pool ran, start-up {st_items.startup_s:.1f}s), {st_users.rows} users ({st_users.per_s:.1f}/s; "
           f"{st_users.steady_per_s:.1f}/s once running, start-up {st_users.startup_s:.1f}s) -> {out}", flush=True)
+    from embsum.console import shown_path
+
+    events.summary(f"v{version}: {st_items.rows:,} items ({st_items.per_s:.1f}/s), {st_users.rows:,} users "
+                   f"({st_users.per_s:.1f}/s) -> {shown_path(out)}")
     _log_to_registry(registry, version, report)
     return report
 

@@ -44,17 +44,21 @@ def _collate(empty_summary: np.ndarray, device: Any):
     get EOS-only ones."""
     import torch
 
+    from embsum.arrow_tensors import writable
+
+    def long_tensor(a: Any) -> Any:  # Ray Data's numpy batches can be read-only Arrow memory
+        return torch.from_numpy(writable(a, np.int64)).to(device)
+
     def collate(batch: dict[str, np.ndarray]) -> dict[str, Any]:
         n = len(batch["session_ids"])
-        summ = np.asarray(batch["summary_ids"]) if "summary_ids" in batch else \
-            np.tile(empty_summary, (n, 1))  # (B, S)
-        cands = torch.as_tensor(np.asarray(batch["candidate_ids"]), dtype=torch.long, device=device)  # (B, T*C, Lc)
+        summ = batch["summary_ids"] if "summary_ids" in batch else np.tile(empty_summary, (n, 1))  # (B, S)
+        cands = long_tensor(batch["candidate_ids"])  # (B, T*C, Lc)
         labels = [np.asarray(x, dtype=np.int64) for x in batch["labels"]]
         return {
-            "session_ids": torch.as_tensor(np.asarray(batch["session_ids"]), dtype=torch.long, device=device),
+            "session_ids": long_tensor(batch["session_ids"]),  # (B, G, L)
             "candidate_ids": cands,
             "labels": torch.as_tensor(np.stack(labels), dtype=torch.long, device=device),  # (B, T*C)
-            "summary_ids": torch.as_tensor(summ, dtype=torch.long, device=device),
+            "summary_ids": long_tensor(summ),  # (B, S)
         }
 
     return collate
@@ -92,6 +96,8 @@ class Worker:
     epoch: int = 0
     window: dict[str, float] = field(default_factory=lambda: {"loss": 0.0, "nce": 0.0, "summary": 0.0, "n": 0})
     last_report: float = field(default_factory=time.perf_counter)
+    last_event: float = 0.0
+    val_auc: float | None = None
     examples: int = 0
     tokens: int = 0
 
@@ -125,6 +131,9 @@ def setup(loop_config: dict[str, Any]) -> Worker:
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=t.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(t.warmup_steps, t.max_steps))
+    # DeepSpeed's ZeRO-1/2 step gathers the updated partitions with torch.distributed.all_gather_into_tensor,
+    # which torch 2.13 deprecates (FutureWarning, once per worker, in logs/train.log): DeepSpeed's call,
+    # not ours (embsum/console.py lists what the logs hold and why).
     engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                    config=ds_config, dist_init_required=False)
     tracker = _Tracker(cfg, loop_config.get("mlflow_run_id")) if rank == 0 else None
@@ -199,8 +208,8 @@ def validate(w: Worker) -> dict[str, float]:
     w.engine.eval()
     aucs: list[np.ndarray] = []
     with torch.no_grad():
-        for i, b in enumerate(w.valid_shard.iter_torch_batches(batch_size=t.batch_size, collate_fn=w.collate,
-                                                               drop_last=False)):
+        for i, b in enumerate(w.valid_shard.iter_torch_batches(batch_size=t.eval_batch_size or t.batch_size,
+                                                               collate_fn=w.collate, drop_last=False)):
             if i >= t.eval_batches:
                 break
             with _autocast(w):
@@ -279,6 +288,7 @@ def _after_step(w: Worker) -> None:
     metrics = _window_metrics(w)
     if ckpt:
         metrics.update(validate(w))
+        w.val_auc = metrics.get("val_auc", w.val_auc)
     if w.tracker:
         w.tracker.log(metrics, w.step)
         log.info(f"[train] step {w.step}/{t.max_steps} " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
@@ -286,6 +296,20 @@ def _after_step(w: Worker) -> None:
         save_and_report(w, metrics)
     else:
         ray.train.report({**metrics, "step": w.step})
+
+
+def _progress_event(w: Worker) -> None:
+    """Rank 0's step count and loss for the console (embsum/events.py), at most once a second: Ray
+    forwards the line to the driver, which `embsum` reads. The loss is the mean since the last logged
+    window (before _after_step resets it)."""
+    from embsum import events
+
+    now = time.perf_counter()
+    if w.rank != 0 or (now - w.last_event < 1.0 and w.step < w.cfg.train.max_steps):
+        return
+    w.last_event = now
+    loss = w.window["loss"] / w.window["n"] if w.window["n"] else None
+    events.progress("training", w.step, w.cfg.train.max_steps, "steps", out=log.info, loss=loss, val_auc=w.val_auc)
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -313,6 +337,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 continue
             w.step += 1
             _maybe_fail(w)
+            _progress_event(w)
             _after_step(w)
             if w.step >= t.max_steps:
                 break
@@ -324,10 +349,13 @@ def _probe_scores(model: Any, probe: dict[str, np.ndarray]) -> np.ndarray:
     """Scores of the fixed probe batch under this exact model (eval mode, teacher-forced)."""
     import torch
 
+    from embsum.arrow_tensors import writable
+
     was_training = model.training
     model.eval()
-    with torch.no_grad():
-        out = model(*(torch.as_tensor(probe[k], dtype=torch.long, device=next(model.parameters()).device)
+    device = next(model.parameters()).device
+    with torch.no_grad():  # the probe came through Ray's object store: read-only arrays
+        out = model(*(torch.from_numpy(writable(probe[k], np.int64)).to(device)
                       for k in ("session_ids", "candidate_ids", "summary_ids")))
     model.train(was_training)
     return out.scores.float().cpu().numpy()

@@ -54,6 +54,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from embsum import events
 from embsum.config import Config
 from embsum.data import layout, synth
 from embsum.data.catalog import QUARANTINE_SCHEMA, CatalogIndex, build_catalog, cached_tokenizer
@@ -256,15 +257,23 @@ def run_prepare(cfg: Config) -> dict[str, Any]:
     fp = fingerprint([inter, items], {"data": shaping, "model": {k: getattr(cfg.model, k) for k in model_keys}},
                      mtimes=d.format != "synthetic")  # synthetic files are a pure function of the config
 
+    events.progress("connecting to Ray")
     init_ray(cfg.ray)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = True
     use_hash_shuffle(ctx)
     t0 = time.perf_counter()
     stages: dict[str, float] = {}
+    # Two steps: after the catalog, parsing, the shuffles and the plan/write tasks stream as one.
+    doing = {"catalog": "reading the item catalog",
+             "group_plan_write": "parsing, grouping by user, planning and writing examples"}
+    events.progress(doing["catalog"], 0, len(doing), "steps")
 
     def lap(name: str) -> None:
         stages[name] = round(time.perf_counter() - t0 - sum(stages.values()), 3)
+        following = list(doing)[len(stages)] if len(stages) < len(doing) else None
+        if following:
+            events.progress(doing[following], len(stages), len(doing), "steps")
 
     data_dir = cfg.data_dir
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -308,9 +317,10 @@ def run_prepare(cfg: Config) -> dict[str, Any]:
                 spec=PlanSpec.from_config(cfg, mind), index_ref=index_ref, negatives=d.negatives, out=str(staging)))
         stats: Counter = Counter()
         partitions = 0
-        for s in out.iter_rows():
+        for s in out.iter_rows():  # one row per user partition, as it finishes
             stats.update(json.loads(s["stats"]))
             partitions += 1
+            events.progress(doing["group_plan_write"], partitions, n_parts, "partitions")
         for kind in KINDS:  # no rows: still a readable dataset with the promised columns
             if not any((staging / OUTPUTS[kind]).glob("*.parquet")):
                 pq.write_table(output_schema(kind, cfg.model, d.negatives, d.targets_per_example).empty_table(),
@@ -330,7 +340,7 @@ def run_prepare(cfg: Config) -> dict[str, Any]:
             _replace(staging / name, data_dir / name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    print(_summary_line(report), flush=True)
+    events.summary(_summary_line(report))
     return report
 
 
@@ -386,10 +396,10 @@ def _report(cfg: Config, fp: str, inter: Source, items: Source, catalog: Any, st
 
 def _summary_line(r: dict[str, Any]) -> str:
     ex = r["examples"]
-    return (f"prepare: rows in {r['rows_in']:,} | rows out {r['rows_out']:,} | quarantined {r['quarantined']:,} | "
-            f"items {r['items']['items']:,} | examples {ex['train']:,} train + {ex['valid_examples']:,} valid | "
-            f"eval impressions {r['eval_impressions']['valid']:,} valid + {r['eval_impressions']['test']:,} test | "
-            f"users {r['users']['total']:,} | {r['examples_per_s']:,} examples/s in {r['seconds']:.1f} s")
+    return (f"{r['rows_in']:,} rows in, {r['rows_out']:,} out, {r['quarantined']:,} quarantined; "
+            f"{r['items']['items']:,} items, {r['users']['total']:,} users; examples {ex['train']:,} train + "
+            f"{ex['valid_examples']:,} valid; eval impressions {r['eval_impressions']['valid']:,} valid + "
+            f"{r['eval_impressions']['test']:,} test; {r['examples_per_s']:,} examples/s")
 
 
 def main(argv: list[str] | None = None) -> int:

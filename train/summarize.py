@@ -7,7 +7,7 @@ The teacher summarizes each example's own history, the items its encoder sees: t
 taught to summarize its input, and the global vector it reads from the summary never carries the
 example's targets. (A summary of the user's whole history would name them: measured on
 Book-Crossing, the model then leans on that shortcut, which inference does not have, and its
-validation AUC falls as training goes on; bench/results/recipe.md.) Identical histories cost one
+validation AUC falls as training goes on; bench/results/recipe_lab.md, runs J and N.) Identical histories cost one
 request: the response cache is keyed by the prompt.
 
 Reads WORKDIR/data/train/ (summaries supervise training, never evaluation) and items.parquet, runs
@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from embsum import events
 from embsum.config import Config, replace
 from embsum.data import layout
 from embsum.data.teachers import load_item_records, load_prompt_template, make_teacher, resolve_cache_dir
@@ -135,6 +136,7 @@ def run_summarize(cfg: Config) -> dict[str, Any]:
     teacher_name, prompt_version = probe.name, probe.prompt_version
     probe.close()
 
+    events.progress("connecting to Ray")
     init_ray(cfg.ray)
     import ray
     from ray.data import ActorPoolStrategy
@@ -142,6 +144,7 @@ def run_summarize(cfg: Config) -> dict[str, Any]:
 
     use_hash_shuffle(ray.data.DataContext.get_current())
 
+    events.progress(f"summarizing training examples ({teacher_name} teacher)")
     examples = ray.data.read_parquet(str(train_dir), include_paths=True).select_columns(
         ["example_id", "user_id", "history", "path"])
     out = examples.map_batches(
@@ -185,6 +188,7 @@ def run_summarize(cfg: Config) -> dict[str, Any]:
     if not problem:
         summaries_dir = layout.path(data_dir, layout.SUMMARIES)
         staging = data_dir / f".{layout.SUMMARIES}.tmp-{uuid.uuid4().hex[:8]}"
+        events.progress("writing summaries")
         ok = (col("error") == "") & ~col("skipped")
         # Partitioned like the training data (part=<train file stem>), one file per partition: the
         # trainer joins each train/ file with its partition's summaries only (train/summaries.py).
@@ -198,11 +202,10 @@ def run_summarize(cfg: Config) -> dict[str, Any]:
               "seconds": round(time.perf_counter() - t0, 3), "status": "failed" if problem else "ok",
               "failure_fraction": round(fraction, 6), "first_errors": first}
     _write_json(layout.path(data_dir, layout.SUMMARY_REPORT), report)
-    print(f"summarize: {n_in} training examples (+{counts['skipped_no_history']} with no catalogued history, "
-          f"skipped) -> {counts['summarized']} summarized "
-          f"({counts['cached_hits']} from cache), {n_failed} failed, {counts['requests']} requests; "
-          f"teacher={teacher_name} prompt_version={prompt_version}; {report['seconds']:.1f}s"
-          + (f"; FAILED: {problem}" if problem else ""), flush=True)
+    events.summary(f"{counts['summarized']:,} of {n_in:,} training examples summarized ({counts['cached_hits']:,} "
+                   f"from cache, {n_failed:,} failed, {counts['requests']:,} requests; "
+                   f"+{counts['skipped_no_history']:,} with no catalogued history skipped); teacher={teacher_name} "
+                   f"prompt_version={prompt_version}" + (f"; FAILED: {problem}" if problem else ""))
     if problem:
         where = layout.path(data_dir, layout.SUMMARY_FAILURES)
         detail = f"; first errors: {first}; all failures in {where}" if first else ""

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from embsum import events
 from embsum.arrow_tensors import table_tensor
 from embsum.config import Config
 from embsum.data import layout
@@ -95,6 +96,7 @@ def run_train(cfg: Config, *, register: bool = True) -> dict[str, Any]:
     if summarized:
         check_partitions(data_dir)
     ds_config = build_deepspeed_config(cfg, t.num_workers)  # validate before starting anything
+    events.progress("connecting to Ray")
     init_ray(cfg.ray)
     # Fail in seconds, naming the numbers, where Ray would wait forever: workers that fit nowhere,
     # or no CPU left for the Ray Data tasks that stream the training data.
@@ -149,6 +151,7 @@ def run_train(cfg: Config, *, register: bool = True) -> dict[str, Any]:
         ),
         datasets={"train": train_ds, "valid": valid_ds},
     )
+    events.progress(f"starting {t.num_workers} workers", 0, t.max_steps, "steps")
     try:
         result = trainer.fit()
     except Exception:
@@ -157,6 +160,7 @@ def run_train(cfg: Config, *, register: bool = True) -> dict[str, Any]:
     if result.error is not None:
         registry.end_run(run_id, "FAILED")
         raise RuntimeError(f"training run {run_name!r} failed: {result.error}")
+    events.progress("registering the best checkpoint")
     best = _best_checkpoint(result, t.eval_batches > 0)
     out: dict[str, Any] = {"run_name": run_name, "mlflow_run_id": run_id, "checkpoint": best.path,
                            "metrics": dict(result.metrics or {}), "seconds": time.perf_counter() - t0}
@@ -172,8 +176,10 @@ def run_train(cfg: Config, *, register: bool = True) -> dict[str, Any]:
             out.update({"version": version, "probe_max_abs_diff": diff})
     registry.log_metrics(run_id, {"train_seconds": out["seconds"]})
     registry.end_run(run_id)
-    print(f"[train] {run_name}: best step {out.get('step')} val_auc={out.get('val_auc')} "
-          f"-> {cfg.mlflow.registered_model} v{out.get('version')} ({out['seconds']:.0f}s)", flush=True)
+    auc = out.get("val_auc")
+    events.summary(f"run {run_name}: best step {out.get('step')} val_auc="
+                   f"{round(auc, 4) if isinstance(auc, float) else auc}"
+                   + (f" -> registered {cfg.mlflow.registered_model} v{out['version']}" if "version" in out else ""))
     return out
 
 

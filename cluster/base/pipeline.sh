@@ -25,6 +25,12 @@ set -euo pipefail
 
 CONFIG=/app/ray_config.yaml
 
+# A RayJob's log (`kubectl logs`, `ray job logs`) is where an operator reads it: every stage's full
+# output there (EMBSUM_VERBOSE=1), not only the progress and summary lines `embsum` shows by
+# default. Each stage's output is also kept in ${EMBSUM_WORKDIR}/logs/<stage>.log on the shared PVC.
+# EMBSUM_VERBOSE=0 in the overlay's embsum-settings gives the quiet console.
+export EMBSUM_VERBOSE="${EMBSUM_VERBOSE:-1}"
+
 # Free-form extra overrides from the overlay, split on whitespace; read -a does not glob, so a
 # value like data.interactions=s3://b/logs/*.parquet reaches embsum as written.
 read -r -a EXTRA <<< "${EMBSUM_EXTRA_OVERRIDES:-}"

@@ -175,17 +175,20 @@ def _train_groups(events: list[Event], hists: list[list[str]], spec: PlanSpec, r
     random subset of the user's other positives (uniform size), so histories of every length occur
     as they do for new users."""
     flat = [(k, ev, p) for k, (ev, p) in enumerate(((ev, p) for ev in events for p in ev.positives), start=1)]
-    chunks = [flat[i:i + targets] for i in range(0, len(flat), targets)]
+
+    def chunked(seq: list[tuple[int, Event, str]]) -> list[list[tuple[int, Event, str]]]:
+        return [seq[i:i + targets] for i in range(0, len(seq), targets)]
+
+    chunks = chunked(flat)
     out = []
     if spec.random_order:
         positives = list(dict.fromkeys(p for _, _, p in flat))
+        cap = max(1, spec.max_examples_per_user // spec.views)  # the cap is shared by the views
         for view in range(spec.views):  # each view: the positives regrouped, fresh histories
             if view:
-                order = flat[:]
+                order = [(k + view * len(flat), ev, p) for k, ev, p in flat]  # ordinals unique across views
                 rng.shuffle(order)
-                chunks = [[(k + view * len(flat), ev, p) for k, ev, p in order[i:i + targets]]
-                          for i in range(0, len(order), targets)]
-            cap = max(1, spec.max_examples_per_user // spec.views)  # the cap is shared by the views
+                chunks = chunked(order)
             if len(chunks) > cap:
                 stats["skipped.over max_examples_per_user"] += sum(len(c) for c in chunks[:-cap])
             for chunk in chunks[-cap:]:

@@ -200,16 +200,16 @@ def _ranges(src: Source, fmt: str, headed: bool, cpus: int) -> tuple[list[Chunk]
 
 
 def _parsed(src: Source, fmt: str, headed: bool, parse: Callable[..., pa.Table], kwargs: dict,
-            columns: list[str] | None = None) -> tuple[Any, int]:
-    """(a Dataset of ``parse`` applied to the numbered rows of every file, estimated rows).
-    Parquet reads only ``columns`` (None: all)."""
+            columns: list[str] | None = None) -> tuple[Any, int, int]:
+    """(a Dataset of ``parse`` applied to the numbered rows of every file, estimated rows, read
+    blocks). Parquet reads only ``columns`` (None: all)."""
     import ray.data
 
     from train.numbered_rows import NumberedRows
 
     ranges, rows = _ranges(src, fmt, headed, _cpus())
     ds = ray.data.read_datasource(NumberedRows(src.filesystem, ranges, columns), override_num_blocks=len(ranges))
-    return ds.map_batches(parse, fn_kwargs=kwargs, batch_format="pyarrow", batch_size=None), rows
+    return ds.map_batches(parse, fn_kwargs=kwargs, batch_format="pyarrow", batch_size=None), rows, len(ranges)
 
 
 def _catalog_rows(items: Source, items_fmt: str, cspec: CatalogSpec, headers: dict, cfg: Config) -> pa.Table:
@@ -224,7 +224,7 @@ def _catalog_rows(items: Source, items_fmt: str, cspec: CatalogSpec, headers: di
         chunks, _ = _ranges(items, fmt, headed, _cpus())
         if len(chunks) == 1:
             return _parse_catalog_task(read_chunk(items.filesystem, chunks[0]), **kwargs).cast(CATALOG_SCHEMA)
-    ds, _ = _parsed(items, fmt, headed, _parse_catalog_task, kwargs)
+    ds, _, _ = _parsed(items, fmt, headed, _parse_catalog_task, kwargs)
     tables = [t for t in ray.get(ds.to_arrow_refs()) if t.num_rows]
     return pa.concat_tables(tables).cast(CATALOG_SCHEMA) if tables else CATALOG_SCHEMA.empty_table()
 
@@ -297,7 +297,7 @@ def run_prepare(cfg: Config) -> dict[str, Any]:
         lap("catalog")
 
         # 3. interactions, parsed in their read tasks
-        parsed, est_rows = _parsed(inter, inter_fmt, not mind and inter_fmt in ("csv", "tsv"),
+        parsed, est_rows, read_blocks = _parsed(inter, inter_fmt, not mind and inter_fmt in ("csv", "tsv"),
                                    _parse_interactions_task,
                                    dict(mind=mind, spec=lspec, headers=inter_headers, index_ref=index_ref),
                                    columns=None if mind else list(lspec.required))  # type: ignore[union-attr]
@@ -334,6 +334,7 @@ def run_prepare(cfg: Config) -> dict[str, Any]:
         report["stage_seconds"] = stages
         report["cluster_cpus"] = ray.cluster_resources().get("CPU")
         report["plan_partitions"] = partitions
+        report["read_blocks"] = read_blocks
         report["parsed_bytes"] = stats.get("input.bytes", 0)
         (staging / layout.REPORT).write_text(json.dumps(report, indent=2, sort_keys=True))
         for name in (layout.ITEMS, layout.QUARANTINE, layout.REPORT, *OUTPUTS.values()):

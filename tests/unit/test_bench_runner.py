@@ -96,6 +96,8 @@ def test_figures_of_every_benchmark() -> None:
         pytest.approx(40 / 90)
     per_row = next(f for n, f in prep.items() if n.startswith("per-impression cost"))
     assert per_row.ratio == pytest.approx(100 / 125) and per_row.met is True  # 125 vs 100 us: 1.25x <= 1.3x
+    per_cpu = next(f for n, f in prep.items() if n.startswith("per-impression CPU cost"))
+    assert per_cpu.ratio == pytest.approx(450 / 468.75) and per_cpu.target is None  # CPU-us per impression
     driver = prep["driver peak RSS, Ray Data prepare job (3,200,000 impressions)"]
     assert driver.met is False and driver.ratio == pytest.approx(1024 / 1100)  # over the 1 GB budget
     old = runner.figures_for("prepare", [{"impressions": 200000, "ray_examples_per_s": 30000.0,

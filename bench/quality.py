@@ -4,6 +4,7 @@ impressions, over seeds, with confidence intervals, learning curves and summary 
     python -m bench.quality                      # configs/book-crossing.yaml: 3 seeds x (full, lambda0, single)
     python -m bench.quality --quick              # 1 seed, a few steps: a smoke test of the study, not a result
     python -m bench.quality --config my.yaml     # any `logs`/`mind` run config: the study is config-driven
+    python -m bench.quality --cached-only        # the table from the runs finished so far (each row: its seeds)
 
 Everything goes through the real pipeline: ``run_prepare`` + ``run_summarize`` once per data config, then
 per variant and seed ``run_train`` (Ray Train + DeepSpeed, the config's recipe; the best in-loop
@@ -50,6 +51,7 @@ LABELS = {"full": "EmbSum (paper-faithful)", "lambda0": "EmbSum lambda=0 (no sum
 SEEDS = (0, 1, 2)
 METRICS = ("auc", "mrr", "ndcg10")
 CURVE_KEYS = ("val_auc", "nce_loss", "summary_loss", "epoch")
+SUMMARY_CHECK = 2  # embsum.summary_text's rules; cached runs probed under older rules are probed again
 
 
 # ---- configs and runs ----------------------------------------------------------------------------------
@@ -72,19 +74,31 @@ def bx_config(extra: list[str] = (), *, quick: bool = False) -> Config:
 
 
 def run_key(cfg: Config) -> str:
+    """What a run's result depends on: data, model and training settings, with the DeepSpeed file by its
+    content (its resolved path differs between checkouts of the same commit)."""
     t = {k: v for k, v in cfg.to_dict()["train"].items()
          if k not in ("run_name", "storage_path", "log_every") and not k.startswith("infer_")}
+    t["deepspeed_config"] = hashlib.sha256(Path(cfg.train.deepspeed_config).read_bytes()).hexdigest()[:16]
     blob = {"data": harness.data_key(cfg), "model": cfg.to_dict()["model"], "train": t}
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def train_eval(cfg: Config, label: str) -> dict[str, Any]:
-    """run_train -> run_evaluate -> per-impression scores, learning curves, summary probe. Cached."""
+def train_eval(cfg: Config, label: str, *, cached_only: bool = False) -> dict[str, Any] | None:
+    """run_train -> run_evaluate -> per-impression scores, learning curves, summary probe. Cached.
+    cached_only: None instead of training when the run has not finished before."""
     key = run_key(cfg)
     cache = harness.bench_root() / "run-cache" / f"quality-{key}.json"
+    if cached_only and not cache.is_file():
+        print(f"[bench] {label}: no finished run, left out (--cached-only)", flush=True)
+        return None
     if cache.is_file():
         print(f"[bench] {label}: cached run {cache.name}", flush=True)
-        return {**json.loads(cache.read_text()), "cached": True}
+        out = json.loads(cache.read_text())
+        model_dir = cfg.workdir_path / "models" / f"v{out['version']}"
+        if (out.get("summaries") or {}).get("check") != SUMMARY_CHECK and model_dir.is_dir():
+            out["summaries"] = summary_probe(cfg, model_dir)  # the same version, today's summary check
+            cache.write_text(json.dumps(out, default=str))
+        return {**out, "cached": True}
     from embsum.registry import Registry
     from train.evaluate import run_evaluate
     from train.train import run_train
@@ -139,7 +153,7 @@ def summary_probe(cfg: Config, model_dir: Path, n: int = 100) -> dict[str, Any]:
     gen = pred.encode_users(pred.tok.sessions_batch([[tokens[i] for i in h] for h in hists])).summaries
     bad = [degenerate(g) for g in gen]
     f1 = [unigram_f1(g, r) for g, r in zip(gen, ref, strict=True)]
-    return {"histories": len(hists), "unigram_f1": statistics.fmean(f1) if f1 else None,
+    return {"check": SUMMARY_CHECK, "histories": len(hists), "unigram_f1": statistics.fmean(f1) if f1 else None,
             "degenerate": sum(b is not None for b in bad), "degenerate_reasons": [b for b in bad if b][:5],
             "distinct_share": len(set(gen)) / max(1, len(gen)),
             "examples": [{"generated": g, "teacher": r} for g, r in list(zip(gen, ref, strict=True))[:4]]}
@@ -202,7 +216,8 @@ def paired(imps: list[Impression], a: list[list[Any]], b: list[list[Any]], metri
 
 
 # ---- the study -------------------------------------------------------------------------------------------
-def run_study(config: Path, seeds: tuple[int, ...], variants: list[str], quick: bool) -> dict[str, Any]:
+def run_study(config: Path, seeds: tuple[int, ...], variants: list[str], quick: bool,
+              cached_only: bool = False) -> dict[str, Any]:
     cfg0 = study_config(config, quick=quick)
     data = harness.ensure_prepared(cfg0)
     valid, test = read_impressions(cfg0.data_dir, "valid"), read_impressions(cfg0.data_dir, "test")
@@ -210,7 +225,9 @@ def run_study(config: Path, seeds: tuple[int, ...], variants: list[str], quick: 
     for seed in seeds:  # seed-major: a partial study has every variant for the first seeds
         for v in variants:
             cfg = study_config(config, [*VARIANTS[v], f"train.seed={seed}"], quick=quick)
-            runs.setdefault(v, []).append(train_eval(cfg, f"{v}-s{seed}"))
+            run = train_eval(cfg, f"{v}-s{seed}", cached_only=cached_only)
+            if run is not None:
+                runs.setdefault(v, []).append(run)
     facets = [f for f in cfg0.data.teacher.facet_fields if f in cfg0.data.item_text_fields]
     base = Baselines(cfg0, cfg0.data_dir / "items.parquet", valid + test, attribute=facets[0] if facets else None)
     weight = base.tune(valid)
@@ -287,10 +304,13 @@ def markdown(res: dict[str, Any]) -> str:
              f"users: {s['eval_positives']} held-out positives per user, each vs {s['eval_negatives']} unseen items)",
              "", f"EmbSum rows: mean ± std over seeds {res['seeds']} (best in-loop validation checkpoint of each run). "
              "CI: 95% bootstrap over users of the seed-averaged mean AUC.", ""]
+    labels = set(LABELS.values())
     for negs, table in s["tables"].items():
         lines += [f"**{negs} negatives per impression**", "",
                   "| system | AUC | AUC 95% CI | MRR | nDCG@10 |", "| --- | --- | --- | --- | --- |"]
         for name, row in sorted(table.items(), key=lambda kv: -kv[1]["auc"]["mean"]):
+            name += f" ({row['seeds']} of {len(res['seeds'])} seeds)" if name in labels and row["seeds"] < len(
+                res["seeds"]) else ""
             lines.append(f"| {name} | {_m(row, 'auc')} | {_ci(row)} | {_m(row, 'mrr')} | {_m(row, 'ndcg10')} |")
         lines.append("")
     lines += [f"Paired differences, {s['eval_negatives']} negatives (per impression, seed-averaged; 95% bootstrap "
@@ -308,7 +328,7 @@ def markdown(res: dict[str, Any]) -> str:
         sm = [r["summaries"] for r in rs if r.get("summaries")]
         if sm:
             ex = sm[0]["examples"][0]["generated"].replace("|", "/") if sm[0]["examples"] else ""
-            lines.append(f"| {LABELS[v]} | {statistics.fmean(x['unigram_f1'] for x in sm):.3f} | "
+            lines.append(f"| {LABELS[v]} ({len(sm)} runs) | {statistics.fmean(x['unigram_f1'] for x in sm):.3f} | "
                          f"{statistics.fmean(x['degenerate'] for x in sm):.1f} | "
                          f"{statistics.fmean(x['distinct_share'] for x in sm):.2f} | {ex} |")
     lines += ["", f"Attribute baseline: `{s['attribute']}` match weight {s['attribute_weight']} (chosen on valid). "
@@ -325,6 +345,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", default=None, help="comma-separated seeds (default 0,1,2; quick: 0)")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--out", default=None)
+    ap.add_argument("--cached-only", action="store_true",
+                    help="render from finished (cached) runs only: an interrupted study's table, each EmbSum row "
+                         "with its number of seeds")
     args = ap.parse_args(argv)
     harness.setup()
     seeds = tuple(int(s) for s in args.seeds.split(",")) if args.seeds else ((0,) if args.quick else SEEDS)
@@ -333,13 +356,13 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     try:
-        study = run_study(Path(args.config), seeds, variants, args.quick)
+        study = run_study(Path(args.config), seeds, variants, args.quick, args.cached_only)
     finally:
         ray.shutdown()
     cmd = "python -m bench.quality" + (" --quick" if args.quick else "") + \
         ("" if Path(args.config) == BX_CONFIG else f" --config {args.config}") + \
         ("" if variants == list(VARIANTS) else f" --variants {','.join(variants)}") + \
-        ("" if args.seeds is None else f" --seeds {args.seeds}")
+        ("" if args.seeds is None else f" --seeds {args.seeds}") + (" --cached-only" if args.cached_only else "")
     res = {"name": "quality", "quick": args.quick, "seeds": list(seeds), "variants": variants,
            "dataset": Path(args.config).stem, "study": study, "machine": harness.machine(),
            "wall_seconds": time.perf_counter() - t0, "command": cmd}

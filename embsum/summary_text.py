@@ -5,8 +5,9 @@ are checked: it says what the teacher says (unigram F1, i.e. ROUGE-1 F1 without 
 is a sentence rather than a decoding failure. ``degenerate`` names the failure when there is one:
 empty output, an empty bracket slot ('()'), a phrase of one to three words
 repeated three times in a row ('and and and'),
-a character run of four or more inside a word ('jassssss'), or a word that makes up more than half
-of a summary of six or more words.
+a character run of four or more inside a word ('jassssss'), punctuation of one to three characters
+repeated three times in a row ('),),),'; an ellipsis '...' is fine), or a word that makes up more
+than half of a summary of six or more words.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from collections import Counter
 
 _WORD = re.compile(r"[\w'&-]+")
 _RUN = re.compile(r"(\w)\1{3,}")
+_PUNCT_RUN = re.compile(r"([^\w\s]{1,3})(?:\s*\1){2,}")
 
 
 def words(text: str) -> list[str]:
@@ -42,6 +44,9 @@ def degenerate(text: str) -> str | None:
         for i in range(len(w) - 3 * n + 1):
             if w[i:i + n] == w[i + n:i + 2 * n] == w[i + 2 * n:i + 3 * n]:
                 return f"repeated {' '.join(w[i:i + n])!r}"
+    punct = next((m.group(0) for m in _PUNCT_RUN.finditer(text) if m.group(1) != "."), None)
+    if punct:
+        return f"repeated punctuation {punct!r}"
     run = _RUN.search(text)
     if run and not run.group(0).isdigit():
         return f"character run {run.group(0)!r}"

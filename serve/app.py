@@ -256,6 +256,7 @@ def deploy(cfg: Config, blocking: bool = False, *, name: str = APP_NAME, timeout
     when the auth rules (serve/auth.py) forbid the bind. ``blocking``: then serve until Ctrl-C or
     SIGTERM and shut Serve down.
     """
+    from embsum.resources import preflight_serve
     from embsum.runtime import init_ray
 
     if cfg.ray.address is None:
@@ -268,6 +269,7 @@ def deploy(cfg: Config, blocking: bool = False, *, name: str = APP_NAME, timeout
         default_local_serve_drain()
     events.progress("connecting to Ray")
     init_ray(cfg.ray)
+    preflight_serve(cfg.serve.min_replicas, cfg.serve.num_cpus, cfg.serve.num_gpus)  # else: a silent wait
     env = serve_env(cfg)
     events.progress("starting Serve")
     serve.start(http_options=http_options(cfg.serve), controller_options={"runtime_env": {"env_vars": env}})

@@ -226,6 +226,64 @@ def process_label(p: Any, root: bool = False) -> str:
     return name
 
 
+class ObjectStoreMeter:
+    """Peak object-store use of every node of the connected Ray cluster, sampled every ``interval``
+    s from each raylet's store stats (what ``ray memory --stats-only`` reports): bytes held in
+    shared memory (primary copies and secondary copies pulled from other nodes) and bytes spilled.
+    Start it after ``ray.init``; ``stop()`` -> {node_id: {"peak_used_mb", "spilled_mb", ...}}."""
+
+    def __init__(self, interval: float = 0.25) -> None:
+        self.interval = interval
+        self.peak_used: dict[str, int] = {}
+        self.peak_primary: dict[str, int] = {}
+        self.spilled: dict[str, int] = {}
+        self.capacity: dict[str, int] = {}
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def sample(self) -> None:
+        import ray
+        from ray._private.internal_api import node_stats
+
+        for node in ray.nodes():
+            if not node.get("Alive"):
+                continue
+            try:
+                s = node_stats(node["NodeManagerAddress"], node["NodeManagerPort"],
+                               include_memory_info=False).store_stats
+            except Exception:  # noqa: BLE001 - a node going away between listing and asking
+                continue
+            nid = node["NodeID"]
+            self.peak_used[nid] = max(self.peak_used.get(nid, 0), int(s.object_store_bytes_used))
+            self.peak_primary[nid] = max(self.peak_primary.get(nid, 0), int(s.object_store_bytes_primary_copy))
+            self.spilled[nid] = max(self.spilled.get(nid, 0), int(s.spilled_bytes_total))
+            self.capacity[nid] = int(s.object_store_bytes_avail)
+        self.samples += 1
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.sample()
+
+    def start(self) -> ObjectStoreMeter:
+        self.sample()
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="object-store-meter")
+        self._thread.start()
+        return self
+
+    def stop(self) -> dict[str, dict[str, float]]:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        self.sample()
+        mb = 2**20
+        return {nid: {"peak_used_mb": round(self.peak_used[nid] / mb, 1),
+                      "peak_primary_mb": round(self.peak_primary.get(nid, 0) / mb, 1),
+                      "spilled_mb": round(self.spilled.get(nid, 0) / mb, 1),
+                      "capacity_mb": round(self.capacity.get(nid, 0) / mb, 1)} for nid in self.peak_used}
+
+
 # ---- data: prepare + summarize once per data config ------------------------------------------------------
 PREPARE_MODEL_KEYS = ("tokenizer", "backbone", "sos_token", "num_sessions", "items_per_session", "session_tokens",
                       "content_tokens", "summary_tokens")

@@ -51,7 +51,7 @@ LABELS = {"full": "EmbSum (paper-faithful)", "lambda0": "EmbSum lambda=0 (no sum
 SEEDS = (0, 1, 2)
 METRICS = ("auc", "mrr", "ndcg10")
 CURVE_KEYS = ("val_auc", "nce_loss", "summary_loss", "epoch")
-SUMMARY_CHECK = 2  # embsum.summary_text's rules; cached runs probed under older rules are probed again
+SUMMARY_CHECK = 4  # embsum.summary_text's rules (4: doubled words) and the study's decoding (3); older probes rerun
 # How summaries are decoded: not part of a run's key. A cached run decoded otherwise than the study config says
 # is decoded again (its registered weights, the config's decoding) and scored in process (rescore).
 GENERATION = ("summary_num_beams", "summary_no_repeat_ngram")
@@ -140,18 +140,27 @@ def generation(cfg: Config) -> dict[str, Any]:
     return {k: getattr(cfg.model, k) for k in GENERATION}
 
 
+def study_predictor(cfg: Config, model_dir: Path) -> Any:
+    """A registered version, decoding its summaries as the study config says."""
+    import dataclasses
+
+    from embsum.predictor import Predictor
+
+    pred = Predictor.from_dir(model_dir, batch_size=64)
+    pred.model.cfg = pred.cfg = dataclasses.replace(pred.cfg, **generation(cfg))
+    return pred
+
+
 def rescore(cfg: Config, model_dir: Path) -> dict[str, Any]:
     """valid/test metrics and per-impression scores of a registered version decoded as cfg says, in process
     (the same Predictor, tokenizer, score and metrics as the evaluate job; greedy reproduces its numbers)."""
-    import dataclasses
 
     import pyarrow.parquet as pq
 
     from embsum.metrics import summarize
     from embsum.predictor import Predictor
 
-    pred = Predictor.from_dir(model_dir, batch_size=64)
-    pred.model.cfg = pred.cfg = dataclasses.replace(pred.cfg, **generation(cfg))
+    pred = study_predictor(cfg, model_dir)
     tokens = {str(r["item_id"]): r["token_ids"] for r in pq.read_table(cfg.data_dir / "items.parquet").to_pylist()}
     out: dict[str, Any] = {"scores": {}}
     for split in ("valid", "test"):
@@ -184,7 +193,6 @@ def summary_probe(cfg: Config, model_dir: Path, n: int = 100, split: str = "test
     import pyarrow.parquet as pq
 
     from embsum.data.teachers import make_teacher
-    from embsum.predictor import Predictor
     from embsum.summary_text import degenerate, unigram_f1
 
     imps = read_impressions(cfg.data_dir, split)
@@ -196,7 +204,7 @@ def summary_probe(cfg: Config, model_dir: Path, n: int = 100, split: str = "test
     teacher = make_teacher(cfg)
     ref = [r.summary for r in teacher.summarize([str(k) for k in range(len(hists))],
                                                 [[records[i] for i in h] for h in hists])]
-    pred = Predictor.from_dir(model_dir, batch_size=32)
+    pred = study_predictor(cfg, model_dir)
     gen = pred.encode_users(pred.tok.sessions_batch([[tokens[i] for i in h] for h in hists])).summaries
     bad = [degenerate(g) for g in gen]
     f1 = [unigram_f1(g, r) for g, r in zip(gen, ref, strict=True)]
@@ -368,7 +376,10 @@ def markdown(res: dict[str, Any]) -> str:
         lines.append(f"| {name} | {a['mean_diff']:+.4f} | [{a['ci95'][0]:+.4f}, {a['ci95'][1]:+.4f}] | "
                      f"{n['mean_diff']:+.4f} | [{n['ci95'][0]:+.4f}, {n['ci95'][1]:+.4f}] |")
     lines += ["", f"**The paper's ablations**: {s['claim']}", ""]
-    lines += ["Generated summaries of 100 test histories vs the teacher's summary of the same history:", "",
+    decoding = sorted({json.dumps(r.get("generation", UNRECORDED), sort_keys=True) for rs in s["runs"].values()
+                       for r in rs})
+    lines += ["Generated summaries of 100 test histories vs the teacher's summary of the same history "
+              f"(decoding: {'; '.join(decoding)}; distinct share = distinct summaries / histories):", "",
               "| model | unigram F1 | degenerate (of 100) | distinct share | example |",
               "| --- | --- | --- | --- | --- |"]
     for v, rs in s["runs"].items():

@@ -36,10 +36,10 @@ from typing import Any
 
 from bench import harness
 
-# name -> (module, runs per invocation (full, quick)): prepare_bench measures once per run, so the
-# runner repeats it; the others repeat inside (seeds for quality).
+# name -> (module, runs per invocation (full, quick)); the scripts repeat inside (seeds for quality,
+# sizes for prepare).
 BENCHMARKS: dict[str, tuple[str, tuple[int, int]]] = {
-    "prepare": ("bench.prepare_bench", (3, 1)),
+    "prepare": ("bench.prepare_bench", (1, 1)),  # three sizes per run: 200k, 800k, 3.2M
     "train": ("bench.train_bench", (1, 1)),
     "embed": ("bench.embed_bench", (1, 1)),
     "serve": ("bench.serve_bench", (1, 1)),
@@ -137,14 +137,62 @@ def _num(x: float | None, unit: str) -> str:
 
 # ---- figures from each benchmark's JSON ------------------------------------------------------------------
 def prepare_figures(runs: list[dict[str, Any]]) -> list[Figure]:
-    return [
-        Figure("prepare", f"examples/s, Ray Data prepare job ({runs[0]['impressions']:,} synthetic impressions)",
-               "ex/s", [r["ray_examples_per_s"] for r in runs], [r["pandas_examples_per_s"] for r in runs],
-               "same transforms, 1 process, pandas", target=1.5),
-        Figure("prepare", "CPU-seconds, Ray Data job vs pandas (lower is better)", "CPU-s",
-               [r["ray_cpu_seconds"] for r in runs], [r["pandas_cpu_seconds"] for r in runs], "pandas",
-               higher_is_better=False),
-    ]
+    if "sizes" not in runs[0]:  # a result from before the scaling table: one size per run
+        return [
+            Figure("prepare", f"examples/s, Ray Data prepare job ({runs[0]['impressions']:,} synthetic impressions)",
+                   "ex/s", [r["ray_examples_per_s"] for r in runs], [r["pandas_examples_per_s"] for r in runs],
+                   "same transforms, 1 process, pandas", target=1.5),
+            Figure("prepare", "CPU-seconds, Ray Data job vs pandas (lower is better)", "CPU-s",
+                   [r["ray_cpu_seconds"] for r in runs], [r["pandas_cpu_seconds"] for r in runs], "pandas",
+                   higher_is_better=False),
+        ]
+    by_size: dict[int, list[dict[str, Any]]] = {}
+    for run in runs:
+        for size in run["sizes"]:
+            by_size.setdefault(size["impressions"], []).extend(size["runs"])
+    sizes = sorted(by_size)
+
+    def pairs(n: int, key: str) -> tuple[list[float], list[float]]:
+        both = [(r["ray"].get(key), r["pandas"].get(key)) for r in by_size[n]]
+        return [a if _finite(a) else math.nan for a, _ in both], [b if _finite(b) else math.nan for _, b in both]
+
+    def ray(n: int, key: str) -> list[float]:
+        return [r["ray"][key] for r in by_size[n] if _finite(r["ray"].get(key))]
+
+    target = runs[0].get("ratio_target", 1.5)
+    figs = []
+    for n in sizes:
+        figs.append(Figure("prepare", f"examples/s, Ray Data prepare job ({n:,} synthetic impressions)", "ex/s",
+                           *pairs(n, "examples_per_s"), "same transforms, 1 process, pandas",
+                           target=target if n == sizes[0] else None))
+    for n in sizes:
+        figs.append(Figure("prepare", f"CPU-seconds, Ray Data job vs pandas ({n:,} impressions; lower is better)",
+                           "CPU-s", *pairs(n, "cpu_seconds"), "pandas", higher_is_better=False))
+    lo, hi = sizes[0], sizes[-1]
+    if hi != lo and ray(lo, "seconds") and ray(hi, "seconds"):
+        per_row = [s / hi * 1e6 for s in ray(hi, "seconds")]
+        base = statistics.median(s / lo * 1e6 for s in ray(lo, "seconds"))
+        figs.append(Figure("prepare", f"per-impression cost of the Ray Data job at {hi:,} vs at {lo:,} "
+                           f"(lower is better; within {runs[0].get('per_row_target', 1.3):g}x)", "us/impression",
+                           per_row, [base] * len(per_row), f"{lo:,} impressions", higher_is_better=False,
+                           target=1 / runs[0].get("per_row_target", 1.3)))
+    if hi != lo and ray(lo, "cpu_seconds") and ray(hi, "cpu_seconds"):
+        # The same in CPU-seconds of the job's whole process tree: what wall time would be on a machine
+        # of its own (wall time on a shared one also measures everyone else's load).
+        per_row = [s / hi * 1e6 for s in ray(hi, "cpu_seconds")]
+        base = statistics.median(s / lo * 1e6 for s in ray(lo, "cpu_seconds"))
+        figs.append(Figure("prepare", f"per-impression CPU cost of the Ray Data job at {hi:,} vs at {lo:,} "
+                           "(lower is better)", "CPU-us/impression", per_row, [base] * len(per_row),
+                           f"{lo:,} impressions", higher_is_better=False))
+    for n in sizes:
+        driver = ray(n, "driver_peak_rss_mb")
+        if driver:
+            figs.append(Figure("prepare", f"driver peak RSS, Ray Data prepare job ({n:,} impressions)", "MB", driver,
+                               [1024.0] * len(driver), "1 GB budget", higher_is_better=False,
+                               target=1.0 if n == hi else None,
+                               note=f"tree {statistics.median(ray(n, 'tree_peak_rss_mb') or [0]):,.0f} MB, object "
+                                    f"store peak {statistics.median(ray(n, 'object_store_peak_mb') or [0]):,.0f} MB"))
+    return figs
 
 
 def train_figures(runs: list[dict[str, Any]]) -> list[Figure]:
@@ -512,7 +560,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="smoke pass of every script (results in results/quick/)")
     ap.add_argument("--reuse", default="", help="comma-separated benchmarks to take from earlier results")
     ap.add_argument("--skip", default="", help="comma-separated benchmarks to leave out of 'all'")
-    ap.add_argument("--runs", type=int, default=None, help="runs per script (default: prepare 3, others 1)")
+    ap.add_argument("--runs", type=int, default=None, help="runs per script (default 1)")
     ap.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: the config's, else "
                     "sqlite under the bench workdir runs/bench/mlflow)")
     ap.add_argument("--config", default=None, help="run config whose mlflow.tracking_uri to use")

@@ -192,6 +192,16 @@ def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
         raise ValueError(f"cannot reach the Ray cluster at ray.address={address!r}: {e}") from None
 
 
+def use_hash_shuffle(ctx: Any) -> None:
+    """Make a Ray DataContext use a hash shuffle, which ``repartition(keys=...)`` needs (Ray 2.60's
+    default, SHUFFLE_V2: map and reduce tasks, no long-lived actors), unless it already does (an
+    environment's RAY_DATA_DEFAULT_SHUFFLE_STRATEGY may pick a sort-based one)."""
+    from ray.data.context import ShuffleStrategy
+
+    if ctx.shuffle_strategy not in (ShuffleStrategy.SHUFFLE_V2, ShuffleStrategy.HASH_SHUFFLE):
+        ctx.shuffle_strategy = ShuffleStrategy.SHUFFLE_V2
+
+
 def shutdown_serve(timeout_s: float = SERVE_STOP_TIMEOUT_S) -> bool:
     """``serve.shutdown()``, waited on for at most ``timeout_s``: False if it did not finish (a dead
     or stuck controller: Serve retries its graceful-shutdown call forever and waits 30 s for it).

@@ -4,7 +4,8 @@ The summary is the paper's served by-product (an explanation a person reads), so
 are checked: it says what the teacher says (unigram F1, i.e. ROUGE-1 F1 without stemming), and it
 is a sentence rather than a decoding failure. ``degenerate`` names the failure when there is one:
 empty output, an empty bracket slot ('()'), a phrase of one to three words
-repeated three times in a row ('and and and'),
+repeated three times in a row ('and and and'), words doubled in place twice or more ('counseling
+counseling hesitation hesitation': a decoder that may not repeat a bigram stutters instead),
 a character run of four or more inside a word ('jassssss'), punctuation of one to three characters
 repeated three times in a row ('),),),'; an ellipsis '...' is fine), or a word that makes up more
 than half of a summary of six or more words.
@@ -44,6 +45,9 @@ def degenerate(text: str) -> str | None:
         for i in range(len(w) - 3 * n + 1):
             if w[i:i + n] == w[i + n:i + 2 * n] == w[i + 2 * n:i + 3 * n]:
                 return f"repeated {' '.join(w[i:i + n])!r}"
+    doubled = [a for a, b in zip(w, w[1:], strict=False) if a == b]
+    if len(doubled) >= 2:
+        return f"doubled words {doubled[:3]!r}"
     punct = next((m.group(0) for m in _PUNCT_RUN.finditer(text) if m.group(1) != "."), None)
     if punct:
         return f"repeated punctuation {punct!r}"

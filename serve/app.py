@@ -219,8 +219,12 @@ def serve_env(cfg: Config, environ: dict[str, str] | None = None) -> dict[str, s
 
 
 def _app_config(cfg: Config, name: str, version: str, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """The declarative app, pinned: the scorer's user_config carries the served version (a rollout changes
+    only that, in place), and the builder's config names the deploy-time version so build_app never asks
+    the alias (there may be none yet: `serve start --version 3` on a registry with no champion)."""
+    pinned = replace(cfg, "serve.model_version", version)
     return _with_version({"name": name, "route_prefix": cfg.serve.route_prefix, "import_path": IMPORT_PATH,
-                          "args": {"values": config_from_args({"values": cfg.to_dict()}).to_dict()},
+                          "args": {"values": config_from_args({"values": pinned.to_dict()}).to_dict()},
                           "runtime_env": {"env_vars": {**worker_env(), **(env or {})}}}, version)
 
 
@@ -252,6 +256,7 @@ def deploy(cfg: Config, blocking: bool = False, *, name: str = APP_NAME, timeout
     when the auth rules (serve/auth.py) forbid the bind. ``blocking``: then serve until Ctrl-C or
     SIGTERM and shut Serve down.
     """
+    from embsum.resources import preflight_serve
     from embsum.runtime import init_ray
 
     if cfg.ray.address is None:
@@ -264,6 +269,7 @@ def deploy(cfg: Config, blocking: bool = False, *, name: str = APP_NAME, timeout
         default_local_serve_drain()
     events.progress("connecting to Ray")
     init_ray(cfg.ray)
+    preflight_serve(cfg.serve.min_replicas, cfg.serve.num_cpus, cfg.serve.num_gpus)  # else: a silent wait
     env = serve_env(cfg)
     events.progress("starting Serve")
     serve.start(http_options=http_options(cfg.serve), controller_options={"runtime_env": {"env_vars": env}})

@@ -38,8 +38,10 @@ import numpy as np
 log = logging.getLogger("embsum.train")
 
 
-def _collate(summaries: dict[str, np.ndarray], empty_summary: np.ndarray, device: Any):
-    """Numpy batch -> tensors; attaches each example's teacher summary ids (EOS-only if none)."""
+def _collate(empty_summary: np.ndarray, device: Any):
+    """Numpy batch -> tensors. Training batches carry each example's teacher summary ids (joined in
+    the dataset, file by file: train/summaries.py); others (validation, or a run without summaries)
+    get EOS-only ones."""
     import torch
 
     from embsum.arrow_tensors import writable
@@ -48,14 +50,15 @@ def _collate(summaries: dict[str, np.ndarray], empty_summary: np.ndarray, device
         return torch.from_numpy(writable(a, np.int64)).to(device)
 
     def collate(batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        summ = np.stack([summaries.get(str(e), empty_summary) for e in batch["example_id"]])  # (B, S)
+        n = len(batch["session_ids"])
+        summ = batch["summary_ids"] if "summary_ids" in batch else np.tile(empty_summary, (n, 1))  # (B, S)
         cands = long_tensor(batch["candidate_ids"])  # (B, T*C, Lc)
         labels = [np.asarray(x, dtype=np.int64) for x in batch["labels"]]
         return {
             "session_ids": long_tensor(batch["session_ids"]),  # (B, G, L)
             "candidate_ids": cands,
             "labels": torch.as_tensor(np.stack(labels), dtype=torch.long, device=device),  # (B, T*C)
-            "summary_ids": torch.as_tensor(summ, dtype=torch.long, device=device),
+            "summary_ids": long_tensor(summ),  # (B, S)
         }
 
     return collate
@@ -138,7 +141,7 @@ def setup(loop_config: dict[str, Any]) -> Worker:
                dtype=torch.bfloat16 if resolve_precision(cfg) == "bf16" else torch.float32,
                engine=engine, scheduler=scheduler, tok=tok, stage=stage,
                temperature=t.nce_temperature or math.sqrt(model.d_model),
-               collate=_collate(loop_config.get("summaries") or {}, tok.summary(""), device),
+               collate=_collate(tok.summary(""), device),
                train_shard=ray.train.get_dataset_shard("train"),
                valid_shard=ray.train.get_dataset_shard("valid") if t.eval_batches > 0 else None, tracker=tracker)
     if tracker:

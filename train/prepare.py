@@ -9,26 +9,30 @@ valid_examples/, valid/, test/, quarantine/ and prepare_report.json. The pure tr
 embsum/data/; this module is the glue that runs them on Ray Data:
 
 1. preflight (driver): list the files, fail at once on files wrong as a whole.
-2. catalog: line-aligned chunks -> parse + tokenize -> driver dedupes, writes items.parquet and
-   puts the CatalogIndex in the object store for every later task. A catalog that fits in one
-   chunk is parsed on the driver, where it is collected anyway (no worker loads the tokenizer).
-3. interactions: the driver cuts each text file into line-aligned byte ranges that know their
-   first line number (sources.split_lines); one task per range reads and parses it -> materialize.
-4. global checks (driver, pyarrow on a few small columns): duplicate impression ids, counts, and
-   which users each plan partition owns (embsum/data/partition.py).
-5. plan + write: one task per user partition reads the parsed blocks, keeps its users' rows,
-   plans them (per-user histories, examples, impressions), tensorizes and writes its parquet files
-   of every output; one more task writes the quarantine. All into a staging folder that replaces
-   the old outputs only when everything succeeded: a rerun never mixes in stale shards.
+2. catalog: parse + tokenize -> the driver dedupes (items, not rows: it is what every later task
+   looks items up in), writes items.parquet and puts the CatalogIndex in the object store. A
+   catalog that fits in one chunk is parsed on the driver (no worker loads the tokenizer).
+3. interactions: read as numbered rows (train/numbered_rows.py: line-aligned byte ranges of text
+   files, row-group runs of parquet files) and parsed in the read tasks.
+4. duplicate impression ids (when the data has impression ids): a hash shuffle of the parsed rows
+   by impression id; each partition holds every row of its ids and marks the duplicates
+   quarantined (embsum/data/partition.py).
+5. group + plan + write: a hash shuffle by user (``repartition(keys=...)``); one task per
+   partition holds whole users, plans them (per-user histories, examples, impressions),
+   tensorizes and writes its parquet files of every output and its quarantine rows, and returns
+   one row of counts. All into a staging folder that replaces the old outputs only when
+   everything succeeded: a rerun never mixes in stale shards.
 
+What grows with the data stays on the cluster: every task reads only its share of the rows (no
+task reads every block), the driver holds the catalog, the ranges' bounds and one row of counts
+per partition (no column, no user id), and the stages stream from shuffle to shuffle (nothing is
+materialized), so each node's object store holds about its share of the rows in flight.
 Outputs are written under WORKDIR (a local path of the driver and the workers): on a multi-node
 cluster WORKDIR must be shared storage, as ``train.storage_path`` must. Inputs may be any URI.
 
-Cost on small machines (bench/prepare_bench.py, 2 cores). What the earlier shape paid for, measured
-with no-op UDFs on 200k impressions: the user hash-shuffle (repartition(keys=...)) ~12 CPU-s, whole
-files read into one block then exploded and re-split ~3.5 CPU-s more than reading ranges, plus a
-materialized plan and one Ray Data execution per output. Hence: no shuffle (partition.py), ranges,
-and plan -> tensorize -> write fused in the task that owns the users, in one execution.
+Cost (bench/prepare_bench.py, 2 cores): a hash shuffle of 200k parsed impressions costs ~1 CPU-s
+once its workers run (Ray 2.60's task-based SHUFFLE_V2; the aggregator-actor shuffle measured
+earlier cost ~12). Per-row cost and driver memory at 200k / 800k / 3.2M are in the README.
 """
 
 from __future__ import annotations
@@ -54,14 +58,20 @@ from embsum import events
 from embsum.config import Config
 from embsum.data import layout, synth
 from embsum.data.catalog import QUARANTINE_SCHEMA, CatalogIndex, build_catalog, cached_tokenizer
-from embsum.data.examples import KINDS, PLAN_INPUT_COLUMNS, PlanSpec, plan_batch
-from embsum.data.partition import DUPLICATES_SCHEMA, duplicate_rows, is_duplicate, partition_users, select_rows
+from embsum.data.examples import KINDS, PlanSpec, plan_batch
+from embsum.data.partition import (
+    COUNTER_COLUMNS,
+    ROUTE,
+    impression_route,
+    mark_duplicates,
+    partition_key,
+    split_partition,
+    user_route,
+)
 from embsum.data.records import (
     CATALOG_SCHEMA,
-    DUPLICATE_IMPRESSION,
     MIND_BEHAVIOR_COLUMNS,
     MIND_NEWS_COLUMNS,
-    RECORD_SCHEMA,
     CatalogSpec,
     LogSpec,
     parse_behaviors,
@@ -71,28 +81,27 @@ from embsum.data.records import (
 )
 from embsum.data.sources import (
     Chunk,
+    RowGroups,
     Source,
     detect_format,
     estimate_rows,
-    explode_batch,
     fingerprint,
     read_chunk,
     resolve,
     split_lines,
+    split_row_groups,
 )
 from embsum.data.tensorize import output_schema, tensorize, write_options
-from embsum.runtime import init_ray
+from embsum.runtime import init_ray, use_hash_shuffle
 
 BLOCKS_PER_CPU = 2  # parse blocks per cluster CPU, so a single big file is parsed by all of them
 ROWS_PER_BLOCK = (10_000, 50_000)  # ... within these bounds (smaller blocks cost more than they give)
-# Records per plan partition: at least one partition per CPU, more when a task would hold too many
-# rows in memory, fewer when tasks would be too small to pay for themselves.
+# Records per user partition (one plan task each): at least one partition per CPU, more when a
+# task would hold too many rows in memory, fewer when tasks would be too small to pay for themselves.
 ROWS_PER_PARTITION = (5_000, 100_000)
 TENSORIZE_ROWS = 8192  # plan rows tensorized (and written as one parquet row group) at a time
 OUTPUTS = {"train": layout.TRAIN, "valid_examples": layout.VALID_EXAMPLES, "valid": layout.VALID,
            "test": layout.TEST, "users": layout.USERS}
-COUNTER_COLUMNS = ["n_candidates", "n_clicks", "n_missing_candidates", "n_history", "n_missing_history", "n_ignored"]
-QUARANTINE_UNIT = -1  # the plan-and-write unit that writes quarantine/ instead of a user partition
 
 _OBJECTS: dict[str, Any] = {}  # per worker process: object-store values already fetched
 
@@ -124,37 +133,18 @@ def _parse_interactions_task(batch: pa.Table, mind: bool, spec: LogSpec | None, 
     return parse_logs(batch, spec, headers, index.position, keep_raw=bool(spec.impression_col))
 
 
-def _chunks_task(batch: pa.Table, filesystem: Any, parse: Callable[..., pa.Table], kwargs: dict) -> pa.Table:
-    """Read each chunk of the batch and parse its lines, in one task (no block of raw lines in between)."""
-    return pa.concat_tables([parse(read_chunk(filesystem, Chunk(**c)), **kwargs) for c in batch.to_pylist()])
+def _mark_duplicates_task(batch: pa.Table, mind: bool) -> pa.Table:
+    return mark_duplicates(batch, mind)
 
 
-def _plan_write_task(batch: pa.Table, blocks: list, users: list, duplicates_ref: Any, catalog_quarantine_ref: Any,
-                     spec: PlanSpec, index_ref: Any, negatives: int, out: str) -> pa.Table:
-    """One unit of the plan-and-write stage: a user partition (plan, tensorize, write every
-    output's rows of those users) or QUARANTINE_UNIT. Returns one row: the partition's stats."""
-    import ray
-
-    unit = int(batch.column("unit")[0].as_py())
-    duplicates: pa.Table = ray.get(duplicates_ref)
-    tables: list[pa.Table] = ray.get(blocks)  # zero-copy from the node's shared memory
-    if unit == QUARANTINE_UNIT:
-        parts = [t.filter(pc.not_equal(t.column("reason"), "")).select(QUARANTINE_SCHEMA.names) for t in tables]
-        if duplicates.num_rows:
-            for t in tables:
-                dup = t.filter(is_duplicate(t, duplicates))
-                parts.append(dup.set_column(dup.schema.get_field_index("reason"), "reason",
-                                            pa.array([DUPLICATE_IMPRESSION] * dup.num_rows, pa.string()))
-                             .select(QUARANTINE_SCHEMA.names))
-        parts.append(ray.get(catalog_quarantine_ref))
-        rows = pa.concat_tables([p.cast(QUARANTINE_SCHEMA) for p in parts])
-        if rows.num_rows:
-            pq.write_table(rows, Path(out) / layout.QUARANTINE / "part-00000.parquet")
-        return pa.table({"stats": ["{}"]})
+def _plan_write_task(batch: pa.Table, spec: PlanSpec, index_ref: Any, negatives: int, out: str) -> pa.Table:
+    """One partition of the user shuffle (whole users): plan, tensorize and write every output's
+    rows of its users and its quarantine rows. Returns one row: its counts (JSON)."""
     index: CatalogIndex = _fetch(index_ref)
-    user_ids = ray.get(users[unit])
-    columns = ["reason", *PLAN_INPUT_COLUMNS]
-    records = pa.concat_tables([select_rows(t.select(columns), user_ids, duplicates) for t in tables])
+    records, quarantine, counts = split_partition(batch)
+    name = f"part-{partition_key(batch)}.parquet"  # a retried task rewrites the same files
+    if quarantine.num_rows:
+        pq.write_table(quarantine.cast(QUARANTINE_SCHEMA), Path(out) / layout.QUARANTINE / name)
     plan = plan_batch(records, spec, index)
     kinds = plan.column("kind")
     for kind in KINDS:
@@ -162,13 +152,12 @@ def _plan_write_task(batch: pa.Table, blocks: list, users: list, duplicates_ref:
         if rows.num_rows == 0:
             continue
         schema = output_schema(kind, index.assembler.cfg, negatives, spec.targets)
-        with pq.ParquetWriter(Path(out) / OUTPUTS[kind] / f"part-{unit:05d}.parquet", schema,
-                              **write_options(schema)) as w:
+        with pq.ParquetWriter(Path(out) / OUTPUTS[kind] / name, schema, **write_options(schema)) as w:
             for k in range(0, rows.num_rows, TENSORIZE_ROWS):
                 w.write_table(tensorize(rows.slice(k, TENSORIZE_ROWS), kind, index, negatives, spec.targets))
     stats = plan.filter(pc.equal(kinds, "stats")).column("stats").to_pylist()
     assert len(stats) == 1
-    return pa.table({"stats": stats})
+    return pa.table({"stats": [json.dumps({**json.loads(stats[0]), **counts})]})
 
 
 # ---- driver ---------------------------------------------------------------------------------
@@ -187,59 +176,57 @@ def resolve_inputs(cfg: Config) -> tuple[bool, Source, str, Source, str]:
             items, detect_format(d.items_format, items, "data.items"))
 
 
-def _rows_per_block(src: Source, cpus: int) -> tuple[int, int]:
-    """(estimated rows, rows per parse block): enough blocks that all CPUs parse, within bounds."""
+def _cpus() -> int:
+    import ray
+
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
+def _ranges(src: Source, fmt: str, headed: bool, cpus: int) -> tuple[list[Chunk] | list[RowGroups], int]:
+    """(read ranges, estimated rows): enough ranges that all CPUs parse, each within
+    ROWS_PER_BLOCK rows (text: estimated from the first file's head; parquet: from the footers)."""
     lo, hi = ROWS_PER_BLOCK
+    if fmt == "parquet":
+        groups = split_row_groups(src, lo)  # fine-grained first: the footers give exact rows
+        rows = sum(g.rows for g in groups)
+        per_block = min(hi, max(lo, math.ceil(rows / (BLOCKS_PER_CPU * cpus))))
+        return (split_row_groups(src, per_block) if per_block > lo else groups), rows
     rows = estimate_rows(src)
-    return rows, min(hi, max(lo, math.ceil(rows / (BLOCKS_PER_CPU * cpus))))
-
-
-def _chunks(src: Source, fmt: str, headed: bool, cpus: int) -> list[Chunk]:
-    rows, per_block = _rows_per_block(src, cpus)
+    per_block = min(hi, max(lo, math.ceil(rows / (BLOCKS_PER_CPU * cpus))))
     total = sum(f.size for f in src.files)
     chunks = split_lines(src, math.ceil(per_block * total / rows), headed)
     f = src.files[0]  # no bytes at all: one empty chunk, so the job still runs (and writes empty outputs)
-    return chunks or [Chunk(f.path, src.prefix + f.path, 0, 0, 1, 0)]
+    return (chunks or [Chunk(f.path, src.prefix + f.path, 0, 0, 1, 0)]), rows
 
 
-def _parsed(src: Source, fmt: str, headed: bool, parse: Callable[..., pa.Table], kwargs: dict) -> Any:
-    """A Dataset of ``parse`` applied to the numbered lines of every file (parquet: its rows)."""
-    import ray
+def _parsed(src: Source, fmt: str, headed: bool, parse: Callable[..., pa.Table], kwargs: dict,
+            columns: list[str] | None = None) -> tuple[Any, int, int]:
+    """(a Dataset of ``parse`` applied to the numbered rows of every file, estimated rows, read
+    blocks). Parquet reads only ``columns`` (None: all)."""
     import ray.data
 
-    cpus = int(ray.cluster_resources().get("CPU", 1))
-    if fmt == "parquet":  # rows, not lines: whole files, then re-split so that all CPUs parse
-        ds = ray.data.read_binary_files(src.paths, include_paths=True, filesystem=src.filesystem)
-        ds = ds.map_batches(explode_batch, fn_kwargs=dict(fmt=fmt, headed=headed, prefix=src.prefix),
-                            batch_size=1, batch_format="pyarrow")
-        # strict: otherwise 2.60 fuses explode -> repartition -> parse into one task per file
-        ds = ds.repartition(target_num_rows_per_block=_rows_per_block(src, cpus)[1], strict=True)
-        return ds.map_batches(parse, fn_kwargs=kwargs, batch_format="pyarrow", batch_size=None)
-    chunks = _chunks(src, fmt, headed, cpus)
-    return ray.data.from_items([asdict(c) for c in chunks], override_num_blocks=len(chunks)).map_batches(
-        _chunks_task, fn_kwargs=dict(filesystem=src.filesystem, parse=parse, kwargs=kwargs),
-        batch_format="pyarrow", batch_size=1)
+    from train.numbered_rows import NumberedRows
 
-
-def _collect(ds: Any, schema: pa.Schema) -> pa.Table:
-    import ray
-
-    tables = [t for t in ray.get(ds.to_arrow_refs()) if t.num_rows]
-    return pa.concat_tables(tables).cast(schema) if tables else schema.empty_table()
+    ranges, rows = _ranges(src, fmt, headed, _cpus())
+    ds = ray.data.read_datasource(NumberedRows(src.filesystem, ranges, columns), override_num_blocks=len(ranges))
+    return ds.map_batches(parse, fn_kwargs=kwargs, batch_format="pyarrow", batch_size=None), rows, len(ranges)
 
 
 def _catalog_rows(items: Source, items_fmt: str, cspec: CatalogSpec, headers: dict, cfg: Config) -> pa.Table:
-    """Parsed catalog rows. One chunk's worth is parsed here: it is collected here anyway, and the
-    tokenizer is already loaded here (a worker would first import transformers: CPU-seconds)."""
+    """Parsed catalog rows (collected: the driver builds the index every task looks items up in).
+    One chunk's worth is parsed here: the tokenizer is already loaded here (a worker would first
+    import transformers: CPU-seconds)."""
     import ray
 
     kwargs = dict(spec=cspec, headers=headers, model=cfg.model)
     fmt, headed = ("tsv" if items_fmt == "mind" else items_fmt), items_fmt in ("csv", "tsv")
     if fmt != "parquet":
-        chunks = _chunks(items, fmt, headed, int(ray.cluster_resources().get("CPU", 1)))
+        chunks, _ = _ranges(items, fmt, headed, _cpus())
         if len(chunks) == 1:
             return _parse_catalog_task(read_chunk(items.filesystem, chunks[0]), **kwargs).cast(CATALOG_SCHEMA)
-    return _collect(_parsed(items, fmt, headed, _parse_catalog_task, kwargs), CATALOG_SCHEMA)
+    ds, _, _ = _parsed(items, fmt, headed, _parse_catalog_task, kwargs)
+    tables = [t for t in ray.get(ds.to_arrow_refs()) if t.num_rows]
+    return pa.concat_tables(tables).cast(CATALOG_SCHEMA) if tables else CATALOG_SCHEMA.empty_table()
 
 
 def _partitions(rows: int, cpus: int) -> int:
@@ -272,11 +259,14 @@ def run_prepare(cfg: Config) -> dict[str, Any]:
 
     events.progress("connecting to Ray")
     init_ray(cfg.ray)
-    ray.data.DataContext.get_current().enable_progress_bars = True
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = True
+    use_hash_shuffle(ctx)
     t0 = time.perf_counter()
     stages: dict[str, float] = {}
-    doing = {"catalog": "reading the item catalog", "parse": "parsing interactions", "checks": "checking records",
-             "plan_write": "planning and writing examples"}
+    # Two steps: after the catalog, parsing, the shuffles and the plan/write tasks stream as one.
+    doing = {"catalog": "reading the item catalog",
+             "group_plan_write": "parsing, grouping by user, planning and writing examples"}
     events.progress(doing["catalog"], 0, len(doing), "steps")
 
     def lap(name: str) -> None:
@@ -298,60 +288,54 @@ def run_prepare(cfg: Config) -> dict[str, Any]:
                              f"({catalog.quarantine.num_rows} rows quarantined: "
                              f"{dict(Counter(catalog.quarantine.column('reason').to_pylist()))})")
         pq.write_table(catalog.items, staging / layout.ITEMS)
+        for name in (*OUTPUTS.values(), layout.QUARANTINE):
+            (staging / name).mkdir()
+        if catalog.quarantine.num_rows:
+            pq.write_table(catalog.quarantine.cast(QUARANTINE_SCHEMA), staging / layout.QUARANTINE /
+                           "part-catalog.parquet")
         index_ref = ray.put(catalog.index)
         lap("catalog")
 
-        # 3. interactions
-        parsed = _parsed(inter, inter_fmt, not mind and inter_fmt in ("csv", "tsv"), _parse_interactions_task,
-                         dict(mind=mind, spec=lspec, headers=inter_headers, index_ref=index_ref)).materialize()
-        lap("parse")
+        # 3. interactions, parsed in their read tasks
+        parsed, est_rows, read_blocks = _parsed(inter, inter_fmt, not mind and inter_fmt in ("csv", "tsv"),
+                                   _parse_interactions_task,
+                                   dict(mind=mind, spec=lspec, headers=inter_headers, index_ref=index_ref),
+                                   columns=None if mind else list(lspec.required))  # type: ignore[union-attr]
+        n_parts = _partitions(est_rows, _cpus())
 
-        # 4. global checks on small columns
-        small_cols = ["source", "line", "reason", "user_id", "impression_id", *COUNTER_COLUMNS]
-        small = _collect(parsed.select_columns(small_cols), pa.schema([RECORD_SCHEMA.field(c) for c in small_cols]))
-        dups = duplicate_rows(small, mind)
-        reasons = Counter(_value_counts(small.column("reason")))
-        reasons.pop("", None)
-        if dups.num_rows:
-            reasons[DUPLICATE_IMPRESSION] += dups.num_rows
-        good = small.filter(pc.equal(small.column("reason"), ""))
-        if dups.num_rows:
-            good = good.filter(pc.invert(is_duplicate(good, dups)))
-        n_users = pc.count_distinct(good.column("user_id")).as_py()
-        n_parts = _partitions(good.num_rows, int(ray.cluster_resources().get("CPU", 1)))
-        users = [ray.put(u) for u in partition_users(good.column("user_id"), n_parts)]
-        lap("checks")
+        # 4. duplicate impression ids: a shuffle by impression id marks them (as quarantined)
+        if mind or (lspec is not None and lspec.impression_col):
+            parsed = parsed.map_batches(impression_route, batch_format="pyarrow", batch_size=None) \
+                .repartition(n_parts, keys=[ROUTE]) \
+                .map_batches(_mark_duplicates_task, fn_kwargs=dict(mind=mind), batch_format="pyarrow",
+                             batch_size=None)
 
-        # 5. plan + tensorize + write: one task per user partition, one for the quarantine
-        for name in (*OUTPUTS.values(), layout.QUARANTINE):
-            (staging / name).mkdir()
-        units = [{"unit": QUARANTINE_UNIT}, *({"unit": p} for p in range(n_parts))]
-        out = ray.data.from_items(units, override_num_blocks=len(units)).map_batches(
-            _plan_write_task, batch_format="pyarrow", batch_size=1, fn_kwargs=dict(
-                blocks=parsed.to_arrow_refs(), users=users, duplicates_ref=ray.put(dups.cast(DUPLICATES_SCHEMA)),
-                catalog_quarantine_ref=ray.put(catalog.quarantine), spec=PlanSpec.from_config(cfg, mind),
-                index_ref=index_ref, negatives=d.negatives, out=str(staging)))
+        # 5. group by user -> plan + tensorize + write, one task per partition
+        out = parsed.map_batches(user_route, batch_format="pyarrow", batch_size=None) \
+            .repartition(n_parts, keys=[ROUTE]) \
+            .map_batches(_plan_write_task, batch_format="pyarrow", batch_size=None, fn_kwargs=dict(
+                spec=PlanSpec.from_config(cfg, mind), index_ref=index_ref, negatives=d.negatives, out=str(staging)))
         stats: Counter = Counter()
-        for i, s in enumerate(out.iter_rows(), 1):  # one row per unit, as it finishes
+        partitions = 0
+        for s in out.iter_rows():  # one row per user partition, as it finishes
             stats.update(json.loads(s["stats"]))
-            events.progress(doing["plan_write"], i, len(units), "partitions")
-        users_out = sum(v for k, v in stats.items() if k.startswith("users."))
-        if users_out != n_users:
-            raise AssertionError(f"plan saw {users_out} users, the records hold {n_users}: a user was missed "
-                                 f"or planned twice by the partitions")
+            partitions += 1
+            events.progress(doing["group_plan_write"], partitions, n_parts, "partitions")
         for kind in KINDS:  # no rows: still a readable dataset with the promised columns
             if not any((staging / OUTPUTS[kind]).glob("*.parquet")):
                 pq.write_table(output_schema(kind, cfg.model, d.negatives, d.targets_per_example).empty_table(),
                                staging / OUTPUTS[kind] / "part-empty.parquet")
         if not any((staging / layout.QUARANTINE).glob("*.parquet")):
             pq.write_table(QUARANTINE_SCHEMA.empty_table(), staging / layout.QUARANTINE / "part-empty.parquet")
-        lap("plan_write")
+        lap("group_plan_write")
         seconds = time.perf_counter() - t0
 
-        report = _report(cfg, fp, mind, inter, items, small, catalog, reasons, stats, seconds)
+        report = _report(cfg, fp, inter, items, catalog, stats, seconds)
         report["stage_seconds"] = stages
         report["cluster_cpus"] = ray.cluster_resources().get("CPU")
-        report["plan_partitions"] = n_parts
+        report["plan_partitions"] = partitions
+        report["read_blocks"] = read_blocks
+        report["parsed_bytes"] = stats.get("input.bytes", 0)
         (staging / layout.REPORT).write_text(json.dumps(report, indent=2, sort_keys=True))
         for name in (layout.ITEMS, layout.QUARANTINE, layout.REPORT, *OUTPUTS.values()):
             _replace(staging / name, data_dir / name)
@@ -359,11 +343,6 @@ def run_prepare(cfg: Config) -> dict[str, Any]:
         shutil.rmtree(staging, ignore_errors=True)
     events.summary(_summary_line(report))
     return report
-
-
-def _value_counts(column: pa.ChunkedArray) -> dict[str, int]:
-    vc = pc.value_counts(column)
-    return dict(zip(vc.field("values").to_pylist(), vc.field("counts").to_pylist(), strict=True))
 
 
 def _replace(new: Path, old: Path) -> None:
@@ -374,14 +353,15 @@ def _replace(new: Path, old: Path) -> None:
     os.replace(new, old)
 
 
-def _report(cfg: Config, fp: str, mind: bool, inter: Source, items: Source, small: pa.Table, catalog: Any,
-            reasons: Counter, stats: Counter, seconds: float) -> dict[str, Any]:
-    good = small.filter(pc.equal(small.column("reason"), ""))
-    sums = {c: int(pc.sum(small.column(c)).as_py() or 0) for c in COUNTER_COLUMNS}  # over every parsed row
+def _report(cfg: Config, fp: str, inter: Source, items: Source, catalog: Any, stats: Counter,
+            seconds: float) -> dict[str, Any]:
+    """The report from the partitions' counts (every parsed row was counted by exactly one)."""
+    reasons = Counter({k.removeprefix("input.reason."): v for k, v in stats.items() if k.startswith("input.reason.")})
+    sums = {c: stats.get(f"input.sum.{c}", 0) for c in COUNTER_COLUMNS}  # over every parsed row
+    rows_in, rows_out = stats.get("input.rows", 0), stats.get("input.good", 0)
     cat_reasons = Counter(catalog.quarantine.column("reason").to_pylist())
     examples = {k: stats.get(f"examples.{k}", 0) for k in ("train", "valid_examples")}
     n_examples = sum(examples.values())
-    rows_out = good.num_rows - reasons[DUPLICATE_IMPRESSION]
     return {
         "status": "ok",
         "format": cfg.data.format,
@@ -389,11 +369,11 @@ def _report(cfg: Config, fp: str, mind: bool, inter: Source, items: Source, smal
         "inputs": {s.field: [{"uri": f.uri, "size": f.size, "mtime_ns": f.mtime_ns} for f in s.files]
                    for s in (inter, items)},
         "data_config": asdict(cfg.data),
-        "rows_in": small.num_rows,
+        "rows_in": rows_in,
         "rows_out": rows_out,
         "quarantined": sum(reasons.values()) + sum(cat_reasons.values()),
         "quarantined_by_reason": dict(sorted((reasons + cat_reasons).items())),
-        "interactions": {"rows_in": small.num_rows, "rows_out": rows_out, "quarantined": sum(reasons.values()),
+        "interactions": {"rows_in": rows_in, "rows_out": rows_out, "quarantined": sum(reasons.values()),
                          "quarantined_by_reason": dict(sorted(reasons.items()))},
         "items": {"rows_in": catalog.rows_in, "items": len(catalog.index), "quarantined": sum(cat_reasons.values()),
                   "quarantined_by_reason": dict(sorted(cat_reasons.items()))},

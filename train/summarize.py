@@ -13,7 +13,9 @@ request: the response cache is keyed by the prompt.
 Reads WORKDIR/data/train/ (summaries supervise training, never evaluation) and items.parquet, runs
 a pool of up to data.teacher.num_workers actors that each hold one teacher (HTTP client and
 response cache, or the offline teacher), one items lookup and one tokenizer, and writes (see
-embsum/data/layout.py): summaries/, summaries_failed/ and summarize_report.json.
+embsum/data/layout.py): summaries/ (partitioned like train/: the summaries of the examples in
+train/<stem>.parquet under summaries/part=<stem>/, so the trainer joins them file by file, see
+train/summaries.py), summaries_failed/ and summarize_report.json.
 
 An example whose request failed after retries gets no summary: it is listed in summaries_failed/
 and counted in the report (it trains with an EOS-only summary). The job raises when every example
@@ -39,7 +41,7 @@ from embsum import events
 from embsum.config import Config, replace
 from embsum.data import layout
 from embsum.data.teachers import load_item_records, load_prompt_template, make_teacher, resolve_cache_dir
-from embsum.runtime import init_ray
+from embsum.runtime import init_ray, use_hash_shuffle
 
 SUMMARY_COLUMNS = ["example_id", "user_id", "summary", "teacher", "prompt_version", "summary_ids"]
 FIRST_ERRORS = 5  # errors quoted in the report and in the exception
@@ -70,6 +72,13 @@ class SummarizeWorker:
         self.summary_tokens = cfg.model.summary_tokens
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out = self.summarize(batch)
+        if "path" in batch:  # the train/ file (= prepare partition) each example came from
+            out[layout.PART_COLUMN] = np.array([os.path.basename(str(p)).removesuffix(".parquet")
+                                                for p in batch["path"]], dtype=object)
+        return out
+
+    def summarize(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         keys = [str(e) for e in batch["example_id"]]
         n = len(keys)
         errors = [""] * n
@@ -133,8 +142,11 @@ def run_summarize(cfg: Config) -> dict[str, Any]:
     from ray.data import ActorPoolStrategy
     from ray.data.expressions import col
 
+    use_hash_shuffle(ray.data.DataContext.get_current())
+
     events.progress(f"summarizing training examples ({teacher_name} teacher)")
-    examples = ray.data.read_parquet(str(train_dir)).select_columns(["example_id", "user_id", "history"])
+    examples = ray.data.read_parquet(str(train_dir), include_paths=True).select_columns(
+        ["example_id", "user_id", "history", "path"])
     out = examples.map_batches(
         SummarizeWorker,
         fn_constructor_kwargs={"cfg": cfg, "items_path": str(items_path), "template": template,
@@ -178,7 +190,12 @@ def run_summarize(cfg: Config) -> dict[str, Any]:
         staging = data_dir / f".{layout.SUMMARIES}.tmp-{uuid.uuid4().hex[:8]}"
         events.progress("writing summaries")
         ok = (col("error") == "") & ~col("skipped")
-        out.filter(expr=ok).select_columns(SUMMARY_COLUMNS).write_parquet(str(staging))
+        # Partitioned like the training data (part=<train file stem>), one file per partition: the
+        # trainer joins each train/ file with its partition's summaries only (train/summaries.py).
+        parts = max(1, len(list(train_dir.glob("*.parquet"))))
+        out.filter(expr=ok).select_columns([*SUMMARY_COLUMNS, layout.PART_COLUMN]) \
+            .repartition(parts, keys=[layout.PART_COLUMN]) \
+            .write_parquet(str(staging), partition_cols=[layout.PART_COLUMN])
         _publish(staging, summaries_dir)
 
     report = {**counts, "teacher": teacher_name, "prompt_version": prompt_version,

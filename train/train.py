@@ -22,6 +22,7 @@ from embsum import events
 from embsum.arrow_tensors import table_tensor
 from embsum.config import Config
 from embsum.data import layout
+from embsum.resources import preflight_train
 from embsum.runtime import init_ray
 
 
@@ -40,7 +41,9 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def load_summaries(data_dir: Path) -> dict[str, np.ndarray]:
-    """example_id -> summary ids (S,) int32, from the summarize stage's parquet."""
+    """example_id -> summary ids (S,) int32, from the summarize stage's parquet: every example's, in
+    this process (the single-process bench loop uses it; the Ray trainer joins them per file instead,
+    train/summaries.py)."""
     import pyarrow.dataset as pads
 
     d = data_dir / layout.SUMMARIES
@@ -78,6 +81,7 @@ def run_train(cfg: Config, *, register: bool = True) -> dict[str, Any]:
     from embsum.registry import Registry
     from train.deepspeed_setup import build_deepspeed_config, resolve_precision, zero_stage
     from train.loop import train_loop_per_worker
+    from train.summaries import check_partitions, has_summaries, with_summaries
 
     t0 = time.perf_counter()
     t = cfg.train
@@ -85,24 +89,34 @@ def run_train(cfg: Config, *, register: bool = True) -> dict[str, Any]:
     for need in (layout.TRAIN, layout.VALID_EXAMPLES):
         if not (data_dir / need).exists():
             raise ValueError(f"{data_dir / need} not found: run `embsum prepare` first (same --config/workdir)")
-    summaries = load_summaries(data_dir)
-    if not summaries and t.summary_weight > 0:
+    summarized = has_summaries(data_dir)
+    if not summarized and t.summary_weight > 0:
         raise ValueError(f"no teacher summaries under {data_dir / layout.SUMMARIES}: run `embsum summarize` "
                          f"first, or set train.summary_weight=0")
+    if summarized:
+        check_partitions(data_dir)
     ds_config = build_deepspeed_config(cfg, t.num_workers)  # validate before starting anything
     events.progress("connecting to Ray")
     init_ray(cfg.ray)
+    # Fail in seconds, naming the numbers, where Ray would wait forever: workers that fit nowhere,
+    # or no CPU left for the Ray Data tasks that stream the training data.
+    preflight_train(t.num_workers, t.cpus_per_worker, 1.0 if t.use_gpu else 0.0)
     if not t.use_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
     run_name = t.run_name or time.strftime("embsum-%Y%m%d-%H%M%S")
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = True
-    train_ds = ray.data.read_parquet(str(data_dir / layout.TRAIN))
-    valid_ds = ray.data.read_parquet(str(data_dir / layout.VALID_EXAMPLES))
     from embsum.tokenization import EmbSumTokenizer
 
-    probe = probe_batch(data_dir / layout.VALID_EXAMPLES, EmbSumTokenizer.from_config(cfg.model).summary(""))
+    empty = EmbSumTokenizer.from_config(cfg.model).summary("")  # (S,) EOS-only
+    # Each example carries its own summary_ids, joined file by file (train/summaries.py): no worker
+    # is handed every example's summary.
+    train_ds = ray.data.read_parquet(str(data_dir / layout.TRAIN), include_paths=summarized)
+    if summarized:
+        train_ds = with_summaries(train_ds, data_dir, empty)
+    valid_ds = ray.data.read_parquet(str(data_dir / layout.VALID_EXAMPLES))
+    probe = probe_batch(data_dir / layout.VALID_EXAMPLES, empty)
 
     registry = Registry(cfg)
     prep, summ = _read_json(data_dir / layout.REPORT), _read_json(data_dir / layout.SUMMARY_REPORT)
@@ -118,7 +132,7 @@ def run_train(cfg: Config, *, register: bool = True) -> dict[str, Any]:
     storage = cfg.storage_path
     Path(storage).mkdir(parents=True, exist_ok=True) if "://" not in storage else None
     loop_config = {
-        "cfg": cfg.to_dict(), "summaries": summaries, "probe": probe, "run_name": run_name,
+        "cfg": cfg.to_dict(), "probe": probe, "run_name": run_name,
         "mlflow_run_id": run_id, "fail_marker": str(Path(tempfile.gettempdir()) / f"embsum-fail-{run_name}"),
     }
     trainer = TorchTrainer(

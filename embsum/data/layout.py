@@ -6,6 +6,10 @@ All paths are under ``Config.data_dir`` (WORKDIR/data). Tensor columns are fixed
 items.parquet          one row per catalog item
     item_id: str, text: str (formatted by data.item_text_fields), token_ids: list<int32> (tokenized
     once, no markers, capped), plus every raw catalog column as str (for the offline teacher).
+users/, train/, valid_examples/, valid/, test/ are written partition by partition: each prepare
+partition (a set of whole users) writes ``part-<key>.parquet`` into each of them, so a user's
+rows sit in files of the same name in every folder.
+
 users/                 one row per user with at least one engagement (parquet dataset)
     user_id: str, split: str ('train'|'valid'|'test'), history: list<str> (item ids, oldest first,
     the user's full known positive history = what precompute and serving use),
@@ -22,7 +26,9 @@ valid/, test/          evaluation impressions (parquet datasets)
     candidate_item_ids: list<str>, labels: list<int8>
 quarantine/            malformed input rows (parquet dataset)
     source: str (file), line: int64 (1-based, header = line 1), reason: str, raw: str
-summaries/             one teacher summary per training example: of its own history (parquet dataset)
+summaries/             one teacher summary per training example: of its own history (parquet dataset,
+    hive-partitioned: part=<train file stem>/*.parquet holds the summaries of the examples in
+    train/<stem>.parquet; train/summaries.py joins them file by file)
     example_id: str, user_id: str, summary: str, teacher: str, prompt_version: str, summary_ids: (S,) int32
 summaries_failed/      training examples the teacher could not summarize (parquet dataset; may be empty)
     example_id: str, user_id: str, error: str (why, e.g. 'gave up after 5 attempts: HTTP 503 ...')
@@ -46,6 +52,7 @@ SUMMARIES = "summaries"
 REPORT = "prepare_report.json"
 SUMMARY_REPORT = "summarize_report.json"
 SUMMARY_FAILURES = "summaries_failed"
+PART_COLUMN = "part"  # summaries/ partition column: the train/ file stem the example came from
 
 
 def path(data_dir: str | Path, name: str) -> Path:

@@ -4,7 +4,7 @@ Three readers share one shape of output (``RECORD_SCHEMA``): one row per input r
 record (``reason == ''``) or a quarantine entry (``reason`` set, ``raw`` the line as read).
 
 - MIND ``behaviors.tsv`` (5 tab-separated columns, no header): one row is one impression.
-- generic logs (csv / tsv with a header, JSON lines, parquet rows as JSON): one row is one
+- generic logs (csv / tsv with a header, JSON lines, parquet rows read as typed columns): one row is one
   engagement, mapped by ``data.user_col`` / ``item_col`` / ``timestamp_col`` / ``label_col`` /
   ``impression_col``.
 - catalogs (``CATALOG_SCHEMA``): MIND ``news.tsv`` (8 columns, no header) or a generic table keyed
@@ -281,6 +281,30 @@ def _rows(batch: pa.Table) -> Any:
     return zip(*(batch.column(c).to_pylist() for c in ("source", "line", "raw")), strict=True)
 
 
+def _entries(batch: pa.Table, fmt: str, headers: dict[str, list[str]],
+             fixed: Sequence[str] | None = None) -> Iterator[tuple[str, int, Any, str]]:
+    """(source, line, field dict or quarantine reason, the row as text) for every row of a batch:
+    numbered text lines (``raw``: decoded and split here) or parquet rows (``record``: already
+    typed; their text, JSON, is made only when a row is quarantined or kept raw: ``_row_text``).
+    ``fixed``: the columns of a headerless layout (MIND news), else each csv/tsv file's header."""
+    if "record" in batch.column_names:
+        for source, line, rec in zip(batch.column("source").to_pylist(), batch.column("line").to_pylist(),
+                                     batch.column("record").to_pylist(), strict=True):
+            yield source, line, rec, ""
+        return
+    for source, line, raw in _rows(batch):
+        text = _decode(raw)
+        if text is None:
+            yield source, line, BAD_ENCODING, raw.decode("utf-8", "backslashreplace")
+        else:
+            yield source, line, _record(text, fmt, fixed or headers.get(source)), text
+
+
+def _row_text(rec: Any, text: str) -> str:
+    """A row's text for quarantine/raw: the line as read, or a parquet row as JSON."""
+    return text or json.dumps(rec, default=str, ensure_ascii=False)
+
+
 def _record(text: str, fmt: str, header: Sequence[str] | None) -> dict[str, Any] | str:
     """One line -> field dict, or the quarantine reason."""
     if fmt in ("jsonl", "parquet"):
@@ -352,12 +376,7 @@ def parse_logs(batch: pa.Table, spec: LogSpec, headers: dict[str, list[str]], kn
     """Log rows -> one record per engagement (label 1 positive, 0 negative, -1 ignored) or a
     quarantine row. ``keep_raw`` keeps good rows' text (needed when impression ids may collide)."""
     out = _Out(RECORD_SCHEMA)
-    for source, line, raw in _rows(batch):
-        text = _decode(raw)
-        if text is None:
-            out.add(source=source, line=line, reason=BAD_ENCODING, raw=raw.decode("utf-8", "backslashreplace"))
-            continue
-        rec = _record(text, spec.fmt, headers.get(source))
+    for source, line, rec, text in _entries(batch, spec.fmt, headers):
         if isinstance(rec, str):
             out.add(source=source, line=line, reason=rec, raw=text)
             continue
@@ -386,9 +405,10 @@ def parse_logs(batch: pa.Table, spec: LogSpec, headers: dict[str, list[str]], kn
         if not reason and item not in known:
             reason = NOT_IN_CATALOG
         if reason:
-            out.add(source=source, line=line, reason=reason, raw=text)
+            out.add(source=source, line=line, reason=reason, raw=_row_text(rec, text))
             continue
-        out.add(source=source, line=line, raw=text if keep_raw else "", user_id=user, impression_id=imp, ts=ts,
+        out.add(source=source, line=line, raw=_row_text(rec, text) if keep_raw else "", user_id=user,
+                impression_id=imp, ts=ts,
                 items=[item], labels=[label], n_candidates=1, n_clicks=int(label == 1), n_ignored=int(label == IGNORED))
     return out.table()
 
@@ -399,25 +419,22 @@ def parse_catalog(batch: pa.Table, spec: CatalogSpec, headers: dict[str, list[st
     ``tokenizer`` is an ``EmbSumTokenizer``: each item is tokenized here, once."""
     out = _Out(CATALOG_SCHEMA)
     good: list[dict[str, Any]] = []
-    for source, line, raw in _rows(batch):
-        text = _decode(raw)
-        if text is None:
-            out.add(source=source, line=line, reason=BAD_ENCODING, raw=raw.decode("utf-8", "backslashreplace"))
-            continue
-        rec = _record(text, "tsv" if spec.fmt == "mind" else spec.fmt,
-                      MIND_NEWS_COLUMNS if spec.fmt == "mind" else headers.get(source))
+    mind = spec.fmt == "mind"
+    for source, line, rec, text in _entries(batch, "tsv" if mind else spec.fmt, headers,
+                                            MIND_NEWS_COLUMNS if mind else None):
         if isinstance(rec, str):
             out.add(source=source, line=line, reason=rec, raw=text)
             continue
         if spec.item_id_col not in rec:
-            out.add(source=source, line=line, reason=MISSING_FIELD, raw=text)
+            out.add(source=source, line=line, reason=MISSING_FIELD, raw=_row_text(rec, text))
             continue
         item_id = _text(rec[spec.item_id_col])
         if not item_id:
-            out.add(source=source, line=line, reason=EMPTY_ITEM, raw=text)
+            out.add(source=source, line=line, reason=EMPTY_ITEM, raw=_row_text(rec, text))
             continue
-        fields = {k: _text(v) if not isinstance(v, (dict, list)) else json.dumps(v) for k, v in rec.items()}
-        good.append(dict(source=source, line=line, raw=text, item_id=item_id, fields=json.dumps(fields),
+        fields = {k: _text(v) if not isinstance(v, (dict, list)) else json.dumps(v, default=str)
+                  for k, v in rec.items()}
+        good.append(dict(source=source, line=line, raw=_row_text(rec, text), item_id=item_id, fields=json.dumps(fields),
                          text=format_item_text(fields, spec.text_fields, spec.max_chars)))
     for rec, ids in zip(good, tokenizer.encode_texts([g["text"] for g in good]) if good else [], strict=True):
         out.add(**rec, token_ids=ids)

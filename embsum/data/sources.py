@@ -8,21 +8,25 @@ hidden and ``_``-prefixed ones skipped) or a glob in its last component (``logs/
 The file list is resolved once, on the driver, and handed to Ray Data as an explicit list: the
 fingerprint, the preflight checks and the job then agree on exactly which files were read.
 
-Line numbers are the reason this module exists: Ray Data's text readers do not keep them. Text
-files are cut into line-aligned byte ranges (``split_lines``, on the driver: one sequential read of
-each file that only counts newlines, at memchr speed) so that each range knows the number of its
-first line; a task then reads just its range (``read_chunk``) and turns it into rows of (source,
+Line numbers are the reason this module exists: Ray Data's text readers do not keep them, and a
+malformed line must be quarantined with its file and line. Text files are cut into line-aligned
+byte ranges (``split_lines``, on the driver: one sequential read of each file that only counts
+newlines, at memchr speed, in constant memory) so that each range knows the number of its first
+line; a read task then reads just its range (``read_chunk``) and turns it into rows of (source,
 line, raw bytes). One big file is so parsed by many tasks, and nothing but the ranges' bounds
 crosses the object store before parsing. Decoding happens later, per line, so a bad byte sequence
-costs one quarantined row, not the file. Parquet has no lines: its rows become JSON objects
-numbered 1..n (``explode_file``), and flow through the JSON-lines parser.
+costs one quarantined row, not the file.
+
+Parquet has rows, not lines: it is read natively, as Arrow columns (``read_row_groups``, only the
+columns asked for), in ranges of row groups cut from the files' footers (``split_row_groups``);
+a row's number in its file (1-based) stands for its line, and its values travel as one struct
+column ``record`` to the parsers (no text round trip).
 """
 
 from __future__ import annotations
 
 import fnmatch
 import hashlib
-import io
 import json
 import os
 from collections.abc import Iterator
@@ -182,14 +186,10 @@ def iter_lines(data: bytes, first: int = 1, file_start: bool = True) -> Iterator
 
 def explode_file(uri: str, data: bytes, fmt: str, headed: bool) -> tuple[list[str], list[int], list[bytes]]:
     """One file's bytes -> (sources, lines, raws). ``headed`` skips the header line (numbers stay
-    1-based and count it, so the first data row of a csv is line 2). Parquet rows become JSON
-    objects (line = row number)."""
+    1-based and count it, so the first data row of a csv is line 2). Text formats only: parquet
+    is read by ``read_row_groups``."""
     if fmt == "parquet":
-        import pyarrow.parquet as pq
-
-        rows = pq.read_table(io.BytesIO(data)).to_pylist()
-        raws = [json.dumps(r, default=str, ensure_ascii=False).encode() for r in rows]
-        return [uri] * len(raws), list(range(1, len(raws) + 1)), raws
+        raise ValueError("explode_file reads text files; read parquet with read_row_groups")
     lines, raws = [], []
     header_pending = headed
     for no, raw in iter_lines(data):
@@ -283,15 +283,54 @@ def read_chunk(filesystem: pafs.FileSystem, chunk: Chunk) -> pa.Table:
                      "raw": pa.array(raws, pa.binary())}, schema=EXPLODED_SCHEMA)
 
 
-def explode_batch(batch: pa.Table, fmt: str, headed: bool, prefix: str) -> pa.Table:
-    """Ray Data ``map_batches`` body over ``read_binary_files(include_paths=True)`` rows."""
-    sources: list[str] = []
-    lines: list[int] = []
-    raws: list[bytes] = []
-    for path, data in zip(batch.column("path").to_pylist(), batch.column("bytes").to_pylist(), strict=True):
-        s, n, r = explode_file(prefix + path, data, fmt, headed)
-        sources += s
-        lines += n
-        raws += r
-    return pa.table({"source": pa.array(sources, pa.string()), "line": pa.array(lines, pa.int64()),
-                     "raw": pa.array(raws, pa.binary())}, schema=EXPLODED_SCHEMA)
+# ---- parquet files -> ranges of row groups (driver) and their rows (tasks) -----------------
+
+@dataclass(frozen=True)
+class RowGroups:
+    """Row groups [first, stop) of one parquet file; its first row is row ``first_row`` (1-based)
+    of the file."""
+
+    path: str
+    uri: str
+    first: int
+    stop: int
+    first_row: int
+    rows: int
+
+
+def split_row_groups(source: Source, rows_per_chunk: int) -> list[RowGroups]:
+    """Cut every parquet file into runs of whole row groups of about ``rows_per_chunk`` rows, from
+    the files' footers (one small read per file; nothing grows with the rows)."""
+    import pyarrow.parquet as pq
+
+    out: list[RowGroups] = []
+    for ref in source.files:
+        with source.filesystem.open_input_file(ref.path) as f:
+            meta = pq.ParquetFile(f).metadata
+        first, first_row, rows = 0, 1, 0
+        for g in range(meta.num_row_groups):
+            rows += meta.row_group(g).num_rows
+            if rows >= rows_per_chunk or g == meta.num_row_groups - 1:
+                out.append(RowGroups(ref.path, source.prefix + ref.path, first, g + 1, first_row, rows))
+                first, first_row, rows = g + 1, first_row + rows, 0
+    return out
+
+
+def read_row_groups(filesystem: pafs.FileSystem, chunk: RowGroups, columns: list[str] | None = None) -> pa.Table:
+    """One range of row groups as (source, line = row number in the file, record = the row's
+    ``columns`` (all when None) as one struct column)."""
+    import pyarrow.parquet as pq
+
+    with filesystem.open_input_file(chunk.path) as f:
+        table = pq.ParquetFile(f).read_row_groups(list(range(chunk.first, chunk.stop)), columns=columns)
+    return numbered_records(table, chunk.uri, chunk.first_row)
+
+
+def numbered_records(table: pa.Table, uri: str, first_row: int = 1) -> pa.Table:
+    """A table's rows as (source, line, record struct), numbered from ``first_row``."""
+    n = table.num_rows
+    arrays = [c.combine_chunks() for c in table.columns]
+    record = pa.StructArray.from_arrays(arrays, names=table.column_names) if arrays else \
+        pa.array([{}] * n, pa.struct([]))
+    return pa.table({"source": pa.array([uri] * n, pa.string()),
+                     "line": pa.array(range(first_row, first_row + n), pa.int64()), "record": record})

@@ -70,6 +70,121 @@ def test_synthetic_end_to_end_rerun_and_determinism(ray_cluster, tmp_path):
     assert _table(cfg, layout.TRAIN).sort_by("example_id").equals(first)
 
 
+def _tables(cfg: Config) -> dict[str, object]:
+    keys = {layout.TRAIN: "example_id", layout.VALID_EXAMPLES: "example_id", layout.VALID: "impression_id",
+            layout.TEST: "impression_id", layout.USERS: "user_id"}
+    return {name: _table(cfg, name).sort_by(key) for name, key in keys.items()}
+
+
+def test_same_rows_on_one_partition_or_many_and_in_one_process(ray_cluster, tmp_path, monkeypatch):
+    """Determinism: the rows written do not depend on how users land in partitions or blocks, and
+    equal what the same transforms give in one process (the benchmark's pandas baseline)."""
+    import train.prepare as prep
+    from bench.prepare_bench import run_baseline
+
+    data = dict(synth_users=40, synth_impressions=400, valid_fraction=0.2, test_fraction=0.2)
+    monkeypatch.setattr(prep, "ROWS_PER_PARTITION", (10**9, 10**9))  # one partition
+    one = _synthetic(tmp_path / "one", **data)
+    rep_one = run_prepare(one)
+    monkeypatch.setattr(prep, "ROWS_PER_PARTITION", (5, 40))  # ten partitions, parsed in 8 blocks
+    monkeypatch.setattr(prep, "ROWS_PER_BLOCK", (50, 50))
+    many = _synthetic(tmp_path / "many", **data)
+    rep_many = run_prepare(many)
+    assert (rep_one["plan_partitions"], rep_many["plan_partitions"]) == (1, 10)
+    assert len(list((many.data_dir / layout.USERS).glob("*.parquet"))) == 10  # every partition has users
+    base = _synthetic(tmp_path / "pandas", **data)
+    run_baseline(base)
+    got_one, got_many, got_base = _tables(one), _tables(many), _tables(base)
+    for name in got_one:
+        assert got_one[name].num_rows > 0, name
+        assert got_one[name].equals(got_many[name]), name
+        assert got_one[name].select(got_base[name].column_names).equals(got_base[name]), name
+    for key in ("rows_in", "rows_out", "examples", "eval_impressions", "users", "candidates", "skipped"):
+        assert rep_one[key] == rep_many[key], key
+
+
+def test_random_order_targets_and_held_out_positives_do_not_depend_on_partitions(ray_cluster, tmp_path,
+                                                                                   monkeypatch):
+    """A log without time (data.event_order random, T targets per example, several held-out positives,
+    several views): the same rows on one partition or many, with rows and files permuted."""
+    import random
+
+    import train.prepare as prep
+
+    items = tmp_path / "items.csv"
+    items.write_text("item_id,title\n" + "".join(f"b{k},Book {k}\n" for k in range(60)))
+    rng = random.Random(3)
+    rows = sorted({(f"u{rng.randrange(30)}", f"b{rng.randrange(60)}") for _ in range(600)})
+    rng.shuffle(rows)
+
+    def cfg_for(name: str, files: list[list[tuple[str, str]]]) -> Config:
+        log_dir = tmp_path / name / "log"
+        log_dir.mkdir(parents=True)
+        for k, part in enumerate(files):
+            (log_dir / f"{k}.csv").write_text("user,item\n" + "".join(f"{u},{i}\n" for u, i in part))
+        return config_from_dict({"workdir": str(tmp_path / name / "wd"), "model": TINY, "data": {
+            "format": "logs", "interactions": str(log_dir), "items": str(items), "user_col": "user",
+            "item_col": "item", "item_text_fields": ["title"], "event_order": "random", "targets_per_example": 2,
+            "eval_positives": 2, "views_per_user": 2, "valid_fraction": 0.2, "test_fraction": 0.2,
+            "eval_negatives": 5}})
+
+    monkeypatch.setattr(prep, "ROWS_PER_PARTITION", (10**9, 10**9))  # one partition
+    one = cfg_for("one", [rows])
+    rep_one = run_prepare(one)
+    monkeypatch.setattr(prep, "ROWS_PER_PARTITION", (60, 120))  # several partitions, in small blocks
+    monkeypatch.setattr(prep, "ROWS_PER_BLOCK", (50, 50))
+    many = cfg_for("many", [rows[300:][::-1], rows[:300]])  # other files, other row order
+    rep_many = run_prepare(many)
+    assert rep_one["plan_partitions"] == 1 < rep_many["plan_partitions"]
+    got_one, got_many = _tables(one), _tables(many)
+    for name in got_one:
+        assert got_one[name].num_rows > 0, name
+        assert got_one[name].equals(got_many[name]), name
+    train = got_one[layout.TRAIN]
+    assert all(len(lab) == 2 * (1 + one.data.negatives) for lab in train.column("labels").to_pylist())
+    held = [i for i in got_one[layout.VALID].column("impression_id").to_pylist() if ":held" in i]
+    assert held and rep_one["examples"]["valid_examples"] > 0
+    for key in ("rows_in", "rows_out", "examples", "eval_impressions", "users", "skipped"):
+        assert rep_one[key] == rep_many[key], key
+
+
+def test_parquet_log_read_natively_with_row_numbers_in_quarantine(ray_cluster, tmp_path):
+    import pyarrow as pa
+
+    items = tmp_path / "items.parquet"
+    pq.write_table(pa.table({"item_id": [f"b{k}" for k in range(20)], "title": [f"Book {k}" for k in range(20)]}),
+                   items)
+    good = [(f"u{k % 4}", f"b{k % 20}", f"2024-01-{1 + k % 28:02d}T10:00:00", "5", f"s{k}") for k in range(30)]
+    bad = {31: (("", "b1", "2024-01-02T10:00:00", "5", "s90"), R.EMPTY_USER),
+           32: (("u1", "b1", "2024-01-02T10:00:00", "five", "s91"), R.BAD_LABEL),
+           33: (("u1", "b999", "2024-01-02T10:00:00", "5", "s92"), R.NOT_IN_CATALOG),
+           34: (("u2", "b4", "yesterday", "5", "s93"), R.BAD_TIMESTAMP),
+           35: (("u3", "b4", "2024-01-03T10:00:00", "5", "s1"), R.DUPLICATE_IMPRESSION)}  # s1 is u1's
+    rows = good + [r for r, _ in bad.values()]
+    cols = ["user", "item", "when", "stars", "session"]
+    log_dir = tmp_path / "log"
+    log_dir.mkdir()
+    # two files, several row groups each, an extra column the job must not read
+    for name, part in (("a.parquet", rows[:18]), ("b.parquet", rows[18:])):
+        table = pa.table({c: [r[i] for r in part] for i, c in enumerate(cols)} | {"blob": ["x" * 100] * len(part)})
+        pq.write_table(table, log_dir / name, row_group_size=5)
+    cfg = config_from_dict({"workdir": str(tmp_path / "wd"), "model": TINY, "data": {
+        "format": "logs", "interactions": str(log_dir), "items": str(items), "user_col": "user", "item_col": "item",
+        "timestamp_col": "when", "label_col": "stars", "positive_threshold": 4, "impression_col": "session",
+        "item_text_fields": ["title"], "valid_fraction": 0.0, "test_fraction": 0.0}})
+    rep = run_prepare(cfg)
+    q = _table(cfg, layout.QUARANTINE)
+    got = {(s.rsplit("/", 1)[-1], n): r for s, n, r in zip(*(q.column(c).to_pylist()
+                                                              for c in ("source", "line", "reason")), strict=True)}
+    assert got == {("b.parquet", k - 18): reason for k, (_, reason) in bad.items()}  # row numbers within b.parquet
+    assert rep["rows_in"] == len(rows) and rep["rows_out"] == len(good) and rep["items"]["items"] == 20
+    assert rep["quarantined_by_reason"] == dict(Counter(r for _, r in bad.values()))
+    raw = q.filter(pc.equal(q.column("line"), 32 - 18)).column("raw").to_pylist()[0]
+    assert json.loads(raw) == dict(zip(cols, bad[32][0], strict=True))  # the row, as JSON, without "blob"
+    users = _table(cfg, layout.USERS).to_pylist()
+    assert {(u["user_id"], i) for u in users for i in u["history"]} == {(r[0], r[1]) for r in good}
+
+
 def _write_bad_log(tmp_path):
     items = tmp_path / "items.csv"
     items.write_text("item_id,title,genre\n"

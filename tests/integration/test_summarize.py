@@ -66,7 +66,9 @@ def _write_fixture(data_dir, poison_item: str | None = None) -> list[str]:
     })
     train_dir = layout.path(data_dir, layout.TRAIN)
     train_dir.mkdir()
-    pq.write_table(examples, train_dir / "part-00000.parquet")
+    for part in (0, 1):  # two prepare partitions: users with an even and an odd number
+        pq.write_table(examples.filter(pa.array([int(u[1:]) % 2 == part for u in train])),
+                       train_dir / f"part-{'ab'[part]}.parquet")
     return train
 
 
@@ -90,10 +92,16 @@ def test_offline_job_writes_one_summary_per_train_user(ray_cluster, tmp_path):
     assert json.loads(layout.path(cfg.data_dir, layout.SUMMARY_REPORT).read_text())["summarized"] == len(train)
 
     ds = ray_cluster.data.read_parquet(str(layout.path(cfg.data_dir, layout.SUMMARIES)))
-    assert ds.columns() == SUMMARY_COLUMNS
+    assert ds.columns() == [*SUMMARY_COLUMNS, layout.PART_COLUMN]  # part: from the hive folder names
     rows = ds.take_all()
     assert sorted(r["user_id"] for r in rows) == sorted(train)  # training examples only, each once
     assert sorted(r["example_id"] for r in rows) == sorted(f"{u}:1" for u in train)
+    # Partitioned like train/: each example's summary sits under its train file's stem, one file
+    # per partition.
+    assert all(r[layout.PART_COLUMN] == f"part-{'ab'[int(r['user_id'][1:]) % 2]}" for r in rows)
+    folders = sorted(layout.path(cfg.data_dir, layout.SUMMARIES).glob("part=*"))
+    assert [f.name for f in folders] == ["part=part-a", "part=part-b"]
+    assert all(len(list(f.glob("*.parquet"))) == 1 for f in folders)
     tok = EmbSumTokenizer.from_config(cfg.model)
     for r in rows:
         assert r["summary"].startswith("The user reads mostly ") and r["teacher"] == "offline-v1"

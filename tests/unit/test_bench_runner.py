@@ -50,8 +50,15 @@ def test_std_spread_for_seeds() -> None:
 def fake_results() -> dict[str, list[dict]]:
     mem = {"peak_rss_mb": 3000.0, "peak_pss_mb": 2000.0}
     return {
-        "prepare": [{"impressions": 200000, "ray_examples_per_s": 30000.0, "pandas_examples_per_s": 15000.0,
-                     "ray_cpu_seconds": 90.0, "pandas_cpu_seconds": 40.0} for _ in range(3)],
+        "prepare": [{"ratio_target": 1.5, "per_row_target": 1.3, "sizes": [
+            {"impressions": 200_000, "runs": [
+                {"ray": {"examples_per_s": 30000.0, "cpu_seconds": 90.0, "seconds": 20.0, "driver_peak_rss_mb": 600.0,
+                         "tree_peak_rss_mb": 3000.0, "object_store_peak_mb": 150.0},
+                 "pandas": {"examples_per_s": 15000.0, "cpu_seconds": 40.0}} for _ in range(3)]},
+            {"impressions": 3_200_000, "runs": [
+                {"ray": {"examples_per_s": 25000.0, "cpu_seconds": 1500.0, "seconds": 400.0,
+                         "driver_peak_rss_mb": 1100.0, "tree_peak_rss_mb": 6000.0, "object_store_peak_mb": 900.0},
+                 "pandas": {"error": "not run"}}]}]}],
         "train": [{"zero_stage": 2, "ray_workers": 2, "ray_worker_torch_threads": 1, "plain_torch_threads": 2,
                    "ray": [{"examples_per_s": 30.0}, {"examples_per_s": 33.0}],
                    "plain": [{"examples_per_s": 32.0}, {"examples_per_s": 32.0}],
@@ -82,9 +89,23 @@ def fake_results() -> dict[str, list[dict]]:
 
 def test_figures_of_every_benchmark() -> None:
     figs = {name: runner.figures_for(name, runs) for name, runs in fake_results().items()}
-    prep = figs["prepare"][0]
-    assert prep.ratio == pytest.approx(2.0) and prep.met is True and prep.repeats == 3
-    assert figs["prepare"][1].ratio == pytest.approx(40 / 90)  # CPU seconds: lower is better
+    prep = {f.name: f for f in figs["prepare"]}
+    small = prep["examples/s, Ray Data prepare job (200,000 synthetic impressions)"]
+    assert small.ratio == pytest.approx(2.0) and small.met is True and small.repeats == 3
+    big = prep["examples/s, Ray Data prepare job (3,200,000 synthetic impressions)"]
+    assert big.ratio is None and big.target is None  # no baseline at that size; the target is at 200k
+    assert prep["CPU-seconds, Ray Data job vs pandas (200,000 impressions; lower is better)"].ratio == \
+        pytest.approx(40 / 90)
+    per_row = next(f for n, f in prep.items() if n.startswith("per-impression cost"))
+    assert per_row.ratio == pytest.approx(100 / 125) and per_row.met is True  # 125 vs 100 us: 1.25x <= 1.3x
+    per_cpu = next(f for n, f in prep.items() if n.startswith("per-impression CPU cost"))
+    assert per_cpu.ratio == pytest.approx(450 / 468.75) and per_cpu.target is None  # CPU-us per impression
+    driver = prep["driver peak RSS, Ray Data prepare job (3,200,000 impressions)"]
+    assert driver.met is False and driver.ratio == pytest.approx(1024 / 1100)  # over the 1 GB budget
+    old = runner.figures_for("prepare", [{"impressions": 200000, "ray_examples_per_s": 30000.0,
+                                          "pandas_examples_per_s": 15000.0, "ray_cpu_seconds": 90.0,
+                                          "pandas_cpu_seconds": 40.0}])
+    assert old[0].ratio == pytest.approx(2.0) and old[1].ratio == pytest.approx(40 / 90)  # earlier results
     train = figs["train"][0]
     assert train.ratio == pytest.approx((30 / 32 + 33 / 32) / 2) and train.target == 0.95
     assert figs["train"][1].unit == "MB" and figs["train"][1].ratio == pytest.approx(0.3)

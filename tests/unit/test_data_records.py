@@ -14,7 +14,7 @@ import pytest
 from embsum.config import DataConfig
 from embsum.data import records as R
 from embsum.data.catalog import build_catalog
-from embsum.data.sources import EXPLODED_SCHEMA, explode_file, resolve
+from embsum.data.sources import EXPLODED_SCHEMA, explode_file, read_row_groups, resolve, split_row_groups
 
 KNOWN = {"i1", "i2", "i3", "N1", "N2", "N3"}
 
@@ -95,10 +95,24 @@ def test_parquet_log_rows_are_numbered_and_typed(tmp_path):
                              "rating": [5.0, 3.0, 4.0], "imp": [1, 2, 3]}), tmp_path / "log.parquet")
     spec = R.LogSpec.from_config(LOG_SPEC, "parquet")
     R.preflight(resolve(str(tmp_path / "log.parquet"), "x"), "parquet", spec.required, "data.interactions")
-    out = R.parse_logs(_lines(tmp_path / "log.parquet", "parquet", False), spec, {}, KNOWN)
+    src = resolve(str(tmp_path / "log.parquet"), "x")
+    rows = pa.concat_tables(read_row_groups(src.filesystem, g, list(spec.required))
+                            for g in split_row_groups(src, 10))
+    out = R.parse_logs(rows, spec, {}, KNOWN, keep_raw=True)
     assert _by_line(out) == {1: "", 2: R.BAD_TIMESTAMP, 3: R.EMPTY_USER}
     assert out.column("ts").to_pylist()[0] == dt.datetime(2024, 1, 1, 10, tzinfo=dt.timezone.utc).timestamp()
     assert out.column("impression_id").to_pylist()[0] == "1" and out.column("labels").to_pylist()[0] == [1]
+    # A quarantined (or kept) parquet row's text is the row as JSON: what a person can search for.
+    assert json.loads(out.column("raw").to_pylist()[1]) == {"user": "u2", "item": "i2", "ts": None, "rating": 3.0,
+                                                            "imp": 2}
+    # The same rows as JSON lines give the same records: one parser, two ways in.
+    jsonl = tmp_path / "log.jsonl"
+    jsonl.write_text("".join(json.dumps(r, default=str) + "\n" for r in pq.read_table(tmp_path / "log.parquet")
+                             .to_pylist()))
+    as_json = R.parse_logs(_lines(jsonl, "jsonl", False), R.LogSpec.from_config(LOG_SPEC, "jsonl"), {}, KNOWN,
+                           keep_raw=True)
+    cols = ["line", "reason", "user_id", "impression_id", "ts", "items", "labels"]
+    assert out.select(cols).equals(as_json.select(cols))
 
 
 def test_mind_behaviors_rows(tmp_path):

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from embsum.data.sources import detect_format, explode_batch, explode_file, fingerprint, iter_lines, resolve
+from embsum.data.sources import (
+    detect_format,
+    explode_file,
+    fingerprint,
+    iter_lines,
+    read_row_groups,
+    resolve,
+    split_row_groups,
+)
 
 
 def test_resolve_file_directory_glob_and_file_uri(tmp_path):
@@ -62,16 +69,21 @@ def test_explode_headed_skips_header_but_keeps_numbers():
     assert lines == [3, 5] and raws == [b"u1,i1", b"u2,i2"] and src == ["f.csv", "f.csv"]
 
 
-def test_explode_parquet_rows_become_numbered_json(tmp_path):
-    pq.write_table(pa.table({"user": ["u1", "u2"], "item": [7, 8]}), tmp_path / "x.parquet")
-    _, lines, raws = explode_file("x.parquet", (tmp_path / "x.parquet").read_bytes(), "parquet", headed=False)
-    assert lines == [1, 2] and [json.loads(r) for r in raws] == [{"user": "u1", "item": 7}, {"user": "u2", "item": 8}]
-
-
-def test_explode_batch_prefixes_uri():
-    batch = pa.table({"path": ["bucket/a.tsv"], "bytes": [b"x\ty\n"]})
-    out = explode_batch(batch, "tsv", headed=False, prefix="s3://")
-    assert out.column("source").to_pylist() == ["s3://bucket/a.tsv"] and out.column("line").to_pylist() == [1]
+def test_parquet_row_groups_are_cut_from_footers_and_rows_numbered_per_file(tmp_path):
+    # Two files, row groups of 3 rows: runs of whole row groups, numbered as rows of their file.
+    pq.write_table(pa.table({"user": [f"u{k}" for k in range(7)], "item": list(range(7)), "x": [1.5] * 7}),
+                   tmp_path / "a.parquet", row_group_size=3)
+    pq.write_table(pa.table({"user": ["v0", "v1"], "item": [9, 8], "x": [0.0, 1.0]}), tmp_path / "b.parquet")
+    src = resolve(str(tmp_path), "data.interactions")
+    groups = split_row_groups(src, 4)
+    assert [(g.uri.rsplit("/", 1)[-1], g.first, g.stop, g.first_row, g.rows) for g in groups] == \
+        [("a.parquet", 0, 2, 1, 6), ("a.parquet", 2, 3, 7, 1), ("b.parquet", 0, 1, 1, 2)]
+    rows = [read_row_groups(src.filesystem, g, ["user", "item"]) for g in groups]
+    assert [t.column("line").to_pylist() for t in rows] == [[1, 2, 3, 4, 5, 6], [7], [1, 2]]
+    assert rows[1].column("record").to_pylist() == [{"user": "u6", "item": 6}]  # only the asked-for columns
+    assert rows[2].column("source").to_pylist() == [str(tmp_path / "b.parquet")] * 2
+    with pytest.raises(ValueError, match="read parquet with read_row_groups"):
+        explode_file("x.parquet", b"", "parquet", headed=False)
 
 
 def test_fingerprint_tracks_files_and_config(tmp_path):

@@ -221,3 +221,17 @@ def replace_limits(**kw):
     from dataclasses import replace
 
     return replace(LIMITS, **kw)
+
+
+def test_the_declarative_app_is_pinned_for_its_builder_and_its_replicas() -> None:
+    """deploy(version=V) must not need the alias: the builder (build_app) reads serve.model_version from
+    the app's args, the replicas read user_config; both say V (the GPU check deploys before any promote)."""
+    from embsum.config import load_config
+    from serve.app import DEPLOYMENT_NAME, _app_config
+
+    cfg = load_config(None)
+    assert cfg.serve.model_version == ""
+    app = _app_config(cfg, "embsum", "3")
+    assert app["args"]["values"]["serve"]["model_version"] == "3"
+    scorer = next(d for d in app["deployments"] if d["name"] == DEPLOYMENT_NAME)
+    assert scorer["user_config"] == {"model_version": "3"}

@@ -13,6 +13,8 @@ from embsum.summary_text import degenerate, unigram_f1
     "and or and or and or and or",
     "The user reads mostly),),),ing,",  # the demo's best-by-validation checkpoint at 125 of 250 steps
     "The user reads mostly ;;; and King", "mostly - - - King",
+    # lambda 0 decoded with beams and no repeated bigram (bench/results/quality.md)
+    "counseling counseling hesitation hesitationtrecerea counseling décidé décidé counseling 8 8 counseling",
 ])
 def test_degenerate_outputs_are_named(text):
     assert degenerate(text) is not None
@@ -22,6 +24,7 @@ def test_degenerate_outputs_are_named(text):
     "The user reads mostly Stephen King and John Grisham; recurring topics: harry, potter.",
     "The user reads mostly sports (nfl, soccer) and finance.", "Born in 1999, reads 2000s thrillers",
     "The user reads mostly technology (ai, gadgets)... and sports (nfl).", "reads King, Koontz, Rice, Grisham",
+    "The user reads mostly Duran Duran; recurring topics: new, york.",  # one doubled word is a name, not a stutter
 ])
 def test_readable_summaries_pass(text):
     assert degenerate(text) is None

@@ -78,6 +78,10 @@ HAPROXY_RETRY = {"RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response"}
 # instances on one machine (tests, a benchmark, a colleague's) would collide and HAProxy would not
 # start. A local cluster gets free ports instead, unless the caller set them.
 _HAPROXY_PORTS = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT")
+# Serve gives a starting proxy 5 s to say it is ready, then kills it (ray.kill) and `serve.start` fails with
+# ActorDiedError: on a busy machine (a shared laptop, a loaded CI runner) HAProxy's manager takes longer. A local
+# cluster gives it the 60 s `serve.start` waits anyway (Ray's HTTP_PROXY_TIMEOUT), unless the caller set it.
+LOCAL_PROXY_READY = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60"}
 
 
 # ---- the application ---------------------------------------------------------------------------------
@@ -199,8 +203,8 @@ def serve_env(cfg: Config, environ: dict[str, str] | None = None) -> dict[str, s
     """Environment for Serve's controller, proxies and replicas: every RAY_SERVE_* variable of
     ``environ`` (default: this process's), then serve.ingress's settings over them, and for HAProxy
     the retry policy (``HAPROXY_RETRY``) unless ``environ`` sets one. For a local cluster: free
-    HAProxy stats/metrics ports unless given, and the 'proxy' ingress (with a warning) where no
-    HAProxy binary is installed."""
+    HAProxy stats/metrics ports unless given, a 60 s proxy ready check, and the 'proxy' ingress (with a
+    warning) where no HAProxy binary is installed."""
     env = dict(os.environ if environ is None else environ)
     out = {k: v for k, v in env.items() if k.startswith("RAY_SERVE_")}
     ingress = cfg.serve.ingress
@@ -215,6 +219,9 @@ def serve_env(cfg: Config, environ: dict[str, str] | None = None) -> dict[str, s
     if ingress == "haproxy" and not cfg.ray.address:
         for key in _HAPROXY_PORTS:
             out.setdefault(key, str(_free_port()))
+    if not cfg.ray.address:
+        for key, value in LOCAL_PROXY_READY.items():
+            out.setdefault(key, value)
     return out
 
 

@@ -187,8 +187,13 @@ def test_serve_env_selects_the_ingress_and_forwards_serve_settings(tmp_path):
     assert given["RAY_SERVE_HAPROXY_STATS_PORT"] == "8404"
     remote = serve_env(config_from_dict({"workdir": str(tmp_path), "ray": {"address": "auto"}}), {})
     assert "RAY_SERVE_HAPROXY_STATS_PORT" not in remote
+    # A local cluster's proxy gets 60 s to start (Serve's 5 s killed it on a loaded machine); a remote one Ray's.
+    ready = "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S"
+    assert env[ready] == "60" and ready not in remote
+    assert serve_env(fast, {ready: "9"})[ready] == "9"  # the caller's own setting wins
     classic = serve_env(config_from_dict({"workdir": str(tmp_path), "serve": {"ingress": "proxy"}}), {})
-    assert classic == {"RAY_SERVE_ENABLE_HA_PROXY": "0", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "0"}
+    assert classic == {"RAY_SERVE_ENABLE_HA_PROXY": "0", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "0",
+                       "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60"}
 
 
 def test_serve_env_falls_back_to_the_python_proxy_without_haproxy(tmp_path, monkeypatch):

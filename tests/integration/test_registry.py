@@ -128,7 +128,7 @@ def served_registry(mlflow_server, tmp_path: Path, model_dir: Path):
     values = {"workdir": str(tmp_path), "mlflow": {"tracking_uri": mlflow_server.url, "registered_model": NAME,
                                                    "experiment": f"gate-{tmp_path.name}",
                                                    "artifact_location": f"mlflow-artifacts:/{tmp_path.name}",
-                                                   "http_retries": 1, "http_timeout_s": 5}}
+                                                   "http_retries": 3, "http_timeout_s": 60}}  # set-up: patient
     registry = Registry(config_from_dict(values))
     v1 = _version(registry, model_dir, 0.70)
     registry.promote(v1)
@@ -144,7 +144,7 @@ def test_gate_fails_closed_when_alias_lookups_fail(served_registry, tmp_path: Pa
     registry, v1, v2 = served_registry
     proxy = FaultyProxy(int(registry.uri.rsplit(":", 1)[1]))
     args = ["promote", v2, f"workdir={tmp_path}", f"mlflow.tracking_uri={proxy.url}",
-            f"mlflow.registered_model={NAME}", "mlflow.http_retries=1", "mlflow.http_timeout_s=5"]
+            f"mlflow.registered_model={NAME}", "mlflow.http_retries=1", "mlflow.http_timeout_s=30"]
     try:
         proxy.failing = True
         failed = embsum(*args)
@@ -197,8 +197,8 @@ def test_the_clusters_mlflow_requires_the_secrets_credentials(tmp_path: Path, mo
     try:
         assert httpx.get(server.url + "/health").status_code == 200  # probes need no credentials
         cfg = config_from_dict({"workdir": str(tmp_path), "mlflow": {
-            "tracking_uri": server.url, "registered_model": "auth-test", "http_retries": 0,
-            "artifact_location": "mlflow-artifacts:/auth-test"}})
+            "tracking_uri": server.url, "registered_model": "auth-test", "http_retries": 0, "http_timeout_s": 60,
+            "artifact_location": "mlflow-artifacts:/auth-test"}})  # refusals are 401s: no timeout is asserted on
         for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
             monkeypatch.delenv(k, raising=False)
         with pytest.raises(RegistryError, match=rf"the model registry at {server.url} failed to list its versions"):

@@ -104,7 +104,7 @@ def train_eval(cfg: Config, label: str, *, cached_only: bool = False) -> dict[st
         out = json.loads(cache.read_text())
         model_dir = cfg.workdir_path / "models" / f"v{out['version']}"
         if out.get("generation", UNRECORDED) != generation(cfg) and model_dir.is_dir():
-            print(f"[bench] {label}: decoding {generation(cfg)} (the run decoded {out.get('generation')}): "
+            print(f"[bench] {label}: decoding {generation(cfg)} (the run decoded {out.get('generation', UNRECORDED)}): "
                   "scored again in process", flush=True)
             out.update(rescore(cfg, model_dir), generation=generation(cfg), summaries=summary_probe(cfg, model_dir))
             cache.write_text(json.dumps(out, default=str))

@@ -91,6 +91,20 @@ def run_key(cfg: Config) -> str:
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def resumable_run_name(cfg: Config, label: str, key: str) -> str:
+    """The Ray Train run name of this study run: the newest earlier attempt that left a checkpoint but no
+    result (killed: OOM, a reboot, Ctrl-C), so rerunning the study resumes it from that checkpoint; else
+    a fresh name."""
+    prefix = f"bench-{label}-{key[:8]}-"
+    root = Path(cfg.storage_path)
+    tried = sorted((p for p in root.glob(f"{prefix}*") if any(p.glob("checkpoint_*"))),
+                   key=lambda p: p.stat().st_mtime) if root.is_dir() else []
+    if tried:
+        print(f"[bench] {label}: resuming the interrupted run {tried[-1].name}", flush=True)
+        return tried[-1].name
+    return f"{prefix}{int(time.time())}"
+
+
 def train_eval(cfg: Config, label: str, *, cached_only: bool = False) -> dict[str, Any] | None:
     """run_train -> run_evaluate -> per-impression scores, learning curves, summary probe. Cached.
     cached_only: None instead of training when the run has not finished before."""
@@ -116,7 +130,7 @@ def train_eval(cfg: Config, label: str, *, cached_only: bool = False) -> dict[st
     from train.evaluate import run_evaluate
     from train.train import run_train
 
-    cfg = replace(cfg, "train.run_name", f"bench-{label}-{key[:8]}-{int(time.time())}")
+    cfg = replace(cfg, "train.run_name", resumable_run_name(cfg, label, key))
     t0 = time.perf_counter()
     tr = run_train(cfg, register=True)
     t1 = time.perf_counter()

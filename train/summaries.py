@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
-from embsum.arrow_tensors import table_tensor
+from embsum.arrow_tensors import table_tensor, tensor_array
 from embsum.data import layout
 
 _CACHE: dict[str, tuple[pa.Array, np.ndarray]] = {}  # per Data worker process: partition -> summaries
@@ -68,7 +68,7 @@ def attach_summaries(batch: pa.Table, summaries_dir: str, empty: np.ndarray) -> 
         found = idx >= 0
         summ[rows[found]] = ids[idx[found]]
     out = batch.drop_columns(["path"])
-    return out.append_column("summary_ids", pa.FixedShapeTensorArray.from_numpy_ndarray(summ))
+    return out.append_column("summary_ids", tensor_array(summ))
 
 
 def check_partitions(data_dir: Path) -> None:

@@ -4,7 +4,8 @@ Ray creates the process group (gloo on CPU, NCCL on GPU); DeepSpeed reuses it, n
 Every rank streams its own shard, steps, and saves + reports collectively (DeepSpeed checkpoints
 are collective, and every rank must call ``ray.train.report`` the same number of times).
 
-Named steps: ``setup`` (model, engine, data shards), ``resume``, ``train_step``, ``validate``,
+Named steps: ``setup`` (model, engine, data shards), ``resume``, ``train_step`` (within ``train_pass``,
+one pass over the shard), ``validate`` (the model's own scores, ``embsum.metrics``' AUC) and
 ``save_and_report``; ``train_loop_per_worker`` strings them together.
 
 A checkpoint holds: ``ds/`` (DeepSpeed engine: weights, optimizer, scheduler, client state),

@@ -1,10 +1,12 @@
 """Tensor columns: pyarrow's canonical ``fixed_shape_tensor`` extension type (``arrow.fixed_shape_tensor``).
 
-Every tensor column the platform writes (prepare's token ids, summarize's summary ids, embed's
-UPE/CPE) is a ``pa.fixed_shape_tensor``: parquet keeps it, any Arrow reader understands it, and
-``ray.data.read_parquet`` streams it. It is built and read back with pyarrow's own API
+The tensor columns the platform writes itself (prepare's token ids, the trainer's joined summary
+ids, embed's UPE/CPE) are ``pa.fixed_shape_tensor``: parquet keeps it, any Arrow reader understands
+it, and ``ray.data.read_parquet`` streams it. They are built and read back with pyarrow's own API
 (``FixedShapeTensorArray.from_numpy_ndarray`` / ``to_numpy_ndarray``), so the serving and driver
-paths need only pyarrow.
+paths need only pyarrow. The exception is summarize's output: Ray Data writes it through a hash
+shuffle that cannot carry pyarrow's type (train/summaries.py, ``read_summaries``), so it holds Ray
+Data's own tensor type, which pyarrow reads once ``ray.data`` is imported (it registers the type).
 """
 
 from __future__ import annotations
@@ -36,8 +38,8 @@ def tensor_array(a: np.ndarray) -> pa.FixedShapeTensorArray:
 def table_tensor(table: pa.Table, name: str, dtype: Any = None) -> np.ndarray:
     """A ``fixed_shape_tensor`` column of a table -> numpy (rows, *shape) (``dtype``: converted to).
 
-    A column of Ray Data's own tensor type (files of older versions) is read where Ray has
-    registered that type (inside Ray Data tasks); elsewhere it is refused, naming the column."""
+    A column of Ray Data's own tensor type (summaries; embeddings of older versions) is read where
+    ``ray.data`` is imported (which registers the type); elsewhere it is refused, naming the column."""
     col = table.column(name)
     if isinstance(col.type, pa.FixedShapeTensorType):
         empty = np.zeros((0, *col.type.shape), dtype=col.type.value_type.to_pandas_dtype())
@@ -53,8 +55,9 @@ def table_tensor(table: pa.Table, name: str, dtype: Any = None) -> np.ndarray:
 def _refuse(table: pa.Table, name: str) -> None:
     written_as = (table.schema.field(name).metadata or {}).get(b"ARROW:extension:name", b"")
     if written_as.startswith(_RAY_TENSOR):
-        raise ValueError(f"column {name!r} holds Ray Data's tensor type ({written_as.decode()}), written by an "
-                         f"older version: rerun the stage that wrote it (`embsum embed` for embeddings, "
-                         f"`embsum summarize` for summaries), which writes pyarrow's fixed_shape_tensor")
+        raise ValueError(f"column {name!r} holds Ray Data's tensor type ({written_as.decode()}), which pyarrow "
+                         f"reads only once ray.data is imported: embeddings of an older version (rerun `embsum "
+                         f"embed` for it: it writes pyarrow's fixed_shape_tensor), or summaries (read them with "
+                         f"train.summaries.read_summaries)")
     raise ValueError(f"column {name!r} is not a tensor column (type {table.column(name).type}); expected "
                      f"pyarrow's fixed_shape_tensor")

@@ -36,10 +36,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 
 from embsum import events
-from embsum.arrow_tensors import tensor_array
 from embsum.config import Config, replace
 from embsum.data import layout
 from embsum.data.teachers import load_item_records, load_prompt_template, make_teacher, resolve_cache_dir
@@ -73,14 +71,12 @@ class SummarizeWorker:
         self.tokenizer = EmbSumTokenizer.from_config(cfg.model)
         self.summary_tokens = cfg.model.summary_tokens
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out = self.summarize(batch)
         if "path" in batch:  # the train/ file (= prepare partition) each example came from
             out[layout.PART_COLUMN] = np.array([os.path.basename(str(p)).removesuffix(".parquet")
                                                 for p in batch["path"]], dtype=object)
-        # A table, so that summary_ids is pyarrow's fixed_shape_tensor (embsum/arrow_tensors.py), not
-        # the tensor type Ray Data gives a returned numpy array.
-        return pa.table({k: tensor_array(v) if k == "summary_ids" else pa.array(v) for k, v in out.items()})
+        return out
 
     def summarize(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         keys = [str(e) for e in batch["example_id"]]

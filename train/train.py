@@ -44,14 +44,13 @@ def load_summaries(data_dir: Path) -> dict[str, np.ndarray]:
     """example_id -> summary ids (S,) int32, from the summarize stage's parquet: every example's, in
     this process (the single-process bench loop uses it; the Ray trainer joins them per file instead,
     train/summaries.py)."""
-    import pyarrow.dataset as pads
+    from train.summaries import read_summaries
 
     d = data_dir / layout.SUMMARIES
     if not d.exists():
         return {}
-    table = pads.dataset(str(d), format="parquet").to_table(columns=["example_id", "summary_ids"])
-    arr = table_tensor(table, "summary_ids", np.int32)
-    return {str(u): arr[i] for i, u in enumerate(table.column("example_id").to_pylist())}
+    ids, arr = read_summaries(d)
+    return {str(u): arr[i] for i, u in enumerate(ids.to_pylist())}
 
 
 def probe_batch(valid_dir: Path, empty: np.ndarray, n: int = 4) -> dict[str, np.ndarray]:

@@ -49,7 +49,7 @@ def test_ray_tensor_columns_without_ray_and_plain_columns_are_refused() -> None:
                                                     b"ARROW:extension:metadata": b"[2]"})
     older = pa.Table.from_arrays([storage], schema=pa.schema([field]))
     with pytest.raises(ValueError, match=r"column 'upe' holds Ray Data's tensor type \(ray.data.arrow_tensor_v2\)"
-                                         r".*`embsum embed` for embeddings"):
+                                         r".*rerun `embsum embed`"):
         table_tensor(older, "upe")
     with pytest.raises(ValueError, match=r"column 'x' is not a tensor column \(type int64\)"):
         table_tensor(pa.table({"x": [1, 2]}), "x")

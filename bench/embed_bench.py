@@ -13,9 +13,9 @@ users: the prepared users (G x L session ids) likewise (user encoding generates 
 32 tokens per user, so users cost far more than items).
 
 - Ray: ``run_embed`` on a local cluster that is already up: ONE actor pool of
-  ``train.infer_actors`` = 2 model replicas (1 CPU and 1 torch thread each) runs every call, items
+  ``infer.actors`` = 2 model replicas (1 CPU and 1 torch thread each) runs every call, items
   first, then users; each call reads its rows of items.parquet / users/, encodes them in batches
-  of ``train.infer_batch_size`` = 64 and writes a parquet part. Its items figure is items over the
+  of ``infer.batch_size`` = 64 and writes a parquet part. Its items figure is items over the
   time from the job start to the last item call's end (the pool's start-up included: process
   start, torch/transformers imports, model load); the users figure is users over the span of the
   user calls (the pool is running by then: one start-up serves both). Steady figures: rows over
@@ -60,7 +60,7 @@ def bench_config(quick: bool) -> Any:
     src = bx_config()
     cfg = replace(src, "workdir", str(harness.bench_root() / ("embed-quick" if quick else "embed")))
     for k, v in {"mlflow.experiment": "bench-embed", "mlflow.registered_model": "embsum-bench-embed",
-                 "train.infer_actors": 2, "train.infer_cpus": 1.0, "train.infer_batch_size": 64}.items():
+                 "infer.actors": 2, "infer.cpus": 1.0, "infer.batch_size": 64}.items():
         cfg = replace(cfg, k, v)
     return src, cfg
 
@@ -134,7 +134,7 @@ def single_process(cfg: Any, model_dir: Path, out_dir: Path, threads: int = 2) -
     from embsum.predictor import Predictor
 
     torch.set_num_threads(threads)
-    bs = cfg.train.infer_batch_size
+    bs = cfg.infer.batch_size
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     pred = Predictor.from_dir(model_dir, batch_size=bs)  # timed: a precompute job loads its model every run
@@ -279,14 +279,14 @@ def main(argv: list[str] | None = None) -> int:
         # the whole job, start to last file: single-process seconds / Ray seconds (> 1: Ray faster)
         "ray_job_seconds": med(rays, "seconds"), "single_job_seconds": med(singles, "job_seconds"),
         "job_ratio": harness.spread([x["job_seconds"] / y["seconds"] for x, y in zip(singles, rays, strict=True)]),
-        "ray": rays, "single": singles, "actors": cfg.train.infer_actors, "batch_size": cfg.train.infer_batch_size,
+        "ray": rays, "single": singles, "actors": cfg.infer.actors, "batch_size": cfg.infer.batch_size,
         "memory": {"ray": mem_ray.report(), "single": mem_single.report()},
         "model": {k: getattr(cfg.model, k) for k in ("d_model", "num_layers", "num_decoder_layers", "user_codes",
                                                       "content_codes", "content_tokens", "summary_tokens")},
         "machine": harness.machine(), "wall_seconds": round(time.perf_counter() - t_start, 1),
     }
     path = harness.write_result("embed", res, args.out, quick=args.quick)
-    print(f"embed bench: {counts['items']:,} items | Ray Data ({cfg.train.infer_actors} actors x 1 thread) "
+    print(f"embed bench: {counts['items']:,} items | Ray Data ({cfg.infer.actors} actors x 1 thread) "
           f"{ri['median']:.0f} items/s vs one process (2 threads) {si['median']:.0f} items/s as jobs: ratio "
           f"{res['items_ratio']:.3f} (target >= 0.9) | steady {ri_s['median']:.0f} vs {si_s['median']:.0f}/s: "
           f"{res['items_ratio_steady']:.3f} | vs a process with imports done {si_w['median']:.0f}/s: "

@@ -83,8 +83,8 @@ def check_config(work: Path, device: str, steps: int, batch: int, port: int) -> 
                   "deepspeed_config": str(REPO / "train" / "deepspeed" / "zero2.json"),  # absolute for the workers
                   "precision": "bf16" if gpu else "fp32", "batch_size": batch, "max_steps": steps,
                   "warmup_steps": min(10, steps), "log_every": max(1, steps // 10), "checkpoint_every": steps,
-                  "eval_batches": 2, "max_failures": 0, "summary_weight": 0.05, "infer_actors": 1,
-                  "infer_cpus": 1.0, "infer_gpus": 1.0 if gpu else 0.0, "infer_batch_size": 256 if gpu else 32},
+                  "eval_batches": 2, "max_failures": 0, "summary_weight": 0.05},
+        "infer": {"actors": 1, "cpus": 1.0, "gpus": 1.0 if gpu else 0.0, "batch_size": 256 if gpu else 32},
         "serve": {"port": port, "min_replicas": 1, "max_replicas": 1, "num_cpus": 1.0, "num_gpus": 1.0 if gpu else 0.0},
     })
 

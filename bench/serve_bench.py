@@ -97,8 +97,8 @@ def register_model(cfg: Config) -> str:
 def write_random_embeddings(cfg: Config, version: str) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
-    from ray.data.extensions import ArrowTensorArray
 
+    from embsum.arrow_tensors import tensor_array
     from embsum.embeddings import ITEMS, USERS, Manifest, version_dir, write_manifest
 
     rng = np.random.default_rng(0)
@@ -111,11 +111,11 @@ def write_random_embeddings(cfg: Config, version: str) -> None:
     upe = rng.standard_normal((N_USERS, m, d), dtype=np.float32)
     pq.write_table(pa.table({"item_id": [f"n{i}" for i in range(N_ITEMS)],
                              "text": [f"item {i}" for i in range(N_ITEMS)],
-                             "cpe": ArrowTensorArray.from_numpy(cpe), "cpe_key": ArrowTensorArray.from_numpy(key)}),
+                             "cpe": tensor_array(cpe), "cpe_key": tensor_array(key)}),
                    out / ITEMS / "part-0.parquet")
     pq.write_table(pa.table({"user_id": [f"U{u}" for u in range(N_USERS)],
                              "history": pa.array([[f"n{u}"] for u in range(N_USERS)], pa.list_(pa.string())),
-                             "upe": ArrowTensorArray.from_numpy(upe), "summary": [""] * N_USERS}),
+                             "upe": tensor_array(upe), "summary": [""] * N_USERS}),
                    out / USERS / "part-0.parquet")
     write_manifest(out, Manifest(model_name=cfg.mlflow.registered_model, model_version=version, model_fingerprint="",
                                  items=N_ITEMS, users=N_USERS, dtype="float32", user_codes=m, content_codes=n,

@@ -92,8 +92,7 @@ def plain_loop(cfg: Any, arrays: dict[str, np.ndarray], summaries: dict[str, np.
                              {"params": no_decay, "weight_decay": 0.0}], lr=t.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(t.warmup_steps, t.max_steps))
     temperature = t.nce_temperature or math.sqrt(model.d_model)
-    empty = np.zeros((cfg.model.summary_tokens,), np.int32)
-    empty[0] = tok.eos_id
+    empty = tok.empty_summary()  # (S,)
     batch = t.batch_size * t.num_workers  # the global batch of one optimizer step
     order = np.random.default_rng(t.seed).permutation(len(arrays["example_id"]))
     marks: list[float] = []

@@ -1,17 +1,24 @@
-"""Ray Data tensor columns read without Ray (the serving and driver paths need only pyarrow).
+"""Tensor columns: pyarrow's canonical ``fixed_shape_tensor`` extension type (``arrow.fixed_shape_tensor``).
 
-Ray writes fixed-shape tensor columns as an Arrow extension type; pyarrow without Ray's types
-registered sees its storage, a (large_)list of scalars, or a fixed_size_list. Either way the
-values are one contiguous buffer, reshaped here without a Python loop.
+The tensor columns the platform writes itself (prepare's token ids, the trainer's joined summary
+ids, embed's UPE/CPE) are ``pa.fixed_shape_tensor``: parquet keeps it, any Arrow reader understands
+it, and ``ray.data.read_parquet`` streams it. They are built and read back with pyarrow's own API
+(``FixedShapeTensorArray.from_numpy_ndarray`` / ``to_numpy_ndarray``), so the serving and driver
+paths need only pyarrow. The exception is summarize's output: Ray Data writes it through a hash
+shuffle that cannot carry pyarrow's type (train/summaries.py, ``read_summaries``), so it holds Ray
+Data's own tensor type, which pyarrow reads once ``ray.data`` is imported (it registers the type).
 """
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+
+# Ray Data's own tensor types (ray.data.arrow_tensor, ray.data.arrow_tensor_v2): what older
+# versions wrote for summaries and embeddings.
+_RAY_TENSOR = b"ray.data.arrow_tensor"
 
 
 def writable(a: Any, dtype: Any) -> np.ndarray:
@@ -23,50 +30,34 @@ def writable(a: Any, dtype: Any) -> np.ndarray:
     return np.require(a, dtype=dtype, requirements=["C", "W"])
 
 
+def tensor_array(a: np.ndarray) -> pa.FixedShapeTensorArray:
+    """numpy (rows, *shape) -> a ``fixed_shape_tensor`` column of ``rows`` tensors of ``shape``."""
+    return pa.FixedShapeTensorArray.from_numpy_ndarray(np.ascontiguousarray(a))
+
+
 def table_tensor(table: pa.Table, name: str, dtype: Any = None) -> np.ndarray:
-    """A tensor column of a table read from parquet -> numpy (rows, *shape)."""
-    return tensor_to_numpy(table.column(name), dtype, shape=column_shape(table.schema.field(name)))
+    """A ``fixed_shape_tensor`` column of a table -> numpy (rows, *shape) (``dtype``: converted to).
 
-
-def tensor_to_numpy(col: Any, dtype: Any = None, shape: tuple[int, ...] | None = None) -> np.ndarray:
-    """(Chunked) Arrow column of equal-shape tensors -> numpy (rows, *shape)."""
-    if isinstance(col, pa.ChunkedArray):
-        col = col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
-    if hasattr(col, "to_numpy_ndarray"):  # Ray's extension array (ray imported)
-        out = np.asarray(col.to_numpy_ndarray())
-        return out.astype(dtype, copy=False) if dtype is not None else out
-    if isinstance(col, pa.ExtensionArray):
-        col = col.storage
-    n = len(col)
-    arr = col
-    while pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type) or pa.types.is_fixed_size_list(arr.type):
-        arr = arr.flatten()
-    flat = arr.to_numpy(zero_copy_only=False)
-    if n == 0:
-        return np.zeros((0,), dtype=dtype or flat.dtype)
-    shape = shape or _shape_from_type(col.type) or (len(flat) // n,)
-    out = flat.reshape(n, *shape)
+    A column of Ray Data's own tensor type (summaries; embeddings of older versions) is read where
+    ``ray.data`` is imported (which registers the type); elsewhere it is refused, naming the column."""
+    col = table.column(name)
+    if isinstance(col.type, pa.FixedShapeTensorType):
+        empty = np.zeros((0, *col.type.shape), dtype=col.type.value_type.to_pandas_dtype())
+    elif getattr(col.type, "extension_name", "").encode().startswith(_RAY_TENSOR):
+        empty = np.zeros((0, *col.type.shape))
+    else:
+        _refuse(table, name)
+    chunks = [c.to_numpy_ndarray() for c in col.chunks]  # pyarrow's API (Ray's type has the same method)
+    out = np.concatenate(chunks) if len(chunks) > 1 else chunks[0] if chunks else empty
     return out.astype(dtype, copy=False) if dtype is not None else out
 
 
-def _shape_from_type(tp: Any) -> tuple[int, ...] | None:
-    meta = getattr(tp, "__arrow_ext_serialize__", None)
-    if meta is not None:
-        try:
-            return tuple(json.loads(meta().decode()))
-        except (ValueError, AttributeError):
-            return None
-    return None
-
-
-def column_shape(field: pa.Field) -> tuple[int, ...] | None:
-    """The tensor shape Ray recorded in a parquet field's metadata (None if not a tensor column)."""
-    md = field.metadata or {}
-    raw = md.get(b"ARROW:extension:metadata")
-    if raw is None:
-        return None
-    try:
-        shape = json.loads(raw.decode())
-    except ValueError:
-        return None
-    return tuple(shape) if isinstance(shape, list) else None
+def _refuse(table: pa.Table, name: str) -> None:
+    written_as = (table.schema.field(name).metadata or {}).get(b"ARROW:extension:name", b"")
+    if written_as.startswith(_RAY_TENSOR):
+        raise ValueError(f"column {name!r} holds Ray Data's tensor type ({written_as.decode()}), which pyarrow "
+                         f"reads only once ray.data is imported: embeddings of an older version (rerun `embsum "
+                         f"embed` for it: it writes pyarrow's fixed_shape_tensor), or summaries (read them with "
+                         f"train.summaries.read_summaries)")
+    raise ValueError(f"column {name!r} is not a tensor column (type {table.column(name).type}); expected "
+                     f"pyarrow's fixed_shape_tensor")

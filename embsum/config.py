@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -200,14 +201,20 @@ class TrainConfig:
                            "Must be shared storage on multi-node clusters.")
     seed: int = _f(0, "Seed for model init and data order.")
     fail_at_step: int | None = _f(None, "Testing only: rank 1 kills itself once at this step.", lo=1)
-    infer_actors: int = _f(2, "Batch inference (evaluate, embed): model replicas in the Ray Data actor pool.",
-                           lo=1, hi=100000)
-    infer_batch_size: int = _f(64, "Batch inference: rows per model call.", lo=1, hi=65536)
-    infer_rows_per_call: int = _f(2048, "Batch inference: most rows per actor call (the Ray Data batch; the model "
-                                  "sees infer_batch_size at a time). Fewer, larger calls cost less per row.",
-                                  lo=1, hi=10_000_000)
-    infer_cpus: float = _f(1.0, "Batch inference: CPUs per actor.", lo=0.01, hi=1024)
-    infer_gpus: float = _f(0.0, "Batch inference: GPUs per actor (e.g. 1 or 0.5 on GPU clusters).", lo=0.0, hi=64)
+
+
+@dataclass(frozen=True)
+class InferConfig:
+    """Model inference outside training: the batch jobs (evaluate, embed) and the model batch of every predictor."""
+
+    actors: int = _f(2, "Batch inference (evaluate, embed): model replicas in the Ray Data actor pool.",
+                     lo=1, hi=100000)
+    batch_size: int = _f(64, "Rows per model call: batch inference, and the scorer's encodes of unknown users "
+                         "and items.", lo=1, hi=65536)
+    rows_per_call: int = _f(2048, "Batch inference: most rows per actor call (the Ray Data batch; the model "
+                            "sees batch_size at a time). Fewer, larger calls cost less per row.", lo=1, hi=10_000_000)
+    cpus: float = _f(1.0, "Batch inference: CPUs per actor.", lo=0.01, hi=1024)
+    gpus: float = _f(0.0, "Batch inference: GPUs per actor (e.g. 1 or 0.5 on GPU clusters).", lo=0.0, hi=64)
 
 
 @dataclass(frozen=True)
@@ -304,6 +311,7 @@ class Config:
     data: DataConfig = _f(DataConfig, "Data preparation.", factory=True)
     model: EmbSumConfig = _f(EmbSumConfig, "Model.", factory=True)
     train: TrainConfig = _f(TrainConfig, "Training.", factory=True)
+    infer: InferConfig = _f(InferConfig, "Batch inference and model batches.", factory=True)
     mlflow: MlflowConfig = _f(MlflowConfig, "Tracking and registry.", factory=True)
     serve: ServeConfig = _f(ServeConfig, "Serving.", factory=True)
 
@@ -380,17 +388,43 @@ class Config:
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-SECTIONS = ("ray", "data", "model", "train", "mlflow", "serve")
+SECTIONS = ("ray", "data", "model", "train", "infer", "mlflow", "serve")
+# Keys that moved: a config file or override naming the old key still works, with a FutureWarning
+# naming the new one.
+MOVED_KEYS = {f"train.infer_{k}": f"infer.{k}" for k in ("actors", "batch_size", "rows_per_call", "cpus", "gpus")}
+
+
+def _moved_key(key: str) -> str:
+    new = MOVED_KEYS.get(key)
+    if new is not None:
+        warnings.warn(f"config key {key} is now {new}; {key} will be removed", FutureWarning, stacklevel=4)
+    return new or key
+
+
+def _move_keys(raw: dict[str, Any]) -> None:
+    """Old keys of a config mapping (MOVED_KEYS) -> their new place, in place."""
+    for old in MOVED_KEYS:
+        section, name = old.split(".")
+        values = raw.get(section)
+        if isinstance(values, dict) and name in values:
+            new = _moved_key(old)
+            new_section, new_name = new.split(".")
+            dest = raw.setdefault(new_section, {})
+            if isinstance(dest, dict) and new_name in dest:
+                raise ValueError(f"{old} and {new} are both set: {old} is the old name of {new}; keep {new}")
+            if isinstance(dest, dict):
+                dest[new_name] = values.pop(name)
 
 
 def config_from_dict(values: dict[str, Any] | None, overrides: list[str] | None = None) -> Config:
     """Build and validate a Config from a mapping plus ``key=value`` overrides."""
     raw: dict[str, Any] = json.loads(json.dumps(values or {}))  # deep copy, plain types
+    _move_keys(raw)
     for ov in overrides or []:
         if "=" not in ov:
             raise ValueError(f"override {ov!r}: expected KEY=VALUE, e.g. train.lr=3e-4")
         key, text = ov.split("=", 1)
-        key = key.strip()
+        key = _moved_key(key.strip())
         check_key_path(Config, key)
         merge(raw, key, parse_scalar(text))
     return build(Config, raw)

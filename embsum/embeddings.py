@@ -6,6 +6,8 @@ One folder per registered model version, ``EMBEDDINGS_ROOT/v<VERSION>/``:
     items/          parquet: item_id str, text str, cpe (N, D) float32, cpe_key (N, D) float32
     users/          parquet: user_id str, history list<str>, upe (M, D) float32, summary str
 
+Tensor columns are pyarrow's canonical ``fixed_shape_tensor`` (embsum/arrow_tensors.py).
+
 The manifest is written last (after every shard), so a folder with a manifest is complete; a
 reader refuses a folder whose manifest names another model version or config than it serves.
 """
@@ -20,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from embsum.arrow_tensors import table_tensor
+from embsum.arrow_tensors import table_tensor, tensor_array
 
 MANIFEST = "manifest.json"
 ITEMS = "items"
@@ -93,12 +95,11 @@ class EmbeddingTable:
 
 
 def embedding_table(columns: dict[str, Any]) -> Any:
-    """A pyarrow table of one shard: (rows, ...) float arrays as Ray Data tensor columns (what
-    ``ray.data.read_parquet`` and ``read_table`` read back as arrays), other columns as given."""
+    """A pyarrow table of one shard: (rows, ...) float arrays as pyarrow ``fixed_shape_tensor`` columns
+    (readable by any Arrow reader; ``read_table`` reads them back as arrays), other columns as given."""
     import pyarrow as pa
-    from ray.data.extensions import ArrowTensorArray
 
-    return pa.table({k: ArrowTensorArray.from_numpy(v) if isinstance(v, np.ndarray) and v.ndim > 1
+    return pa.table({k: tensor_array(v) if isinstance(v, np.ndarray) and v.ndim > 1
                      else v if isinstance(v, pa.ChunkedArray | pa.Array) else pa.array(list(v))
                      for k, v in columns.items()})
 

@@ -51,14 +51,6 @@ def ndcg(labels: np.ndarray, scores: np.ndarray, k: int) -> float:
     return dcg(labels, scores, k) / dcg(labels, labels.astype(np.float64), k)
 
 
-def positive_first_auc(scores: np.ndarray) -> np.ndarray:
-    """AUC of each row of (B, 1 + K) scores whose first candidate is the only positive: the share of
-    negatives ranked below it, ties one half (``auc`` of labels [1, 0, ..., 0], vectorized)."""
-    pos = scores[:, :1]  # (B, 1)
-    neg = scores[:, 1:]  # (B, K)
-    return ((pos > neg).sum(1) + 0.5 * (pos == neg).sum(1)) / neg.shape[1]  # (B,)
-
-
 def impression_metrics(labels: Sequence[float], scores: Sequence[float]) -> dict[str, float] | None:
     """AUC, MRR, nDCG@5, nDCG@10 of one impression; None when it has no positive or no negative."""
     y = np.asarray(labels, dtype=np.float64)

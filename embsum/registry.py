@@ -22,7 +22,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from embsum.config import Config, MlflowConfig
 from embsum.embeddings import check_manifest, read_manifest, version_dir
@@ -191,6 +191,22 @@ class Registry:
                             lambda: self.run_metrics(mv.run_id)) if mv.run_id else {}
         return VersionInfo(name=self.name, version=str(mv.version), run_id=mv.run_id or "", source=mv.source,
                            aliases=list(mv.aliases or []), tags=dict(mv.tags or {}), metrics=metrics)
+
+    def resolve(self, ref: str | int | None = None, *, default: Literal["serving", "newest"] = "serving"
+                ) -> VersionInfo:
+        """The version a job is told to use: ``ref`` (a number or an alias), else by ``default``:
+        'serving' = serve.model_version, else the version the alias points to (embed, serve);
+        'newest' = the newest registered version (evaluate). A number is checked to exist: NotFound
+        (a ValueError) if it does not, RegistryError if the registry cannot answer."""
+        ref = str(ref) if ref is not None else ""
+        if ref:
+            return self.version(ref)
+        if default == "serving":
+            return self.version(self.cfg.serve.model_version or self.alias)
+        versions = self.versions()
+        if not versions:
+            raise NotFound(f"no registered versions of {self.name!r} at {self.uri}: run `embsum train` first")
+        return versions[-1]
 
     def champion(self) -> VersionInfo | None:
         """The version the alias points to; None only when the registry says no version holds it."""

@@ -146,6 +146,11 @@ class EmbSumTokenizer:
         out[: len(ids) + 1] = [*ids, self.eos_id]
         return out
 
+    def empty_summary(self) -> np.ndarray:
+        """The EOS-only summary row (S,): what an example without a teacher summary is teacher-forced on
+        (training without summaries, the probe). The one builder of it: this tokenizer's EOS id."""
+        return self.summary("")
+
     # ---- batch helpers ----------------------------------------------------------------------
     def sessions_batch(self, histories: Sequence[Sequence[Sequence[int]]]) -> np.ndarray:
         return np.stack([self.sessions(h) for h in histories]) if len(histories) else \

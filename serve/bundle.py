@@ -32,11 +32,10 @@ class Bundle:
 
 
 def resolve_version(cfg: Config, requested: str = "") -> str:
-    """'' -> serve.model_version, else the version the alias points to; a number is checked to exist."""
+    """``Registry.resolve``'s number: '' -> serve.model_version, else the version the alias points to."""
     from embsum.registry import Registry
 
-    ref = requested or cfg.serve.model_version or cfg.mlflow.alias
-    return Registry(cfg).version(ref).version
+    return Registry(cfg).resolve(requested).version
 
 
 def load_bundle(cfg: Config, requested: str = "") -> Bundle:
@@ -55,14 +54,14 @@ def load_bundle(cfg: Config, requested: str = "") -> Bundle:
         check_manifest(read_manifest(version_dir(root, requested)), model_name=cfg.mlflow.registered_model,
                        model_version=requested)
     registry = Registry(cfg)
-    info = registry.version(requested or cfg.serve.model_version or cfg.mlflow.alias)
+    info = registry.resolve(requested)
     manifest = read_manifest(version_dir(root, info.version))
     check_manifest(manifest, model_name=registry.name, model_version=info.version)
     tmp = Path(tempfile.mkdtemp(prefix=f"embsum-serve-v{info.version}-"))
     try:
         model_dir = registry.download(info.version, tmp)
         meta: dict[str, Any] = Predictor.meta(model_dir)
-        predictor = Predictor.from_dir(model_dir, batch_size=cfg.train.infer_batch_size)
+        predictor = Predictor.from_dir(model_dir, batch_size=cfg.infer.batch_size)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     fingerprint = str(meta.get("metadata", {}).get("model_fingerprint", ""))

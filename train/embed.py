@@ -26,11 +26,9 @@ the states would take G x L x D floats per user (98 KB at G=4, L=96, D=64; 50x t
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -43,6 +41,7 @@ from embsum.config import Config
 from embsum.data import layout
 from embsum.embeddings import ITEMS, USERS, Manifest, version_dir, write_manifest
 from embsum.runtime import init_ray
+from train.batch_inference import ModelActor, encode_items, parquet_rows, pool_options, rows_per_call
 
 # What each kind's call reads from its input (items.parquet, users/).
 COLUMNS = {ITEMS: ("item_id", "text", "token_ids"), USERS: ("user_id", "history", "session_ids")}
@@ -51,37 +50,6 @@ COLUMNS = {ITEMS: ("item_id", "text", "token_ids"), USERS: ("user_id", "history"
 # many times fewer rows: each call stays a few seconds, and the pool's last call ends close to
 # the others.
 USER_ROW_COST = 8
-# Ray Data queues this many calls per actor (its default of 4 could leave one actor with a queue
-# of expensive user calls while the other idles at the end).
-CALLS_IN_FLIGHT = 2
-
-
-class _ModelActor:
-    """Downloads the version from the registry once per actor (works on any node of a cluster)."""
-
-    def __init__(self, cfg_dict: dict[str, Any], version: str, model_dir: str | None = None) -> None:
-        from embsum.config import config_from_dict
-        from embsum.predictor import Predictor
-        from embsum.registry import Registry
-        from embsum.runtime import setup_env
-
-        setup_env()
-        cfg = config_from_dict(cfg_dict)
-        if model_dir is None or not Path(model_dir).exists():
-            model_dir = str(Registry(cfg).download(version, tempfile.mkdtemp(prefix="embsum-model-")))
-        self.predictor = Predictor.from_dir(model_dir, batch_size=cfg.train.infer_batch_size)
-
-
-def encode_items(predictor: Any, token_ids: Any) -> dict[str, np.ndarray]:
-    emb = predictor.encode_item_tokens([list(t) for t in token_ids])
-    return {"cpe": emb.cpe, "cpe_key": emb.key}  # (I, N, D) x2
-
-
-class ItemEncoder(_ModelActor):
-    """Ray Data batches of items.parquet rows -> their CPE (the evaluate job's item bank)."""
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        return {"item_id": batch["item_id"], "text": batch["text"], **encode_items(self.predictor, batch["token_ids"])}
 
 
 # ---- the plan: calls over row ranges of the inputs' row groups ------------------------------------------
@@ -97,23 +65,6 @@ class Call:
     row_group: int
     offset: int
     rows: int
-
-
-def rows_per_call(n_rows: int, t: Any, cost: int = 1) -> int:
-    """The rows of one actor call: large (per-call overhead is paid per call, not per row), but
-    split so that every actor of the pool gets work; ``cost``: how many items one row costs (fewer
-    rows per call for users); never below the model batch."""
-    spread = -(-max(n_rows, 1) // max(t.infer_actors, 1))
-    return max(t.infer_batch_size, min(t.infer_rows_per_call // max(cost, 1), spread))
-
-
-def in_calls(ds: Any, n_rows: int, t: Any) -> tuple[Any, int]:
-    """-> (``ds`` cut into blocks of one actor call each, that call size), for jobs that read with
-    Ray Data (evaluate). Without it a single-file table (one parquet row group) is one block, and
-    Ray Data hands a block to ONE actor, which batches it alone while the rest of the pool idles
-    (measured: 2 actors ran at 1 actor's speed)."""
-    rows = rows_per_call(n_rows, t)
-    return ds.repartition(target_num_rows_per_block=rows), rows
 
 
 def plan_calls(kind: str, path: str | Path, rows: int) -> list[Call]:
@@ -170,7 +121,7 @@ class RowGroupReader:
         return pa.Table.from_batches(parts, schema=parts[0].schema if parts else None)
 
 
-class EmbedWriter(_ModelActor):
+class EmbedWriter(ModelActor):
     """A model actor that runs whole ``Call``s: reads the rows, encodes them (CPE for items; UPE and
     the generated summary for users), writes them as one parquet part under ``out_dir/<kind>/``
     and returns only the row count and when the call ran, so the embeddings (2 x N x D floats per
@@ -219,28 +170,6 @@ class EmbedWriter(_ModelActor):
 
 
 # ---- the job ---------------------------------------------------------------------------------------------
-def parquet_rows(path: str | Path) -> int:
-    """Row count from the parquet footers (no Ray Data execution); Ray Data's count where pyarrow
-    cannot open the path itself."""
-    import pyarrow.dataset as pads
-
-    try:
-        return int(pads.dataset(str(path), format="parquet").count_rows())
-    except Exception:  # noqa: BLE001 - e.g. a filesystem only Ray's resolver knows
-        import ray.data
-
-        return int(ray.data.read_parquet(str(path)).count())
-
-
-def resolve_version(cfg: Config, version: str | None) -> tuple[Any, str]:
-    """-> (registry, version number) for an explicit version, serve.model_version, or the alias."""
-    from embsum.registry import Registry
-
-    registry = Registry(cfg)
-    ref = version or cfg.serve.model_version or cfg.mlflow.alias
-    return registry, registry.version(ref).version
-
-
 @dataclass(frozen=True)
 class KindStats:
     """What the pool did for one kind. Call times are the actors' clocks, the job start the
@@ -286,7 +215,7 @@ def embed_report(t0: float, wall_s: float, items: KindStats, users: KindStats, a
     return rep
 
 
-def run_calls(plan: list[Call], t: Any, writer_kw: dict[str, Any]) -> list[dict[str, Any]]:
+def run_calls(plan: list[Call], infer: Any, writer_kw: dict[str, Any]) -> list[dict[str, Any]]:
     """Every call of ``plan`` through ONE pool of ``EmbedWriter``s -> one row per call (kind, rows,
     start, end, pid), collected as each call finishes, with a progress event per kind."""
     import ray.data
@@ -299,9 +228,8 @@ def run_calls(plan: list[Call], t: Any, writer_kw: dict[str, Any]) -> list[dict[
         events.progress(f"encoding {kind}", 0, n, kind)
     calls = []
     for c in ray.data.from_items([asdict(c) for c in plan], override_num_blocks=len(plan)).map_batches(
-            EmbedWriter, batch_size=1, batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=t.infer_actors, max_tasks_in_flight_per_actor=CALLS_IN_FLIGHT),
-            num_cpus=t.infer_cpus, num_gpus=t.infer_gpus or None, fn_constructor_kwargs=writer_kw).iter_rows():
+            EmbedWriter, batch_size=1, batch_format="numpy", fn_constructor_kwargs=writer_kw,
+            **pool_options(infer)).iter_rows():
         calls.append(c)
         kind = str(c["kind"])
         done[kind] += int(c["rows"])
@@ -312,41 +240,41 @@ def run_calls(plan: list[Call], t: Any, writer_kw: dict[str, Any]) -> list[dict[
 def run_embed(cfg: Config, version: str | None = None) -> dict[str, Any]:
     import ray.data
 
+    from embsum.checkpoint import read_meta
+    from embsum.registry import Registry
+
     t_start = time.perf_counter()
     data_dir = cfg.data_dir
     for need in (layout.ITEMS, layout.USERS):
         if not (data_dir / need).exists():
             raise ValueError(f"{data_dir / need} not found: run `embsum prepare` first")
-    registry, version = resolve_version(cfg, version)
+    registry = Registry(cfg)
+    version = registry.resolve(version).version
     events.progress("connecting to Ray")
     init_ray(cfg.ray)
     ray.data.DataContext.get_current().enable_progress_bars = True
     local_model = registry.download(version, cfg.workdir_path / "models" / f"v{version}")
-    meta = json.loads((local_model / "embsum.json").read_text())
-    t = cfg.train
+    meta = read_meta(local_model)
+    infer = cfg.infer
 
     out = version_dir(cfg.embeddings_dir, version)
     tmp = out.parent / f".tmp-{out.name}-{int(time.time())}"
     try:
         for kind in (ITEMS, USERS):
             (tmp / kind).mkdir(parents=True, exist_ok=True)
-        plan = [*plan_calls(ITEMS, data_dir / layout.ITEMS, rows_per_call(parquet_rows(data_dir / layout.ITEMS), t)),
+        plan = [*plan_calls(ITEMS, data_dir / layout.ITEMS,
+                            rows_per_call(parquet_rows(data_dir / layout.ITEMS), infer)),
                 *plan_calls(USERS, data_dir / layout.USERS,
-                            rows_per_call(parquet_rows(data_dir / layout.USERS), t, cost=USER_ROW_COST))]
+                            rows_per_call(parquet_rows(data_dir / layout.USERS), infer, cost=USER_ROW_COST))]
         t0 = time.time()
-        calls = run_calls(plan, t, {"out_dir": str(tmp), "cfg_dict": cfg.to_dict(), "version": version,
-                                    "model_dir": str(local_model)})
+        calls = run_calls(plan, infer, {"out_dir": str(tmp), "cfg_dict": cfg.to_dict(), "version": version,
+                                        "model_dir": str(local_model)})
         items, users = kind_stats(calls, ITEMS), kind_stats(calls, USERS)
         report = {"version": version, "path": str(out),
-                  **embed_report(t0, time.time() - t0, items, users, t.infer_actors,
+                  **embed_report(t0, time.time() - t0, items, users, infer.actors,
                                  len({int(c["pid"]) for c in calls}))}
-        manifest = Manifest(
-            model_name=registry.name, model_version=str(version),
-            model_fingerprint=str(meta.get("metadata", {}).get("model_fingerprint", "")),
-            items=items.rows, users=users.rows, dtype="float32", user_codes=int(meta["embsum"]["user_codes"]),
-            content_codes=int(meta["embsum"]["content_codes"]), d_model=int(meta["t5"]["d_model"]),
-            seconds=time.perf_counter() - t_start)
-        write_manifest(tmp, manifest)  # last: a folder with a manifest is complete
+        write_manifest(tmp, _manifest(registry.name, version, meta, items.rows, users.rows,
+                                      time.perf_counter() - t_start))  # last: a folder with a manifest is complete
         if out.exists():
             shutil.rmtree(out)
         tmp.replace(out)
@@ -354,7 +282,7 @@ def run_embed(cfg: Config, version: str | None = None) -> dict[str, Any]:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     report["seconds"] = time.perf_counter() - t_start
-    print(f"[embed] v{version}: one pool of {t.infer_actors} (start-up {report['startup_s']:.1f}s): "
+    print(f"[embed] v{version}: one pool of {infer.actors} (start-up {report['startup_s']:.1f}s): "
           f"{items.rows} items ({report['items_per_s']:.1f}/s incl. start-up, {report['items_steady_per_s']:.1f}/s "
           f"running), {users.rows} users ({report['users_per_s']:.1f}/s) -> {out}", flush=True)
     from embsum.console import shown_path
@@ -363,6 +291,16 @@ def run_embed(cfg: Config, version: str | None = None) -> dict[str, Any]:
                    f"({report['users_per_s']:.1f}/s) -> {shown_path(out)}")
     _log_to_registry(registry, version, report)
     return report
+
+
+def _manifest(model_name: str, version: str, meta: dict[str, Any], items: int, users: int,
+              seconds: float) -> Manifest:
+    """What the embeddings were made by (the model's ``read_meta``) and hold."""
+    return Manifest(
+        model_name=model_name, model_version=str(version),
+        model_fingerprint=str(meta.get("metadata", {}).get("model_fingerprint", "")),
+        items=items, users=users, dtype="float32", user_codes=int(meta["embsum"]["user_codes"]),
+        content_codes=int(meta["embsum"]["content_codes"]), d_model=int(meta["t5"]["d_model"]), seconds=seconds)
 
 
 def _log_to_registry(registry: Any, version: str, report: dict[str, Any]) -> None:

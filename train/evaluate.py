@@ -22,19 +22,16 @@ from embsum.config import Config
 from embsum.data import layout
 from embsum.metrics import METRIC_NAMES, impression_metrics, summarize
 from embsum.runtime import init_ray
+from train.batch_inference import ItemEncoder, ModelActor, in_calls, parquet_rows, pool_options
 
 
-class ImpressionScorer:
+class ImpressionScorer(ModelActor):
     """Actor: one model replica + a reference to the precomputed item bank."""
 
-    def __init__(self, model_dir: str, bank_ref: list[Any], batch_size: int, split_dirs: dict[str, str]) -> None:
+    def __init__(self, bank_ref: list[Any], split_dirs: dict[str, str], **model: Any) -> None:
         import ray
 
-        from embsum.predictor import Predictor
-        from embsum.runtime import setup_env
-
-        setup_env()
-        self.predictor = Predictor.from_dir(model_dir, batch_size=batch_size)
+        super().__init__(**model)
         ids, self.cpe, self.key = ray.get(bank_ref[0])
         self.index = {k: i for i, k in enumerate(ids)}
         # Both splits stream through one pool; a row's file path says which split it belongs to.
@@ -73,33 +70,16 @@ class ImpressionScorer:
                 "scores": np.array(scores, dtype=object), **{n: np.asarray(v) for n, v in metrics.items()}}
 
 
-def resolve_eval_version(registry: Any, version: str | None) -> str:
-    """An explicit number or alias, else the newest registered version."""
-    if version:
-        return registry.version(version).version
-    versions = registry.versions()
-    if not versions:
-        raise ValueError(f"no registered versions of {registry.name!r} at {registry.uri}: run `embsum train` first")
-    return versions[-1].version
-
-
-def _item_bank(cfg: Config, predictor_dir: Path, items_path: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
+def _item_bank(cfg: Config, model: dict[str, Any], items_path: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
     """CPE + key for every catalog item, encoded once (Ray Data actor pool). The whole catalog rather
     than only the items the impressions mention: finding those would cost a pass over the splits,
     and an item's CPE is a fraction of a user's encoding."""
     import ray.data
 
-    from train.embed import ItemEncoder, in_calls, parquet_rows
-
-    t = cfg.train
     items = ray.data.read_parquet(str(items_path)).select_columns(["item_id", "text", "token_ids"])
-    items, rows = in_calls(items, parquet_rows(items_path), t)
-    enc = items.map_batches(ItemEncoder, compute=ray.data.ActorPoolStrategy(size=t.infer_actors),
-                            batch_size=rows,
-                            num_cpus=t.infer_cpus, num_gpus=t.infer_gpus or None,
-                            batch_format="numpy",
-                            fn_constructor_kwargs={"cfg_dict": cfg.to_dict(), "version": "",
-                                                   "model_dir": str(predictor_dir)})
+    items, rows = in_calls(items, parquet_rows(items_path), cfg.infer)
+    enc = items.map_batches(ItemEncoder, batch_size=rows, batch_format="numpy", fn_constructor_kwargs=model,
+                            **pool_options(cfg.infer))
     ids: list[str] = []
     cpes, keys = [], []
     for b in enc.select_columns(["item_id", "cpe", "cpe_key"]).iter_batches(batch_size=4096, batch_format="numpy"):
@@ -120,7 +100,7 @@ def run_evaluate(cfg: Config, version: str | None = None, splits: tuple[str, ...
 
     t0 = time.perf_counter()
     registry = Registry(cfg)
-    version = resolve_eval_version(registry, version)
+    version = registry.resolve(version, default="newest").version
     splits = tuple(s for s in splits if (cfg.data_dir / s).exists())
     if not splits:
         raise ValueError(f"no evaluation splits under {cfg.data_dir}: run `embsum prepare` first")
@@ -128,8 +108,8 @@ def run_evaluate(cfg: Config, version: str | None = None, splits: tuple[str, ...
     init_ray(cfg.ray)
     events.progress(f"downloading v{version}")
     model_dir = registry.download(version, cfg.workdir_path / "models" / f"v{version}")
-    results = score_splits(cfg, model_dir, cfg.data_dir / layout.ITEMS, {s: cfg.data_dir / s for s in splits},
-                           cfg.workdir_path / "eval" / f"v{version}")
+    results = score_splits(cfg, version, model_dir, cfg.data_dir / layout.ITEMS,
+                           {s: cfg.data_dir / s for s in splits}, cfg.workdir_path / "eval" / f"v{version}")
     results = {"version": version, **results}
     if log:
         run_id = registry.version(version).run_id
@@ -155,7 +135,7 @@ def run_evaluate_new(cfg: Config, version: str | None, impressions: str, items: 
 
     t0 = time.perf_counter()
     registry = Registry(cfg)
-    version = resolve_eval_version(registry, version)
+    version = registry.resolve(version, default="newest").version
     model_dir = registry.download(version, cfg.workdir_path / "models" / f"v{version}")
     name = Path(impressions).stem + "-" + hashlib.sha256(f"{impressions}\0{items}".encode()).hexdigest()[:8]
     out_root = cfg.workdir_path / "eval" / f"v{version}" / f"new-{name}"
@@ -168,8 +148,8 @@ def run_evaluate_new(cfg: Config, version: str | None, impressions: str, items: 
         raise ValueError(f"--impressions {impressions!r}: no impression with both a clicked and an unclicked "
                          f"catalogued candidate (see the quarantine under {out_root / 'data'})")
     init_ray(cfg.ray)
-    results = score_splits(cfg, model_dir, out_root / "data" / "items.parquet", {SPLIT: out_root / "data" / SPLIT},
-                           out_root)
+    results = score_splits(cfg, version, model_dir, out_root / "data" / "items.parquet",
+                           {SPLIT: out_root / "data" / SPLIT}, out_root)
     results = {"version": version, **results, "data": data, "seconds": time.perf_counter() - t0}
     if log:
         run_id = registry.version(version).run_id
@@ -180,28 +160,24 @@ def run_evaluate_new(cfg: Config, version: str | None, impressions: str, items: 
     return results
 
 
-def score_splits(cfg: Config, model_dir: Path, items_path: Path, split_dirs: dict[str, Path],
+def score_splits(cfg: Config, version: str, model_dir: Path, items_path: Path, split_dirs: dict[str, Path],
                  out_root: Path) -> dict[str, Any]:
     """Item bank, then every split through one scorer pool -> out_root/<split>/ + mean metrics."""
     import ray
     import ray.data
 
-    from train.embed import in_calls, parquet_rows
-
     ray.data.DataContext.get_current().enable_progress_bars = True
+    model = {"cfg_dict": cfg.to_dict(), "version": version, "model_dir": str(model_dir)}
     events.progress(f"encoding {parquet_rows(items_path):,} catalog items")
-    bank_ref = ray.put(_item_bank(cfg, model_dir, items_path))
-    t = cfg.train
+    bank_ref = ray.put(_item_bank(cfg, model, items_path))
     dirs = {s: str(d) for s, d in split_dirs.items()}
     ds = ray.data.read_parquet(list(dirs.values()), include_paths=True)
     n_impressions = sum(parquet_rows(Path(d)) for d in dirs.values())
     events.progress(f"scoring {n_impressions:,} impressions ({', '.join(dirs)})")
-    ds, rows = in_calls(ds, n_impressions, t)
-    scored = ds.map_batches(ImpressionScorer, compute=ray.data.ActorPoolStrategy(size=t.infer_actors),
-                            batch_size=rows, num_cpus=t.infer_cpus,
-                            num_gpus=t.infer_gpus or None, batch_format="numpy",
-                            fn_constructor_kwargs={"model_dir": str(model_dir), "bank_ref": [bank_ref],
-                                                   "batch_size": t.infer_batch_size, "split_dirs": dirs})
+    ds, rows = in_calls(ds, n_impressions, cfg.infer)
+    scored = ds.map_batches(ImpressionScorer, batch_size=rows, batch_format="numpy",
+                            fn_constructor_kwargs={"bank_ref": [bank_ref], "split_dirs": dirs, **model},
+                            **pool_options(cfg.infer))
     staging = out_root / f".tmp-{int(time.time() * 1000)}"
     scored.write_parquet(str(staging), partition_cols=["split"])
     results: dict[str, Any] = {}

@@ -4,7 +4,8 @@ Ray creates the process group (gloo on CPU, NCCL on GPU); DeepSpeed reuses it, n
 Every rank streams its own shard, steps, and saves + reports collectively (DeepSpeed checkpoints
 are collective, and every rank must call ``ray.train.report`` the same number of times).
 
-Named steps: ``setup`` (model, engine, data shards), ``resume``, ``train_step``, ``validate``,
+Named steps: ``setup`` (model, engine, data shards), ``resume``, ``train_step`` (within ``train_pass``,
+one pass over the shard), ``validate`` (the model's own scores, ``embsum.metrics``' AUC) and
 ``save_and_report``; ``train_loop_per_worker`` strings them together.
 
 A checkpoint holds: ``ds/`` (DeepSpeed engine: weights, optimizer, scheduler, client state),
@@ -19,6 +20,7 @@ differently shuffled pass, which for step-based training is statistically the sa
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -26,6 +28,7 @@ import os
 import signal
 import tempfile
 import time
+from collections.abc import Iterable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,7 +95,8 @@ class Worker:
     train_shard: Any
     valid_shard: Any
     tracker: _Tracker | None
-    step: int = 0
+    step: int = 0  # optimizer steps
+    micro: int = 0  # micro-batches (grad_accum of them make a step)
     epoch: int = 0
     window: dict[str, float] = field(default_factory=lambda: {"loss": 0.0, "nce": 0.0, "summary": 0.0, "n": 0})
     last_report: float = field(default_factory=time.perf_counter)
@@ -141,7 +145,7 @@ def setup(loop_config: dict[str, Any]) -> Worker:
                dtype=torch.bfloat16 if resolve_precision(cfg) == "bf16" else torch.float32,
                engine=engine, scheduler=scheduler, tok=tok, stage=stage,
                temperature=t.nce_temperature or math.sqrt(model.d_model),
-               collate=_collate(tok.summary(""), device),
+               collate=_collate(tok.empty_summary(), device),
                train_shard=ray.train.get_dataset_shard("train"),
                valid_shard=ray.train.get_dataset_shard("valid") if t.eval_batches > 0 else None, tracker=tracker)
     if tracker:
@@ -194,30 +198,43 @@ def train_step(w: Worker, b: dict[str, Any]) -> None:
     w.window["n"] += 1
 
 
+def validation_scores(model: Any, batches: Iterable[dict[str, Any]], autocast: Any = nullcontext
+                      ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(labels (B, C), scores (B, C)) of each validation batch, scored as evaluation and serving score
+    them: the model's forward in generating mode (no teacher summary), i.e. ``score(encode_user,
+    encode_content)``."""
+    import torch
+
+    for b in batches:
+        with torch.no_grad(), autocast():
+            scores = model(b["session_ids"], b["candidate_ids"]).scores  # (B, C)
+        yield b["labels"].cpu().numpy(), scores.float().cpu().numpy()
+
+
+def auc_total(scored: Iterable[tuple[np.ndarray, np.ndarray]]) -> tuple[float, int]:
+    """(sum of the examples' AUCs, examples with a positive and a negative), by ``embsum.metrics``:
+    what each rank contributes to the mean over all ranks."""
+    from embsum.metrics import summarize
+
+    s = summarize((y, x) for labels, scores in scored for y, x in zip(labels, scores, strict=True))
+    return (s.auc * s.impressions, s.impressions) if s.impressions else (0.0, 0)
+
+
 def validate(w: Worker) -> dict[str, float]:
-    """Mean AUC of the valid examples (positive first), scored as evaluation and serving score them:
-    the model's forward in generating mode (no teacher summary), averaged over all ranks."""
+    """Mean AUC of the valid examples (``validation_scores``, ``auc_total``), over all ranks."""
     import torch
     import torch.distributed as dist
-
-    from embsum.metrics import positive_first_auc
 
     if w.valid_shard is None:
         return {}
     t = w.cfg.train
+    batches = w.valid_shard.iter_torch_batches(batch_size=t.eval_batch_size or t.batch_size,
+                                               collate_fn=w.collate, drop_last=False)
     w.engine.eval()
-    aucs: list[np.ndarray] = []
-    with torch.no_grad():
-        for i, b in enumerate(w.valid_shard.iter_torch_batches(batch_size=t.eval_batch_size or t.batch_size,
-                                                               collate_fn=w.collate, drop_last=False)):
-            if i >= t.eval_batches:
-                break
-            with _autocast(w):
-                scores = w.engine.module(b["session_ids"], b["candidate_ids"]).scores  # (B, C)
-            aucs.append(positive_first_auc(scores.float().cpu().numpy()))
+    total, n = auc_total(validation_scores(w.engine.module, itertools.islice(batches, t.eval_batches),
+                                           lambda: _autocast(w)))
     w.engine.train()
-    local = np.concatenate(aucs) if aucs else np.zeros((0,))
-    tot = torch.tensor([float(local.sum()), float(len(local))], dtype=torch.float64)
+    tot = torch.tensor([total, float(n)], dtype=torch.float64)
     dist.all_reduce(tot)  # every rank contributes its shard; all ranks see the mean
     return {"val_auc": float(tot[0] / tot[1])} if tot[1] > 0 else {}
 
@@ -312,37 +329,42 @@ def _progress_event(w: Worker) -> None:
     events.progress("training", w.step, w.cfg.train.max_steps, "steps", out=log.info, loss=loss, val_auc=w.val_auc)
 
 
+def train_pass(w: Worker) -> None:
+    """One pass over this rank's shard (freshly shuffled), stepping until it ends or max_steps."""
+    t = w.cfg.train
+    w.epoch += 1
+    batches = 0
+    for b in w.train_shard.iter_torch_batches(batch_size=t.batch_size, collate_fn=w.collate, drop_last=True,
+                                              local_shuffle_buffer_size=max(256, 4 * t.batch_size),
+                                              local_shuffle_seed=t.seed * 100003 + w.step + w.epoch):
+        batches += 1
+        train_step(w, b)
+        w.micro += 1
+        if w.micro % t.grad_accum:
+            continue
+        w.step += 1
+        _maybe_fail(w)
+        _progress_event(w)
+        _after_step(w)
+        if w.step >= t.max_steps:
+            return
+    if batches == 0:
+        raise RuntimeError("training shard is empty: no batch of train.batch_size examples on this worker")
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """setup -> resume -> passes of train_step (validate and save_and_report every checkpoint_every)."""
     import ray.train
 
     w = setup(loop_config)
     resume(w)
-    t = w.cfg.train
-    if w.step >= t.max_steps:
+    if w.step >= w.cfg.train.max_steps:
         # Resumed a finished run: nothing to train; report once so the driver gets metrics.
         ray.train.report({"step": w.step, "resumed_complete": 1})
         return
     w.engine.train()
-    micro = 0
-    while w.step < t.max_steps:
-        w.epoch += 1
-        batches = 0
-        for b in w.train_shard.iter_torch_batches(batch_size=t.batch_size, collate_fn=w.collate, drop_last=True,
-                                                  local_shuffle_buffer_size=max(256, 4 * t.batch_size),
-                                                  local_shuffle_seed=t.seed * 100003 + w.step + w.epoch):
-            batches += 1
-            train_step(w, b)
-            micro += 1
-            if micro % t.grad_accum:
-                continue
-            w.step += 1
-            _maybe_fail(w)
-            _progress_event(w)
-            _after_step(w)
-            if w.step >= t.max_steps:
-                break
-        if batches == 0:
-            raise RuntimeError("training shard is empty: no batch of train.batch_size examples on this worker")
+    while w.step < w.cfg.train.max_steps:
+        train_pass(w)
 
 
 def _probe_scores(model: Any, probe: dict[str, np.ndarray]) -> np.ndarray:

@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
-from embsum.arrow_tensors import table_tensor
+from embsum.arrow_tensors import table_tensor, tensor_array
 from embsum.data import layout
 
 _CACHE: dict[str, tuple[pa.Array, np.ndarray]] = {}  # per Data worker process: partition -> summaries
@@ -44,14 +44,26 @@ def _partition_summaries(summaries_dir: str, part: str, tokens: int) -> tuple[pa
         return hit
     folder = Path(summaries_dir) / f"{layout.PART_COLUMN}={part}"
     if folder.is_dir():
-        t = pads.dataset(str(folder), format="parquet").to_table(columns=["example_id", "summary_ids"])
-        found = (t.column("example_id").combine_chunks(), table_tensor(t, "summary_ids", np.int32))
+        found = read_summaries(folder)
     else:
         found = (pa.array([], pa.string()), np.zeros((0, tokens), np.int32))
     if len(_CACHE) >= _CACHE_SIZE:
         _CACHE.pop(next(iter(_CACHE)))
     _CACHE[key] = found
     return found
+
+
+def read_summaries(path: str | Path) -> tuple[pa.Array, np.ndarray]:
+    """(example ids, (n, S) int32 summary ids) of a summaries folder (or one partition of it).
+
+    Summarize writes summary_ids through Ray Data's hash shuffle, which cannot carry pyarrow's
+    fixed_shape_tensor in Ray 2.60 (its empty-partition table fails: pyarrow cannot build an empty
+    array of that type), so the column holds Ray Data's tensor type: importing ray.data registers
+    it, and ``table_tensor`` reads it with the type's own ``to_numpy_ndarray``."""
+    import ray.data  # noqa: F401 - registers Ray Data's tensor types with pyarrow
+
+    t = pads.dataset(str(path), format="parquet").to_table(columns=["example_id", "summary_ids"])
+    return t.column("example_id").combine_chunks(), table_tensor(t, "summary_ids", np.int32)
 
 
 def attach_summaries(batch: pa.Table, summaries_dir: str, empty: np.ndarray) -> pa.Table:
@@ -68,7 +80,7 @@ def attach_summaries(batch: pa.Table, summaries_dir: str, empty: np.ndarray) -> 
         found = idx >= 0
         summ[rows[found]] = ids[idx[found]]
     out = batch.drop_columns(["path"])
-    return out.append_column("summary_ids", pa.FixedShapeTensorArray.from_numpy_ndarray(summ))
+    return out.append_column("summary_ids", tensor_array(summ))
 
 
 def check_partitions(data_dir: Path) -> None:

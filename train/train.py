@@ -44,14 +44,13 @@ def load_summaries(data_dir: Path) -> dict[str, np.ndarray]:
     """example_id -> summary ids (S,) int32, from the summarize stage's parquet: every example's, in
     this process (the single-process bench loop uses it; the Ray trainer joins them per file instead,
     train/summaries.py)."""
-    import pyarrow.dataset as pads
+    from train.summaries import read_summaries
 
     d = data_dir / layout.SUMMARIES
     if not d.exists():
         return {}
-    table = pads.dataset(str(d), format="parquet").to_table(columns=["example_id", "summary_ids"])
-    arr = table_tensor(table, "summary_ids", np.int32)
-    return {str(u): arr[i] for i, u in enumerate(table.column("example_id").to_pylist())}
+    ids, arr = read_summaries(d)
+    return {str(u): arr[i] for i, u in enumerate(ids.to_pylist())}
 
 
 def probe_batch(valid_dir: Path, empty: np.ndarray, n: int = 4) -> dict[str, np.ndarray]:
@@ -73,28 +72,12 @@ def probe_batch(valid_dir: Path, empty: np.ndarray, n: int = 4) -> dict[str, np.
 
 def run_train(cfg: Config, *, register: bool = True) -> dict[str, Any]:
     """Fit, then log + register the best checkpoint's consolidated model. -> a result summary."""
-    import ray
-    import ray.data
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     from embsum.registry import Registry
-    from train.deepspeed_setup import build_deepspeed_config, resolve_precision, zero_stage
-    from train.loop import train_loop_per_worker
-    from train.summaries import check_partitions, has_summaries, with_summaries
+    from train.deepspeed_setup import build_deepspeed_config
 
     t0 = time.perf_counter()
     t = cfg.train
-    data_dir = cfg.data_dir
-    for need in (layout.TRAIN, layout.VALID_EXAMPLES):
-        if not (data_dir / need).exists():
-            raise ValueError(f"{data_dir / need} not found: run `embsum prepare` first (same --config/workdir)")
-    summarized = has_summaries(data_dir)
-    if not summarized and t.summary_weight > 0:
-        raise ValueError(f"no teacher summaries under {data_dir / layout.SUMMARIES}: run `embsum summarize` "
-                         f"first, or set train.summary_weight=0")
-    if summarized:
-        check_partitions(data_dir)
+    summarized = _check_inputs(cfg)
     ds_config = build_deepspeed_config(cfg, t.num_workers)  # validate before starting anything
     events.progress("connecting to Ray")
     init_ray(cfg.ray)
@@ -103,39 +86,98 @@ def run_train(cfg: Config, *, register: bool = True) -> dict[str, Any]:
     preflight_train(t.num_workers, t.cpus_per_worker, 1.0 if t.use_gpu else 0.0)
     if not t.use_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-
     run_name = t.run_name or time.strftime("embsum-%Y%m%d-%H%M%S")
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = True
-    from embsum.tokenization import EmbSumTokenizer
+    datasets, probe = _datasets(cfg, summarized)
+    registry = Registry(cfg)
+    tags = _run_tags(cfg, run_name, ds_config)
+    run_id = _find_or_start_run(registry, run_name, tags)
+    registry.log_params(run_id, {**cfg.flat(), "deepspeed": ds_config})
+    loop_config = {
+        "cfg": cfg.to_dict(), "probe": probe, "run_name": run_name,
+        "mlflow_run_id": run_id, "fail_marker": str(Path(tempfile.gettempdir()) / f"embsum-fail-{run_name}"),
+    }
+    events.progress(f"starting {t.num_workers} workers", 0, t.max_steps, "steps")
+    try:
+        result = _trainer(cfg, run_name, datasets, loop_config).fit()
+    except Exception:
+        registry.end_run(run_id, "FAILED")
+        raise
+    if result.error is not None:
+        registry.end_run(run_id, "FAILED")
+        raise RuntimeError(f"training run {run_name!r} failed: {result.error}")
+    events.progress("registering the best checkpoint")
+    out: dict[str, Any] = {"run_name": run_name, "mlflow_run_id": run_id, "seconds": time.perf_counter() - t0}
+    out.update(_register_best(registry, result, run_id, tags, register=register, by_auc=t.eval_batches > 0))
+    registry.log_metrics(run_id, {"train_seconds": out["seconds"]})
+    registry.end_run(run_id)
+    auc = out.get("val_auc")
+    events.summary(f"run {run_name}: best step {out.get('step')} val_auc="
+                   f"{round(auc, 4) if isinstance(auc, float) else auc}"
+                   + (f" -> registered {cfg.mlflow.registered_model} v{out['version']}" if "version" in out else ""))
+    return out
 
-    empty = EmbSumTokenizer.from_config(cfg.model).summary("")  # (S,) EOS-only
+
+def _check_inputs(cfg: Config) -> bool:
+    """Fail closed on missing prepared data or summaries -> whether teacher summaries exist."""
+    from train.summaries import check_partitions, has_summaries
+
+    data_dir = cfg.data_dir
+    for need in (layout.TRAIN, layout.VALID_EXAMPLES):
+        if not (data_dir / need).exists():
+            raise ValueError(f"{data_dir / need} not found: run `embsum prepare` first (same --config/workdir)")
+    summarized = has_summaries(data_dir)
+    if not summarized and cfg.train.summary_weight > 0:
+        raise ValueError(f"no teacher summaries under {data_dir / layout.SUMMARIES}: run `embsum summarize` "
+                         f"first, or set train.summary_weight=0")
+    if summarized:
+        check_partitions(data_dir)
+    return summarized
+
+
+def _datasets(cfg: Config, summarized: bool) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """The train and valid Ray Datasets, and the probe batch."""
+    import ray.data
+
+    from embsum.tokenization import EmbSumTokenizer
+    from train.summaries import with_summaries
+
+    ray.data.DataContext.get_current().enable_progress_bars = True
+    data_dir = cfg.data_dir
+    empty = EmbSumTokenizer.from_config(cfg.model).empty_summary()  # (S,)
     # Each example carries its own summary_ids, joined file by file (train/summaries.py): no worker
     # is handed every example's summary.
     train_ds = ray.data.read_parquet(str(data_dir / layout.TRAIN), include_paths=summarized)
     if summarized:
         train_ds = with_summaries(train_ds, data_dir, empty)
     valid_ds = ray.data.read_parquet(str(data_dir / layout.VALID_EXAMPLES))
-    probe = probe_batch(data_dir / layout.VALID_EXAMPLES, empty)
+    return {"train": train_ds, "valid": valid_ds}, probe_batch(data_dir / layout.VALID_EXAMPLES, empty)
 
-    registry = Registry(cfg)
-    prep, summ = _read_json(data_dir / layout.REPORT), _read_json(data_dir / layout.SUMMARY_REPORT)
-    tags = {
+
+def _run_tags(cfg: Config, run_name: str, ds_config: dict[str, Any]) -> dict[str, str]:
+    """The MLflow run's tags: what data, teacher, code and parallelism made it."""
+    from train.deepspeed_setup import resolve_precision, zero_stage
+
+    t = cfg.train
+    prep, summ = _read_json(cfg.data_dir / layout.REPORT), _read_json(cfg.data_dir / layout.SUMMARY_REPORT)
+    return {
         "ray_run_name": run_name, "git_commit": _git_commit(),
         "data_fingerprint": str(prep.get("fingerprint", "unknown")),
         "teacher": str(summ.get("teacher", "none")), "prompt_version": str(summ.get("prompt_version", "none")),
         "deepspeed_stage": str(zero_stage(ds_config)), "precision": resolve_precision(cfg),
         "num_workers": str(t.num_workers), "use_gpu": str(t.use_gpu),
     }
-    run_id = _find_or_start_run(registry, run_name, tags)
-    registry.log_params(run_id, {**cfg.flat(), "deepspeed": ds_config})
+
+
+def _trainer(cfg: Config, run_name: str, datasets: dict[str, Any], loop_config: dict[str, Any]) -> Any:
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from train.loop import train_loop_per_worker
+
+    t = cfg.train
     storage = cfg.storage_path
     Path(storage).mkdir(parents=True, exist_ok=True) if "://" not in storage else None
-    loop_config = {
-        "cfg": cfg.to_dict(), "probe": probe, "run_name": run_name,
-        "mlflow_run_id": run_id, "fail_marker": str(Path(tempfile.gettempdir()) / f"embsum-fail-{run_name}"),
-    }
-    trainer = TorchTrainer(
+    return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
@@ -149,37 +191,27 @@ def run_train(cfg: Config, *, register: bool = True) -> dict[str, Any]:
                 checkpoint_score_attribute="val_auc" if t.eval_batches > 0 else None,
                 checkpoint_score_order="max"),
         ),
-        datasets={"train": train_ds, "valid": valid_ds},
+        datasets=datasets,
     )
-    events.progress(f"starting {t.num_workers} workers", 0, t.max_steps, "steps")
-    try:
-        result = trainer.fit()
-    except Exception:
-        registry.end_run(run_id, "FAILED")
-        raise
-    if result.error is not None:
-        registry.end_run(run_id, "FAILED")
-        raise RuntimeError(f"training run {run_name!r} failed: {result.error}")
-    events.progress("registering the best checkpoint")
-    best = _best_checkpoint(result, t.eval_batches > 0)
-    out: dict[str, Any] = {"run_name": run_name, "mlflow_run_id": run_id, "checkpoint": best.path,
-                           "metrics": dict(result.metrics or {}), "seconds": time.perf_counter() - t0}
+
+
+def _register_best(registry: Any, result: Any, run_id: str, tags: dict[str, str], *, register: bool,
+                   by_auc: bool) -> dict[str, Any]:
+    """The best checkpoint's step and val_auc; with ``register``, its model logged, registered and the
+    registered copy checked against the probe."""
+    best = _best_checkpoint(result, by_auc)
+    out: dict[str, Any] = {"checkpoint": best.path, "metrics": dict(result.metrics or {})}
     with best.as_directory() as d:
         state = _read_json(Path(d) / "state.json")
         out.update({"step": state.get("step"), "val_auc": state.get("val_auc")})
         if register:
             version = registry.log_and_register(run_id, Path(d) / "model", tags={
-                "ray_run_name": run_name, "step": str(state.get("step")), "val_auc": str(state.get("val_auc")),
-                "data_fingerprint": tags["data_fingerprint"], "teacher": tags["teacher"]})
+                "ray_run_name": tags["ray_run_name"], "step": str(state.get("step")),
+                "val_auc": str(state.get("val_auc")), "data_fingerprint": tags["data_fingerprint"],
+                "teacher": tags["teacher"]})
             diff = verify_registered(registry, version, Path(d) / "probe.npz")
             registry.log_metrics(run_id, {"registered_probe_max_abs_diff": diff})
             out.update({"version": version, "probe_max_abs_diff": diff})
-    registry.log_metrics(run_id, {"train_seconds": out["seconds"]})
-    registry.end_run(run_id)
-    auc = out.get("val_auc")
-    events.summary(f"run {run_name}: best step {out.get('step')} val_auc="
-                   f"{round(auc, 4) if isinstance(auc, float) else auc}"
-                   + (f" -> registered {cfg.mlflow.registered_model} v{out['version']}" if "version" in out else ""))
     return out
 
 

@@ -43,8 +43,8 @@ OVERRIDES=(
   "train.use_gpu=${EMBSUM_USE_GPU:-false}"
   "train.num_workers=${EMBSUM_TRAIN_WORKERS:-2}"
   # Batch inference (evaluate, embed): model replicas and CPUs each (ray_config.yaml has 1 for the demo).
-  "train.infer_actors=${EMBSUM_INFER_ACTORS:-4}"
-  "train.infer_cpus=${EMBSUM_INFER_CPUS:-1}"
+  "infer.actors=${EMBSUM_INFER_ACTORS:-4}"
+  "infer.cpus=${EMBSUM_INFER_CPUS:-1}"
   # '' = a fresh timestamped run; a fixed name makes a rerun resume from its latest checkpoint.
   "train.run_name=${EMBSUM_RUN_NAME:-}"
   "mlflow.tracking_uri=${EMBSUM_MLFLOW_URI}"

@@ -29,7 +29,7 @@ TINY_RUN = [
     "model.num_decoder_layers=1", "model.session_tokens=48", "model.content_tokens=20", "model.summary_tokens=12",
     "model.num_sessions=2", "model.items_per_session=4",
     "train.max_steps=12", "train.checkpoint_every=12", "train.log_every=6", "train.eval_batches=1",
-    "train.batch_size=8", "train.infer_actors=1",
+    "train.batch_size=8", "infer.actors=1",
     "serve.min_replicas=1", "serve.max_replicas=1",
 ]
 

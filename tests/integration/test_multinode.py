@@ -90,8 +90,9 @@ def _config(work: Path, **sections: dict) -> Config:
         "workdir": str(work), "model": TINY,
         "data": {"format": "synthetic", "synth_users": 60, "synth_items": 120, "synth_impressions": 400},
         "train": {"num_workers": 2, "cpus_per_worker": 2, "batch_size": 8, "max_steps": 4, "warmup_steps": 1,
-                  "log_every": 2, "checkpoint_every": 4, "eval_batches": 1, "infer_actors": 2, "infer_cpus": 2,
-                  "infer_batch_size": 16, "deepspeed_config": str(REPO / "train" / "deepspeed" / "zero2.json")},
+                  "log_every": 2, "checkpoint_every": 4, "eval_batches": 1,
+                  "deepspeed_config": str(REPO / "train" / "deepspeed" / "zero2.json")},
+        "infer": {"actors": 2, "cpus": 2, "batch_size": 16},
         "serve": {"min_replicas": 2, "max_replicas": 2, "num_cpus": 2, "ingress": "proxy", "access_log": True},
     }
     for k, v in sections.items():

@@ -105,6 +105,29 @@ def test_download_by_alias_and_number(registry, model_dir: Path, tmp_path: Path)
         registry.version("@prod")
 
 
+def test_resolve_is_the_one_way_to_name_a_version(registry, model_dir: Path) -> None:
+    """What evaluate, embed and serve are told: a number or alias as given; else serve.model_version or
+    the alias (embed, serve), or the newest version (evaluate)."""
+    from embsum.config import replace
+    from embsum.registry import NotFound, Registry
+
+    with pytest.raises(NotFound, match="no registered versions of 'embsum'"):
+        registry.resolve(default="newest")
+    with pytest.raises(NotFound, match="no version or alias 'champion'"):
+        registry.resolve()  # no alias yet: an error, never a guess
+    v1 = _version(registry, model_dir, 0.7)
+    v2 = _version(registry, model_dir, 0.8)
+    registry.promote(v1)
+    assert registry.resolve().version == v1 and registry.resolve("").version == v1
+    assert registry.resolve(default="newest").version == v2
+    assert registry.resolve(v2).version == v2 and registry.resolve(int(v2)).version == v2
+    assert registry.resolve("@champion", default="newest").version == v1
+    pinned = Registry(replace(registry.cfg, "serve.model_version", v2))
+    assert pinned.resolve().version == v2 and pinned.resolve(v1).version == v1
+    with pytest.raises(NotFound, match="no version or alias '99'"):
+        registry.resolve("99")
+
+
 # ---- a real tracking server, and a registry that fails ------------------------------------------------
 NAME = "gate-test"
 

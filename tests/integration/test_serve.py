@@ -44,8 +44,7 @@ _free_port = free_port  # other engineers may run Serve on the default 8000 mean
 
 def _write_inputs(cfg: Config) -> None:
     """items.parquet and users/ as embsum/data/layout.py describes (what `embsum prepare` writes)."""
-    from ray.data.extensions import ArrowTensorArray
-
+    from embsum.arrow_tensors import tensor_array
     from embsum.tokenization import EmbSumTokenizer
 
     tok = EmbSumTokenizer.from_config(cfg.model)
@@ -61,7 +60,7 @@ def _write_inputs(cfg: Config) -> None:
     pq.write_table(pa.table({"user_id": pa.array([f"U{u}" for u in range(N_USERS)]),
                              "split": pa.array(["train"] * N_USERS),
                              "history": pa.array(histories, pa.list_(pa.string())),
-                             "session_ids": ArrowTensorArray.from_numpy(sessions)}),
+                             "session_ids": tensor_array(sessions)}),
                    layout.path(data, layout.USERS) / "part-0.parquet")
 
 
@@ -146,7 +145,7 @@ def served(ray_cluster, mlflow_server, tmp_path_factory):
     port = _free_port()
     cfg = config_from_dict({
         "workdir": str(work), "model": TINY, "ray": {"num_cpus": 4},
-        "train": {"infer_actors": 1, "infer_cpus": 0.5, "infer_batch_size": 16},
+        "infer": {"actors": 1, "cpus": 0.5, "batch_size": 16},
         "mlflow": {"tracking_uri": mlflow_server.url, "artifact_location": "mlflow-artifacts:/serve-test",
                    "experiment": "serve-test"},
         "serve": {"port": port, **AUTOSCALING, "num_cpus": 1, "memory_gb": 0.5, "max_batch_size": 8,
@@ -290,7 +289,7 @@ def test_embed_job_in_many_calls_on_two_actors_writes_the_same_embeddings(served
 
     v1 = served.versions[0]
     cfg = served.cfg
-    for key, value in (("train.infer_actors", 2), ("train.infer_rows_per_call", 16),
+    for key, value in (("infer.actors", 2), ("infer.rows_per_call", 16),
                        ("serve.embeddings_dir", str(tmp_path / "emb"))):
         cfg = replace(cfg, key, value)
     rep = run_embed(cfg, v1)

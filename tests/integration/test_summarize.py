@@ -10,8 +10,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from ray.data.extensions import ArrowTensorArray
 
+from embsum.arrow_tensors import tensor_array
 from embsum.config import config_from_dict
 from embsum.data import layout
 from embsum.tokenization import EmbSumTokenizer
@@ -61,7 +61,7 @@ def _write_fixture(data_dir, poison_item: str | None = None) -> list[str]:
     examples = pa.table({
         "example_id": pa.array([f"{u}:1" for u in train], pa.string()),
         "user_id": pa.array(train, pa.string()),
-        "session_ids": ArrowTensorArray.from_numpy(sessions),  # a Ray Data tensor column, as prepare writes
+        "session_ids": tensor_array(sessions),  # a fixed_shape_tensor column, as prepare writes
         "history": pa.array([HISTORY[u] for u in train], pa.list_(pa.string())),
     })
     train_dir = layout.path(data_dir, layout.TRAIN)

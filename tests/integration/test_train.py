@@ -21,7 +21,7 @@ TINY_TRAIN = [
     "model.num_sessions=2", "model.items_per_session=4",
     "data.max_examples_per_user=4", "data.eval_negatives=19",
     "train.num_workers=2", "train.cpus_per_worker=1", "train.batch_size=8", "train.lr=0.003", "train.warmup_steps=3",
-    "train.log_every=5", "train.eval_batches=2", "train.infer_actors=1", "train.infer_batch_size=64",
+    "train.log_every=5", "train.eval_batches=2", "infer.actors=1", "infer.batch_size=64",
     "train.summary_weight=0.05",  # pinned: these tests check the mechanics, not the YAML's tuned lambda
 ]
 

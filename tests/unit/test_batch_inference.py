@@ -10,20 +10,21 @@ import pyarrow.parquet as pq
 import pytest
 
 from embsum.config import config_from_dict
-from train.embed import RowGroupReader, embed_report, kind_stats, parquet_rows, plan_calls, rows_per_call
+from train.batch_inference import parquet_rows, rows_per_call
+from train.embed import RowGroupReader, embed_report, kind_stats, plan_calls
 
 
-def _train(tmp_path: Path, **kw: object):
-    return config_from_dict({"workdir": str(tmp_path), "train": kw}).train
+def _infer(tmp_path: Path, **kw: object):
+    return config_from_dict({"workdir": str(tmp_path), "infer": kw}).infer
 
 
 def test_rows_per_call_feeds_every_actor_and_caps_the_call(tmp_path: Path) -> None:
-    t = _train(tmp_path, infer_actors=2, infer_batch_size=64, infer_rows_per_call=2048)
+    t = _infer(tmp_path, actors=2, batch_size=64, rows_per_call=2048)
     assert rows_per_call(600, t) == 300  # both actors get half
     assert rows_per_call(200_000, t) == 2048  # capped: bounded memory per call
     assert rows_per_call(10, t) == 64  # never below the model batch
     assert rows_per_call(0, t) == 64
-    one = _train(tmp_path, infer_actors=1, infer_batch_size=64, infer_rows_per_call=2048)
+    one = _infer(tmp_path, actors=1, batch_size=64, rows_per_call=2048)
     assert rows_per_call(600, one) == 600 and rows_per_call(5000, one) == 2048
 
 
@@ -36,7 +37,7 @@ def test_parquet_rows_reads_the_footers_of_a_folder_or_a_file(tmp_path: Path) ->
 
 
 def test_user_calls_carry_fewer_rows_than_item_calls(tmp_path: Path) -> None:
-    t = _train(tmp_path, infer_actors=2, infer_batch_size=64, infer_rows_per_call=2048)
+    t = _infer(tmp_path, actors=2, batch_size=64, rows_per_call=2048)
     assert rows_per_call(20_000, t, cost=8) == 256  # a user costs about 8 items' worth per row
     assert rows_per_call(300, t, cost=8) == 150 and rows_per_call(20, t, cost=8) == 64
 

@@ -250,3 +250,22 @@ def test_configs_are_frozen() -> None:
     cfg = Config()
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.train.lr = 1.0  # type: ignore[misc]
+
+
+# ---- moved keys ------------------------------------------------------------------------------------------
+def test_batch_inference_keys_moved_to_their_section_and_old_names_still_work(tmp_path: Path) -> None:
+    cfg = config_from_dict({}, ["infer.actors=3", "infer.batch_size=32"])
+    assert (cfg.infer.actors, cfg.infer.batch_size, cfg.infer.rows_per_call) == (3, 32, 2048)
+    assert not any(k.startswith("train.infer") for k in cfg.flat())
+    old_file = tmp_path / "old.yaml"
+    old_file.write_text("train:\n  lr: 0.001\n  infer_actors: 4\n  infer_gpus: 0.5\n")
+    with pytest.warns(FutureWarning) as warned:
+        old = load_config(old_file, ["train.infer_batch_size=16"])
+    assert sorted(str(w.message) for w in warned) == [
+        f"config key train.infer_{k} is now infer.{k}; train.infer_{k} will be removed"
+        for k in ("actors", "batch_size", "gpus")]
+    assert (old.infer.actors, old.infer.gpus, old.infer.batch_size, old.train.lr) == (4, 0.5, 16, 0.001)
+    with pytest.raises(ValueError, match="train.infer_cpus and infer.cpus are both set"), \
+            pytest.warns(FutureWarning):
+        config_from_dict({"train": {"infer_cpus": 2}, "infer": {"cpus": 1}})
+    _raises(["infer.actors=0"], "infer.actors", "out of range")

@@ -56,7 +56,7 @@ def test_gpu_config_is_t5_small_bf16_zero2_one_worker_with_gpu_actors(tmp_path: 
     m, t, s = cfg.model, cfg.train, cfg.serve
     assert (m.d_model, m.d_ff, m.num_layers, m.num_decoder_layers, m.num_heads) == (512, 2048, 6, 6, 8)
     assert m.random_init and t.use_gpu and t.num_workers == 1 and t.zero_stage == 2 and t.precision == "bf16"
-    assert t.max_steps == 200 and t.infer_gpus == 1.0 and s.num_gpus == 1.0
+    assert t.max_steps == 200 and cfg.infer.gpus == 1.0 and s.num_gpus == 1.0
     ds = Path(t.deepspeed_config)  # Ray workers run in other directories: the file must be found from anywhere
     assert ds.is_absolute() and ds.is_file() and ds.name == "zero2.json"
     tiny = gc.check_config(tmp_path, "cpu", steps=6, batch=4, port=18125)

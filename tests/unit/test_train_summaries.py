@@ -49,3 +49,19 @@ def test_a_summaries_folder_from_another_prepare_fails_closed(tmp_path):
     _summaries(tmp_path, "part-old", ["u1:0"], [5])
     with pytest.raises(ValueError, match="prepare ran again after summarize"):
         check_partitions(tmp_path)
+
+
+def test_summaries_read_in_ray_datas_tensor_type_as_summarize_writes_them(tmp_path):
+    """Summarize's output goes through Ray Data's hash shuffle, which writes Ray's own tensor type
+    (pyarrow's fixed_shape_tensor cannot pass it in Ray 2.60): read_summaries reads it with pyarrow."""
+    from ray.data.extensions import ArrowTensorArray  # importing Ray Data starts no cluster
+
+    from train.summaries import read_summaries
+
+    summ = np.arange(3 * S, dtype=np.int32).reshape(3, S)  # (n, S)
+    (tmp_path / "s").mkdir()
+    pq.write_table(pa.table({"example_id": ["a", "b", "c"], "summary_ids": ArrowTensorArray.from_numpy(summ)}),
+                   tmp_path / "s" / "0.parquet")
+    ids, got = read_summaries(tmp_path / "s")
+    assert ids.to_pylist() == ["a", "b", "c"] and got.dtype == np.int32
+    np.testing.assert_array_equal(got, summ)

@@ -1,0 +1,80 @@
+"""The trainer's in-loop validation (train/loop.py) on a tiny model, no Ray: the model's own scores in
+generating mode (what evaluation and serving score), AUC by embsum.metrics, equal to the offline path
+(encode_user -> encode_content -> score) and to the positive-first AUC the loop computed before."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from embsum.metrics import summarize
+from embsum.model import EmbSum
+from embsum.scoring import score
+from embsum.tokenization import EmbSumTokenizer
+from train.loop import auc_total, validation_scores
+
+B, C = 4, 4  # examples per batch, candidates per example (1 positive + 3 negatives)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors gain nothing from threads, and on a shared 2-core box they oversubscribe it."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _batches(tok: EmbSumTokenizer) -> list[dict[str, torch.Tensor]]:
+    g = np.random.default_rng(0)
+
+    def items(n: int) -> list[list[int]]:
+        return [g.integers(100, 30000, size=int(g.integers(1, 10))).tolist() for _ in range(n)]
+
+    out = []
+    for _ in range(2):
+        sessions = tok.sessions_batch([items(int(g.integers(1, 6))) for _ in range(B)])  # (B, G, L)
+        cands = tok.content_batch(items(B * C)).reshape(B, C, -1)  # (B, C, Lc)
+        cands[0, 2] = cands[0, 0]  # a negative equal to the positive: a tie, which counts one half
+        labels = np.zeros((B, C), np.int64)
+        labels[:, 0] = 1  # valid_examples: the positive first
+        out.append({"session_ids": torch.as_tensor(sessions).long(), "candidate_ids": torch.as_tensor(cands).long(),
+                    "labels": torch.as_tensor(labels)})
+    return out
+
+
+def test_validation_auc_is_embsum_metrics_on_the_models_own_scores(tiny_cfg, tokenizer: EmbSumTokenizer) -> None:
+    model = EmbSum.from_config(tiny_cfg, tokenizer.sos_id, seed=0).eval()
+    batches = _batches(tokenizer)
+    scored = list(validation_scores(model, batches))
+    total, n = auc_total(scored)
+    assert n == 2 * B
+
+    # The offline path, one example at a time: the generated summary's UPE, the candidates' CPE, score().
+    reference = []
+    with torch.no_grad():
+        for b in batches:
+            for i in range(B):
+                upe = model.encode_user(b["session_ids"][i:i + 1])  # (1, M, D)
+                cpe, key = model.encode_content(b["candidate_ids"][i])  # (C, N, D) x2
+                reference.append((b["labels"][i].numpy(), score(upe, cpe, key)[0].numpy()))  # (C,)
+    for (labels, scores), ref in zip(scored, [reference[:B], reference[B:]], strict=True):
+        np.testing.assert_array_equal(labels, np.stack([y for y, _ in ref]))
+        np.testing.assert_allclose(scores, np.stack([x for _, x in ref]), rtol=1e-4, atol=1e-5)
+    expected = summarize(reference)
+    assert total / n == pytest.approx(expected.auc, abs=1e-12) and n == expected.impressions
+
+    # The same value as the loop's former positive-first AUC (share of negatives below the positive,
+    # ties one half), so checkpoints are picked as before.
+    s = np.concatenate([x for _, x in scored])  # (2B, C)
+    assert s[0, 2] == s[0, 0]  # the tie is there
+    former = ((s[:, :1] > s[:, 1:]).sum(1) + 0.5 * (s[:, :1] == s[:, 1:]).sum(1)) / (C - 1)
+    assert total / n == pytest.approx(float(former.mean()), abs=1e-12)
+
+
+def test_examples_without_a_negative_are_left_out() -> None:
+    labels = np.array([[1, 0, 0], [1, 1, 1]])
+    scores = np.array([[0.9, 0.1, 0.5], [0.3, 0.2, 0.1]], np.float32)
+    assert auc_total([(labels, scores)]) == (1.0, 1)
+    assert auc_total([]) == (0.0, 0)

@@ -273,6 +273,22 @@ def serve_figures(runs: list[dict[str, Any]]) -> list[Figure]:
                                "ms", [s[c1]["p50_ms"] for s in serve], [x["inprocess_score"]["p50_ms"] for x in runs],
                                "in-process score(), 1 caller", higher_is_better=False, target=2.0,
                                target_kind="delta<="))
+    cpu = (r.get("machine") or {}).get("cpu_model")
+    on = f"; {cpu}" if cpu else ""
+    if "serve_distinct" in r and "bare_distinct" in r:  # every request another user and candidate set
+        serve = [_by_clients(x["serve_distinct"]) for x in runs]
+        bare = [_by_clients(x["bare_distinct"]) for x in runs]
+        for c in sorted(serve[0]):
+            figs.append(Figure("serve", f"/v1/score requests/s, distinct users x candidates, Ray Serve, {c} "
+                               f"client{'s' if c > 1 else ''}{on}", "req/s", [s[c]["rps"] for s in serve],
+                               [b[c]["rps"] for b in bare], "bare FastAPI app",
+                               target=1.2 if c == max(serve[0]) else None))
+    if "recommend_catalog" in r:
+        rc = [x["recommend_catalog"] for x in runs]
+        figs.append(Figure("serve", f"/v1/recommend p50 latency, top 10 of {rc[0]['items']:,} items, Ray Serve vs "
+                           f"in-process score() + top-k{on}", "ms", [x["serve_p50_ms"] for x in rc],
+                           [x["inprocess_p50_ms"] for x in rc], "in-process score() + top-k",
+                           higher_is_better=False, target=3.0, target_kind="delta<="))
     for k in (r.get("catalog_vs_gemm") or {}):
         g = [x["catalog_vs_gemm"][k] for x in runs]
         figs.append(Figure("serve", f"score() over a 10k-item catalog, {k.replace('_', ' ')}: GFLOP/s", "GFLOP/s",

@@ -4,12 +4,15 @@ floor of each HTTP path measured beside it.
     python -m bench.serve_bench            # 30 s per point (about 12 minutes in all)
     python -m bench.serve_bench --quick    # 5 s per point, a smoke test
 
-Workload: POST /v1/score for 1 known user x 100 precomputed candidates, closed loop on loopback
-for a bounded time at 1, 4 and 16 concurrent clients. Embeddings are random (scoring-only figures
-do not depend on their values) with t5-small's width: d_model = 512, M = 8 user codes, N = 4
-content codes; the registered model is a random-init T5 of that width but one layer deep (only the
-cold path would run it, and this workload has none). One after another, in one invocation, on the
-same inputs:
+Workloads, each a closed loop on loopback for a bounded time: 'same', POST /v1/score for 1 known
+user x the same 100 precomputed candidates at 1, 4 and 16 concurrent clients (a batch of them
+shares its candidates: scored all pairs over their union); 'distinct', every request a different
+user with a different set of 100 candidates (512 request bodies sent round robin over 20,000
+items and 1,000 users) at 1 and 16 clients (a batch gathers each request's own candidates).
+Embeddings are random (scoring-only figures do not depend on their values) with t5-small's width:
+d_model = 512, M = 8 user codes, N = 4 content codes; the registered model is a random-init T5 of
+that width but one layer deep (only the cold path would run it, and these workloads have none).
+One after another, in one invocation, on the same inputs:
 
 - in-process: ``score()`` on the user's UPE and the 100 candidates' CPE, and ``engine.score_batch``
   (adds the id lookups, the gather and the response objects), one caller;
@@ -26,8 +29,14 @@ does not starve the server on a 2-core machine), else a minimal keep-alive HTTP/
 asyncio in this process. The same one is used for every point. torch runs one intra-op thread
 everywhere (as a serve.num_cpus=1 replica does). The 1-minute load average is recorded before
 each point: on a shared machine absolute figures move with it; the side-by-side ratios are the
-point. Also: ``score()`` over a 10k-item catalog vs a plain GEMM of the same FLOPs. Prints a table
-and writes bench/results/serve.json.
+point. The CPU model is recorded with the results: per-request costs differ between CPUs, so a
+figure belongs to the machine it was measured on.
+
+Also: ``score()`` over a 10k-item catalog vs a plain GEMM of the same FLOPs; and /v1/recommend
+(top 10) over a 200,000-item catalog (its own random model, d_model 128 to keep the catalog at
+0.8 GB per copy) against the in-process ``score()`` + top-k of the same user, one request at a
+time, the two alternating (target: Serve's p50 within 3 ms). Prints a table and writes
+bench/results/serve.json.
 """
 
 from __future__ import annotations
@@ -36,7 +45,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import re
 import shutil
 import socket
@@ -50,13 +58,17 @@ from typing import Any
 import numpy as np
 from fastapi import FastAPI, Request, Response
 
+from bench import harness
 from embsum.config import Config, config_from_dict
 from embsum.runtime import setup_env
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results" / "serve.json"
-N_ITEMS, N_USERS, N_CANDIDATES = 2000, 100, 100
+N_ITEMS, N_USERS, N_CANDIDATES = 20_000, 1000, 100
+N_BODIES = 512  # the distinct workload's request bodies
 CATALOG = 10_000
+BIG_CATALOG, BIG_CATALOG_D = 200_000, 128
+TARGET_RECOMMEND_ADDED_MS = 3.0
 MODEL = dict(random_init=True, tokenizer="bundled", d_model=512, d_kv=64, d_ff=1024, num_layers=1,
              num_decoder_layers=1, num_heads=8, user_codes=8, content_codes=4, dropout=0.0)
 FLOOR_PREFIX = "/floor"
@@ -64,13 +76,14 @@ TARGET_ADDED_P50_MS = 2.0
 
 
 # ---- setup: a registered model and random embeddings in the embed job's format ---------------------
-def bench_config(work: Path, port: int, batch_wait: float | None = None, ingress: str | None = None) -> Config:
+def bench_config(work: Path, port: int, batch_wait: float | None = None, ingress: str | None = None,
+                 model: dict[str, Any] | None = None) -> Config:
     serve: dict[str, Any] = {"port": port, "min_replicas": 1, "max_replicas": 1, "num_cpus": 1}
     if batch_wait is not None:
         serve["batch_wait_timeout_s"] = batch_wait
     if ingress is not None:
         serve["ingress"] = ingress
-    return config_from_dict({"workdir": str(work), "model": MODEL, "serve": serve})
+    return config_from_dict({"workdir": str(work), "model": model or MODEL, "serve": serve})
 
 
 def register_model(cfg: Config) -> str:
@@ -94,7 +107,7 @@ def register_model(cfg: Config) -> str:
     return version
 
 
-def write_random_embeddings(cfg: Config, version: str) -> None:
+def write_random_embeddings(cfg: Config, version: str, n_items: int = N_ITEMS, n_users: int = N_USERS) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -106,25 +119,34 @@ def write_random_embeddings(cfg: Config, version: str) -> None:
     out = version_dir(cfg.embeddings_dir, version)
     (out / ITEMS).mkdir(parents=True)
     (out / USERS).mkdir(parents=True)
-    cpe = rng.standard_normal((N_ITEMS, n, d), dtype=np.float32) / np.sqrt(d)
-    key = np.maximum(rng.standard_normal((N_ITEMS, n, d), dtype=np.float32), 0)  # gelu-like: mostly >= 0
-    upe = rng.standard_normal((N_USERS, m, d), dtype=np.float32)
-    pq.write_table(pa.table({"item_id": [f"n{i}" for i in range(N_ITEMS)],
-                             "text": [f"item {i}" for i in range(N_ITEMS)],
+    cpe = rng.standard_normal((n_items, n, d), dtype=np.float32) / np.sqrt(d)
+    key = np.maximum(rng.standard_normal((n_items, n, d), dtype=np.float32), 0)  # gelu-like: mostly >= 0
+    upe = rng.standard_normal((n_users, m, d), dtype=np.float32)
+    pq.write_table(pa.table({"item_id": [f"n{i}" for i in range(n_items)],
+                             "text": [f"item {i}" for i in range(n_items)],
                              "cpe": tensor_array(cpe), "cpe_key": tensor_array(key)}),
                    out / ITEMS / "part-0.parquet")
-    pq.write_table(pa.table({"user_id": [f"U{u}" for u in range(N_USERS)],
-                             "history": pa.array([[f"n{u}"] for u in range(N_USERS)], pa.list_(pa.string())),
-                             "upe": tensor_array(upe), "summary": [""] * N_USERS}),
+    pq.write_table(pa.table({"user_id": [f"U{u}" for u in range(n_users)],
+                             "history": pa.array([[f"n{u}"] for u in range(n_users)], pa.list_(pa.string())),
+                             "upe": tensor_array(upe), "summary": [""] * n_users}),
                    out / USERS / "part-0.parquet")
     write_manifest(out, Manifest(model_name=cfg.mlflow.registered_model, model_version=version, model_fingerprint="",
-                                 items=N_ITEMS, users=N_USERS, dtype="float32", user_codes=m, content_codes=n,
+                                 items=n_items, users=n_users, dtype="float32", user_codes=m, content_codes=n,
                                  d_model=d))
 
 
 def request_body() -> dict[str, Any]:
     ids = np.random.default_rng(1).choice(N_ITEMS, size=N_CANDIDATES, replace=False)
     return {"user_id": "U7", "candidates": [{"item_id": f"n{i}"} for i in ids]}
+
+
+def distinct_bodies(n: int = N_BODIES) -> list[dict[str, Any]]:
+    """``n`` requests, each for a different user (round robin over the users) and its own random
+    100 of the 20k items: concurrent requests share (almost) nothing."""
+    rng = np.random.default_rng(3)
+    return [{"user_id": f"U{i % N_USERS}",
+             "candidates": [{"item_id": f"n{j}"} for j in rng.choice(N_ITEMS, size=N_CANDIDATES, replace=False)]}
+            for i in range(n)]
 
 
 # ---- measurement ----------------------------------------------------------------------------------
@@ -162,27 +184,43 @@ def load_client(choice: str) -> str:
     return "python"
 
 
-def http_load(client: str, url: str, body: dict[str, Any], clients: int, seconds: float) -> dict[str, float]:
-    """POST ``body`` to ``url`` from ``clients`` keep-alive connections in a closed loop (each sends
-    its next request on the answer) for ``seconds``, after a warm-up of the same shape."""
-    payload = json.dumps(body).encode()
+def http_load(client: str, url: str, bodies: list[dict[str, Any]], clients: int, seconds: float,
+              procs: Any = ()) -> dict[str, float]:
+    """POST ``bodies`` (round robin across all connections; one body: the same request every
+    time) to ``url`` from ``clients`` keep-alive connections in a closed loop (each sends its next
+    request on the answer) for ``seconds``, after a warm-up of the same shape. With ``procs`` (the
+    serving processes): their CPU time per measured request (``server_cpu_us_per_request``), the
+    work a request costs the server, which a busy machine stretches in time but does not add to."""
+    payloads = [json.dumps(b).encode() for b in bodies]
     warmup = min(1.0, seconds / 5)
-    if client == "wrk":
-        _wrk(url, payload, clients, warmup)
-        load1 = os.getloadavg()[0]
-        return {**_wrk(url, payload, clients, seconds), "load1": load1}
-    return asyncio.run(_py_load(url, payload, clients, seconds, warmup))
+    run = _wrk if client == "wrk" else lambda *a: asyncio.run(_py_load(*a))
+    run(url, payloads, clients, warmup)
+    load1, cpu0 = os.getloadavg()[0], cpu_seconds(procs)
+    point = {**run(url, payloads, clients, seconds), "load1": load1}
+    cpu1 = cpu_seconds(procs)
+    by = {k: (cpu1[k] - cpu0.get(k, 0.0)) / max(point["requests"], 1) * 1e6 for k in cpu1}
+    point["server_cpu_us_per_request"] = sum(by.values()) if by else float("nan")
+    point["server_cpu_us_by_process"] = by
+    return point
 
 
 _WRK_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 6e4}
 
 
-def _wrk(url: str, payload: bytes, clients: int, seconds: float) -> dict[str, float]:
+def _wrk(url: str, payloads: list[bytes], clients: int, seconds: float) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "body.json").write_bytes(payload)
         script = Path(tmp) / "post.lua"
-        script.write_text(f'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
-                          f'local f = io.open("{tmp}/body.json", "rb")\nwrk.body = f:read("*all")\nf:close()\n')
+        head = 'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
+        if len(payloads) == 1:
+            (Path(tmp) / "body.json").write_bytes(payloads[0])
+            script.write_text(head + f'local f = io.open("{tmp}/body.json", "rb")\nwrk.body = f:read("*all")\n'
+                                     f'f:close()\n')
+        else:  # one body per line (compact JSON has no newline), sent round robin
+            (Path(tmp) / "bodies.jsonl").write_bytes(b"\n".join(payloads) + b"\n")
+            script.write_text(head + f'local bodies = {{}}\nfor line in io.lines("{tmp}/bodies.jsonl") do '
+                                     f'bodies[#bodies + 1] = line end\nlocal i = 0\nrequest = function()\n'
+                                     f'  i = i + 1\n  return wrk.format(nil, nil, nil, bodies[(i % #bodies) + 1])\n'
+                                     f'end\n')
         out = subprocess.run(["wrk", "-t1", f"-c{clients}", f"-d{max(1, round(seconds))}s", "--timeout", "30s",
                               "--latency", "-s", str(script), url], capture_output=True, text=True, check=True).stdout
 
@@ -198,43 +236,41 @@ def _wrk(url: str, payload: bytes, clients: int, seconds: float) -> dict[str, fl
             "requests": int(count.group(1)) if count else 0, "errors": bad}
 
 
-async def _py_load(url: str, payload: bytes, clients: int, seconds: float, warmup: float) -> dict[str, float]:
+async def _py_load(url: str, payloads: list[bytes], clients: int, seconds: float) -> dict[str, float]:
     """The fallback load generator: minimal keep-alive HTTP/1.1 clients on one asyncio loop."""
     host, rest = url.removeprefix("http://").split(":", 1)
     port, _, path = rest.partition("/")
-    request = (f"POST /{path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
-               f"Content-Length: {len(payload)}\r\n\r\n").encode() + payload
+    requests = [(f"POST /{path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+                 f"Content-Length: {len(payload)}\r\n\r\n").encode() + payload for payload in payloads]
+    sent = 0
     latencies: list[float] = []
     errors = 0
-    t_measure = time.perf_counter() + warmup
-    t_end = t_measure + seconds
-    load1 = 0.0
+    t_end = time.perf_counter() + seconds
 
     async def one() -> None:
-        nonlocal errors, load1
+        nonlocal errors, sent
         reader, writer = await asyncio.open_connection(host, int(port))
         try:
             while (t0 := time.perf_counter()) < t_end:
-                writer.write(request)
+                writer.write(requests[sent % len(requests)])
+                sent += 1
                 head = await reader.readuntil(b"\r\n\r\n")
                 status = int(head.split(b" ", 2)[1])
                 length = next(int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
                               if line.lower().startswith(b"content-length:"))
                 await reader.readexactly(length)
-                if t0 >= t_measure:
-                    load1 = load1 or os.getloadavg()[0]
-                    if status == 200:
-                        latencies.append(time.perf_counter() - t0)
-                    else:
-                        errors += 1
+                if status == 200:
+                    latencies.append(time.perf_counter() - t0)
+                else:
+                    errors += 1
         finally:
             writer.close()
 
     await asyncio.gather(*(one() for _ in range(clients)))
-    return {**summarize(latencies, seconds, errors), "load1": load1}
+    return summarize(latencies, seconds, errors)
 
 
-def wait_ready(url: str, timeout_s: float = 120.0) -> None:
+def wait_ready(url: str, timeout_s: float = 600.0) -> None:
     import httpx
 
     deadline = time.monotonic() + timeout_s
@@ -339,6 +375,59 @@ def deploy_floor(response: bytes) -> None:
     serve.run(Floor.bind(), name="floor", route_prefix=FLOOR_PREFIX, blocking=False)
 
 
+def catalog_point(work: Path, port: int, n_items: int, requests: int) -> dict[str, Any]:
+    """/v1/recommend (k=10) over an ``n_items`` catalog, served by its own app at /catalog, vs the
+    in-process ``score()`` + ``top_k`` of the same user on the same arrays: one request at a time,
+    the two alternating, so both see the same moments of a shared machine."""
+    import httpx
+    import torch
+
+    from embsum.config import replace
+    from embsum.scoring import score
+    from serve import app as serve_app
+    from serve.bundle import load_bundle
+    from serve.engine import top_k
+
+    model = {**MODEL, "d_model": BIG_CATALOG_D, "d_kv": BIG_CATALOG_D // 8, "d_ff": 2 * BIG_CATALOG_D}
+    cfg = replace(bench_config(work, port, model=model), "serve.route_prefix", "/catalog")
+    version = register_model(cfg)
+    write_random_embeddings(cfg, version, n_items=n_items, n_users=100)
+    store = load_bundle(cfg, version).store
+    serve_app.deploy(cfg, name="catalog")
+    url = f"http://127.0.0.1:{port}/catalog"
+    wait_ready(url)
+    u = store.user_index["U7"]
+    upe, cpe, key = (torch.from_numpy(a) for a in (store.upe[u:u + 1], store.cpe, store.cpe_key))
+
+    def inprocess() -> np.ndarray:
+        with torch.inference_mode():
+            return top_k(score(upe, cpe, key).numpy()[0], 10)  # (I,) -> the 10 best rows
+
+    body = {"user_id": "U7", "k": 10, "exclude_history": False}
+    with httpx.Client(timeout=60) as http:
+        got = http.post(url + "/v1/recommend", json=body).json()
+        want = [store.item_ids[r] for r in inprocess()]
+        if [x["item_id"] for x in got["items"]] != want:
+            raise RuntimeError(f"/v1/recommend over {n_items} items disagrees with score()+top_k: "
+                               f"{[x['item_id'] for x in got['items']]} vs {want}")
+        local, served = [], []
+        for i in range(requests + 3):  # the first 3 pairs warm up
+            t0 = time.perf_counter()
+            inprocess()
+            t1 = time.perf_counter()
+            http.post(url + "/v1/recommend", json=body).raise_for_status()
+            t2 = time.perf_counter()
+            if i >= 3:
+                local.append((t1 - t0) * 1e3)
+                served.append((t2 - t1) * 1e3)
+    serve_app.shutdown("catalog")
+    p50_local, p50_served = float(np.median(local)), float(np.median(served))
+    return {"items": n_items, "d_model": BIG_CATALOG_D, "k": 10, "requests": requests,
+            "inprocess_p50_ms": p50_local, "serve_p50_ms": p50_served, "added_p50_ms": p50_served - p50_local,
+            "paired_median_added_ms": float(np.median(np.asarray(served) - np.asarray(local))),
+            "target_added_ms": TARGET_RECOMMEND_ADDED_MS}
+
+
 # ---- main -------------------------------------------------------------------------------------------------
 def combine(rounds: list[dict[str, float]]) -> dict[str, Any]:
     """One point from its interleaved rounds: median p50 / p99 / load average, mean requests/s."""
@@ -347,18 +436,62 @@ def combine(rounds: list[dict[str, float]]) -> dict[str, Any]:
 
     return {"p50_ms": med("p50_ms"), "p99_ms": med("p99_ms"), "rps": float(np.mean([r["rps"] for r in rounds])),
             "requests": int(sum(r["requests"] for r in rounds)), "errors": int(sum(r["errors"] for r in rounds)),
-            "load1": med("load1"), "rounds": rounds}
+            "load1": med("load1"), "server_cpu_us_per_request": med("server_cpu_us_per_request"),
+            "server_cpu_us_by_process": {k: float(np.median([r["server_cpu_us_by_process"].get(k, 0.0)
+                                                             for r in rounds]))
+                                         for k in rounds[0].get("server_cpu_us_by_process", {})},
+            "rounds": rounds}
 
 
-def interleaved(client: str, body: dict[str, Any], targets: dict[str, str], clients: list[int], seconds: float,
-                rounds: int) -> dict[str, dict[int, dict[str, Any]]]:
+def serve_processes(app: str) -> list[Any]:
+    """The processes that serve a Serve application here: its replica(s), HAProxy, and the proxy
+    actor that manages HAProxy (it reads HAProxy's per-request metrics log lines) or, with the
+    'proxy' ingress, is the HTTP proxy. Descendants of this process only: another user's Serve on
+    the machine is not counted."""
+    import psutil
+
+    mine = (f"ray::ServeReplica:{app}:", "ray::HAProxyManager", "ray::ProxyActor")
+    found = []
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            cmd = proc.cmdline()
+            if proc.name() == "haproxy" or (cmd and cmd[0].startswith(mine)):
+                found.append(proc)
+        except psutil.Error:
+            continue
+    return found
+
+
+def cpu_seconds(procs: list[Any]) -> dict[str, float]:
+    """CPU seconds (user + system) so far of each kind of serving process (replica, haproxy, the
+    proxy actor, the bare app's uvicorn)."""
+    import psutil
+
+    out: dict[str, float] = {}
+    for proc in procs:
+        try:
+            t = proc.cpu_times()
+            cmd = proc.cmdline()
+        except psutil.Error:
+            continue
+        label = "haproxy" if proc.name() == "haproxy" else \
+            cmd[0].split(":")[2] if cmd and cmd[0].startswith("ray::ServeReplica:") else \
+            cmd[0].removeprefix("ray::").split(".")[0] if cmd and cmd[0].startswith("ray::") else "uvicorn"
+        out[label] = out.get(label, 0.0) + t.user + t.system
+    return out
+
+
+def interleaved(client: str, bodies: list[dict[str, Any]], targets: dict[str, str], clients: list[int],
+                seconds: float, rounds: int, procs_of: Any = None) -> dict[str, dict[int, dict[str, Any]]]:
     """Every target at every client count, ``rounds`` times round-robin (seconds / rounds each): the
-    systems compared share the same minutes of a machine whose load drifts."""
+    systems compared share the same minutes of a machine whose load drifts. ``procs_of(target)``:
+    the processes serving it, whose CPU time per request each point records."""
     got: dict[str, dict[int, list[dict[str, float]]]] = {t: {c: [] for c in clients} for t in targets}
     for _ in range(rounds):
         for c in clients:
             for name, url in targets.items():
-                got[name][c].append(http_load(client, url, body, c, seconds / rounds))
+                procs = procs_of(name) if procs_of else []
+                got[name][c].append(http_load(client, url, bodies, c, seconds / rounds, procs))
     return {name: {c: combine(rs) for c, rs in by_c.items()} for name, by_c in got.items()}
 
 
@@ -371,6 +504,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ingress", default="haproxy,proxy", help="Serve HTTP ingresses to measure, the first is primary")
     p.add_argument("--waits", default="", help="batch waits (s) of the primary ingress; default: the config's")
     p.add_argument("--client", default="auto", choices=["auto", "wrk", "python"], help="load generator")
+    p.add_argument("--workloads", default="same,distinct", help="same: 1 user x the same 100 candidates; "
+                   "distinct: every request another user and candidate set")
+    p.add_argument("--catalog-items", type=int, default=None,
+                   help=f"/v1/recommend catalog size (default {BIG_CATALOG:,}; quick: a tenth; 0 = skip)")
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--bare-app", nargs=4, metavar=("MODE", "CONFIG_JSON", "ARG", "PORT"), help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -379,6 +516,7 @@ def main(argv: list[str] | None = None) -> int:
         run_bare_app(a.bare_app[0], a.bare_app[1], a.bare_app[2], int(a.bare_app[3]))
         return 0
 
+    import psutil
     import ray
     import torch
 
@@ -412,18 +550,21 @@ def main(argv: list[str] | None = None) -> int:
     u = s.user_index[body["user_id"]]
     upe, cpe, key = s.upe[u:u + 1].copy(), s.cpe[rows].copy(), s.cpe_key[rows].copy()
     want = Predictor.score(upe, cpe, key)[0]
+    workloads = [w for w in a.workloads.split(",") if w]
+    distinct = distinct_bodies()
+    n_catalog = a.catalog_items if a.catalog_items is not None else (BIG_CATALOG // 10 if a.quick else BIG_CATALOG)
+    machine = {**harness.machine(), "load_avg_start": os.getloadavg()}
     print(f"[bench] setup {time.perf_counter() - t0:.1f}s; {seconds:.0f}s per point in {rounds} interleaved "
-          f"round(s); clients {clients}; ingress {ingresses}; batch waits {waits}; load generator {client}; "
-          f"load avg {os.getloadavg()[0]:.1f}", flush=True)
+          f"round(s); clients {clients}; workloads {workloads}; ingress {ingresses}; batch waits {waits}; load "
+          f"generator {client}; CPU {machine.get('cpu_model', '?')}; load avg {os.getloadavg()[0]:.1f}", flush=True)
 
     results: dict[str, Any] = {"config": {"seconds_per_point": seconds, "rounds": rounds, "clients": clients,
-                                          "items": N_ITEMS, "candidates": N_CANDIDATES, "model": MODEL,
+                                          "items": N_ITEMS, "users": N_USERS, "candidates": N_CANDIDATES,
+                                          "distinct_bodies": N_BODIES, "workloads": workloads, "model": MODEL,
                                           "torch_threads": 1, "batch_wait_timeout_s": cfg.serve.batch_wait_timeout_s,
                                           "waits": waits, "max_batch_size": cfg.serve.max_batch_size,
                                           "ingress": ingresses, "load_generator": client, "replicas": 1},
-                               "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                                           "python": platform.python_version(), "ray": ray.__version__,
-                                           "torch": torch.__version__, "load_avg_start": os.getloadavg()}}
+                               "machine": machine}
     with torch.inference_mode():
         results["inprocess_score"] = timed_loop(lambda: Predictor.score(upe, cpe, key), seconds)
     query = ScoreQuery(user_id=body["user_id"], history=None,
@@ -439,9 +580,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         bare_url = bare("api", cfg_path, version, procs)
         response = check_scores(bare_url, body, want)
+        distinct_want = [_offline(s, b) for b in distinct[:3]]
+        for b, w in zip(distinct[:3], distinct_want, strict=True):
+            check_scores(bare_url, b, w)
         (work / "response.json").write_bytes(response)
         bare_floor_url = bare("floor", cfg_path, str(work / "response.json"), procs)
-        ray.init(num_cpus=4, include_dashboard=False)
+        ray.init(address="local", num_cpus=4, include_dashboard=False)
         ray_started = True
         base = f"http://127.0.0.1:{cfg.serve.port}"
         for phase, ingress in enumerate(ingresses):
@@ -458,12 +602,33 @@ def main(argv: list[str] | None = None) -> int:
                 targets[f"{prefix}_wait_{wait:g}"] = url + "/v1/score"
             deploy_floor(response)  # last: an imperative app beside the declarative ones
             wait_ready(base + FLOOR_PREFIX)
-            results.update(interleaved(client, body, targets, clients, seconds, rounds))
+            apps = {f"{prefix}_wait_{w:g}": serve_app.APP_NAME if i == 0 else f"embsum-wait{i}"
+                    for i, w in enumerate(waits)}
+
+            def procs_of(name: str, apps: dict[str, str] = apps) -> list[Any]:
+                if name.startswith("bare"):
+                    return [psutil.Process(procs[1 if "floor" in name else 0].pid)]
+                return serve_processes("floor" if name.endswith("_floor") else apps.get(name, serve_app.APP_NAME))
+
+            names = []
+            if "same" in workloads:
+                results.update(interleaved(client, [body], targets, clients, seconds, rounds, procs_of))
+                names += list(targets)
+            if phase == 0 and "distinct" in workloads:
+                for b, w in zip(distinct[:3], distinct_want, strict=True):
+                    check_scores(base, b, w)
+                pair = {"bare_distinct": bare_url + "/v1/score", "serve_distinct": base + "/v1/score"}
+                results.update(interleaved(client, distinct, pair, ends, seconds, rounds, procs_of))
+                names += list(pair)
             floors = {f"bare_floor{during}": bare_floor_url + "/v1/score",
                       f"{prefix}_floor": base + FLOOR_PREFIX + "/v1/score"}
-            results.update(interleaved(client, body, floors, ends, seconds, rounds))
-            for name in (*targets, *floors):
+            results.update(interleaved(client, [body], floors, ends, seconds, rounds, procs_of))
+            for name in (*names, *floors):
                 print(f"[bench] {name}: {_brief(results[name])}", flush=True)
+            if phase == 0 and n_catalog:
+                results["recommend_catalog"] = catalog_point(work / "catalog", cfg.serve.port, n_catalog,
+                                                             20 if a.quick else 60)
+                print(f"[bench] recommend_catalog: {results['recommend_catalog']}", flush=True)
             serve_app.shutdown()  # the ingress is chosen when Serve starts
     finally:
         if ray_started:
@@ -483,47 +648,79 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _offline(store: Any, body: dict[str, Any]) -> np.ndarray:
+    """The scores ``body`` must get: the offline ``score`` on the stored embeddings."""
+    from embsum.predictor import Predictor
+
+    rows = [store.item_index[c["item_id"]] for c in body["candidates"]]
+    u = store.user_index[body["user_id"]]
+    return Predictor.score(store.upe[u:u + 1], store.cpe[rows], store.cpe_key[rows])[0]
+
+
 def _brief(points: dict[int, dict[str, Any]]) -> str:
-    return ", ".join(f"{c}: p50 {r['p50_ms']:.2f} ms {r['rps']:.0f}/s" + (f" ({r['errors']} errors)" if r["errors"]
-                                                                          else "") for c, r in points.items())
+    return ", ".join(f"{c}: p50 {r['p50_ms']:.2f} ms {r['rps']:.0f}/s, server CPU {r['server_cpu_us_per_request']:.0f} "
+                     f"us/req (" + " ".join(f"{k} {v:.0f}" for k, v in r["server_cpu_us_by_process"].items()) + ")"
+                     + (f" ({r['errors']} errors)" if r["errors"] else "") for c, r in points.items())
 
 
 def report(r: dict[str, Any], clients: list[int], ingresses: list[str], waits: list[float]) -> None:
     base = r["inprocess_score"]
-    print(f"\nin-process score() (1 user x {N_CANDIDATES} candidates, d_model 512): p50 {base['p50_ms']:.3f} ms, "
-          f"p99 {base['p99_ms']:.3f} ms; engine.score_batch (+ lookups, gather, response objects): p50 "
-          f"{r['inprocess_engine']['p50_ms']:.3f} ms. Load generator {r['config']['load_generator']}; each point: "
-          f"median of {r['config']['rounds']} interleaved rounds; [1-min load average].")
-    columns = [("bare" if i == 0 else f"bare_during_{ing}",
-                f"{'serve' if i == 0 else f'serve_{ing}'}_wait_{w:g}", f"Serve {ing}, wait {w:g}s")
-               for i, ing in enumerate(ingresses) for w in (waits if i == 0 else waits[:1])]
-    head = f"{'clients':>7}"
-    for _, _, title in columns:
-        head += f" | {title + ': p50/p99 ms, req/s':<44} {'bare p50, req/s':>17} {'+p50':>6} {'x bare':>6}"
-    print(head)
-    for c in clients:
-        line = f"{c:>7}"
-        for bare_key, key, _ in columns:
-            s, b = r[key][c], r[bare_key][c]
-            line += (f" | {s['p50_ms']:>7.2f}/{s['p99_ms']:<8.2f} {s['rps']:>6.0f} [{s['load1']:>4.1f}]"
-                     f"{'':>14} {b['p50_ms']:>7.2f} {b['rps']:>7.0f}  {s['p50_ms'] - base['p50_ms']:>+6.2f} "
-                     f"{s['rps'] / max(b['rps'], 1e-9):>6.2f}")
-        print(line)
+    m = r["machine"]
+    print(f"\nCPU {m.get('cpu_model', '?')} ({m.get('cpus')} cores), load average {m['load_avg_start'][0]:.1f} at "
+          f"the start. in-process score() (1 user x {N_CANDIDATES} candidates, d_model 512): p50 "
+          f"{base['p50_ms']:.3f} ms, p99 {base['p99_ms']:.3f} ms; engine.score_batch (+ lookups, gather, response "
+          f"objects): p50 {r['inprocess_engine']['p50_ms']:.3f} ms. Load generator {r['config']['load_generator']}; "
+          f"each point: median of {r['config']['rounds']} interleaved rounds; [1-min load average].")
+    first, last = clients[0], clients[-1]
+    if "bare" in r:
+        columns = [("bare" if i == 0 else f"bare_during_{ing}",
+                    f"{'serve' if i == 0 else f'serve_{ing}'}_wait_{w:g}", f"Serve {ing}, wait {w:g}s")
+                   for i, ing in enumerate(ingresses) for w in (waits if i == 0 else waits[:1])]
+        head = f"{'clients':>7}"
+        for _, _, title in columns:
+            head += f" | {title + ': p50/p99 ms, req/s':<44} {'bare p50, req/s':>17} {'+p50':>6} {'x bare':>6}"
+        print("workload 'same' (1 user x the same 100 candidates):\n" + head)
+        for c in clients:
+            line = f"{c:>7}"
+            for bare_key, key, _ in columns:
+                s, b = r[key][c], r[bare_key][c]
+                line += (f" | {s['p50_ms']:>7.2f}/{s['p99_ms']:<8.2f} {s['rps']:>6.0f} [{s['load1']:>4.1f}]"
+                         f"{'':>14} {b['p50_ms']:>7.2f} {b['rps']:>7.0f}  {s['p50_ms'] - base['p50_ms']:>+6.2f} "
+                         f"{s['rps'] / max(b['rps'], 1e-9):>6.2f}")
+            print(line)
+        key = columns[0][1]
+        added = r[key][first]["p50_ms"] - base["p50_ms"]
+        ratio = r[key][last]["rps"] / max(r["bare"][last]["rps"], 1e-9)
+        print(f"targets ({ingresses[0]}, wait {waits[0]:g}s): Serve adds <= {TARGET_ADDED_P50_MS:g} ms at p50 over "
+              f"in-process score(): {added:+.2f} ms ({'met' if added <= TARGET_ADDED_P50_MS else 'NOT met'}); "
+              f"Serve req/s >= bare app at {last} clients: {ratio:.2f}x ({'met' if ratio >= 1.0 else 'NOT met'})")
+    if "serve_distinct" in r:
+        d, b = r["serve_distinct"], r["bare_distinct"]
+        print("workload 'distinct' (every request another user and 100 other candidates): " + "; ".join(
+            f"{c} client{'s' if c > 1 else ''}: Serve {d[c]['rps']:.0f} req/s p50 {d[c]['p50_ms']:.2f} ms vs bare "
+            f"{b[c]['rps']:.0f} req/s p50 {b[c]['p50_ms']:.2f} ms = {d[c]['rps'] / max(b[c]['rps'], 1e-9):.2f}x"
+            for c in d))
+        top = max(d)
+        ratio = d[top]["rps"] / max(b[top]["rps"], 1e-9)
+        print(f"target: Serve req/s >= 1.2x the bare app at {top} clients, distinct workload: {ratio:.2f}x "
+              f"({'met' if ratio >= 1.2 else 'NOT met'})")
+    cpu = [(k, c, r[k][c]["server_cpu_us_per_request"]) for k in ("bare", "serve_wait_0", "bare_distinct",
+                                                                   "serve_distinct", "bare_floor", "serve_floor")
+           if k in r for c in r[k]]
+    print("server CPU time per request (us; Serve: replica + HAProxy; bare: its uvicorn process): "
+          + ", ".join(f"{k}@{c} {v:.0f}" for k, c, v in cpu))
     floor_keys = [("bare uvicorn", "bare_floor")] + [
         (f"Serve {ing}", f"{'serve' if i == 0 else f'serve_{ing}'}_floor") for i, ing in enumerate(ingresses)]
     print("floor (no-op route, same request and response bytes: the HTTP path alone): " + "; ".join(
         f"{name}: " + ", ".join(f"{c} client{'s' if c > 1 else ''} p50 {x['p50_ms']:.2f} ms {x['rps']:.0f}/s"
-                                for c, x in r[key].items()) for name, key in floor_keys))
-    first, last = clients[0], clients[-1]
-    key = columns[0][1]
-    added = r[key][first]["p50_ms"] - base["p50_ms"]
-    ratio = r[key][last]["rps"] / max(r["bare"][last]["rps"], 1e-9)
-    floor = r["serve_floor"][first]["p50_ms"]
-    print(f"targets ({ingresses[0]}, wait {waits[0]:g}s): Serve adds <= {TARGET_ADDED_P50_MS:g} ms at p50 over "
-          f"in-process score(): {added:+.2f} ms ({'met' if added <= TARGET_ADDED_P50_MS else 'NOT met'}); Serve "
-          f"req/s >= bare app at {last} clients: {ratio:.2f}x ({'met' if ratio >= 1.0 else 'NOT met'}); Serve's "
-          f"own floor (no-op deployment, {first} client): p50 {floor:.2f} ms vs bare uvicorn "
-          f"{r['bare_floor'][first]['p50_ms']:.2f} ms")
+                                for c, x in r[key].items()) for name, key in floor_keys if key in r))
+    rec = r.get("recommend_catalog")
+    if rec:
+        ok = rec["added_p50_ms"] <= rec["target_added_ms"]
+        print(f"/v1/recommend over {rec['items']:,} items (d_model {rec['d_model']}, k {rec['k']}): Serve p50 "
+              f"{rec['serve_p50_ms']:.2f} ms vs in-process score()+top-k {rec['inprocess_p50_ms']:.2f} ms: "
+              f"{rec['added_p50_ms']:+.2f} ms (paired median {rec['paired_median_added_ms']:+.2f} ms; target <= "
+              f"+{rec['target_added_ms']:g} ms: {'met' if ok else 'NOT met'})")
     for k, g in r["catalog_vs_gemm"].items():
         print(f"score() over {CATALOG} items, {k.replace('_', ' ')}: {g['score_ms']:.2f} ms vs plain GEMM of the "
               f"same FLOPs {g['gemm_ms']:.2f} ms -> ratio {g['ratio']:.2f} (target >= 0.5)")

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 from embsum.config import EmbSumConfig
 
@@ -156,9 +157,10 @@ class EmbSumTokenizer:
         return np.stack([self.sessions(h) for h in histories]) if len(histories) else \
             np.zeros((0, self.cfg.num_sessions, self.cfg.session_tokens), dtype=np.int32)  # (B, G, L)
 
-    def content_batch(self, items: Sequence[Sequence[int]]) -> np.ndarray:
-        return np.stack([self.content(i) for i in items]) if len(items) else \
-            np.zeros((0, self.cfg.content_tokens), dtype=np.int32)  # (I, Lc)
+    def content_batch(self, items: Sequence[Sequence[int]] | pa.ListArray) -> np.ndarray:
+        """``content`` of every item at once -> (I, Lc) int32 (vectorized over Arrow lists)."""
+        lc = self.cfg.content_tokens
+        return padded_rows(items, lc, self.pad_id, head=self.sos_id, tail=self.eos_id)[0]  # (I, Lc)
 
     def content_from_texts(self, texts: Sequence[str]) -> np.ndarray:
         return self.content_batch(self.encode_texts(texts, self.cfg.content_tokens))  # (I, Lc)
@@ -172,3 +174,27 @@ class EmbSumTokenizer:
         # The keyword matches Hugging Face's decode, so either tokenizer works where text is made.
         return self.tok.decode([int(i) for i in ids if int(i) not in (self.pad_id,)],
                                skip_special_tokens=skip_special_tokens)
+
+
+def padded_rows(lists: Sequence[Sequence[int]] | pa.ListArray, width: int, pad: int, *, head: int | None = None,
+                tail: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Token id lists -> rows ``[head] + ids[:room] + [tail]`` padded to ``width`` with ``pad``
+    ((N, width) int32) and their lengths ((N,) int64), where room = width minus the head and tail.
+    One vectorized pass over the Arrow values: no Python int per token."""
+    arr = lists if isinstance(lists, pa.ListArray) else pa.array(list(lists), pa.list_(pa.int32()))
+    n, start = len(arr), int(head is not None)
+    room = width - start - int(tail is not None)
+    out = np.full((n, width), pad, dtype=np.int32)  # (N, width)
+    if n == 0:
+        return out, np.zeros(0, dtype=np.int64)
+    offsets = np.asarray(arr.offsets.to_numpy(), dtype=np.int64)  # (N+1,) into arr.values
+    values = np.asarray(arr.values.to_numpy(zero_copy_only=False), dtype=np.int32)
+    keep = np.minimum(np.diff(offsets), room)  # (N,) ids kept per row
+    rows = np.repeat(np.arange(n), keep)  # (K,) row of each kept id
+    within = np.arange(int(keep.sum())) - np.repeat(np.cumsum(keep) - keep, keep)  # (K,) its place in the row
+    out[rows, start + within] = values[offsets[:-1][rows] + within]
+    if head is not None:
+        out[:, 0] = head
+    if tail is not None:
+        out[np.arange(n), start + keep] = tail
+    return out, start + keep + int(tail is not None)

@@ -18,12 +18,15 @@ measured as a large share of the job's CPU on small inputs.
 from __future__ import annotations
 
 import functools
+import io
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.json as pa_json
 
 from embsum.config import EmbSumConfig
 from embsum.data.records import DUPLICATE_ITEM
@@ -65,7 +68,7 @@ class CatalogIndex:
 
     ids: list[str]
     position: dict[str, int]
-    tokens: list[list[int]]
+    tokens: pa.ListArray | Sequence[Sequence[int]]  # build_catalog gives Arrow: no Python int per token
     content: np.ndarray  # (N, Lc) int32: [SOS] text </s> padded, one row per item
     assembler: EmbSumTokenizer  # sessions()/content() only: built on SpecialIds, cannot tokenize text
     # Built on first use by tensorize (per process; a worker keeps the index across its tasks):
@@ -95,25 +98,28 @@ def build_catalog(parsed: pa.Table, tokenizer: EmbSumTokenizer) -> Catalog:
     Bad rows (reason set) go to ``quarantine`` as they are; good rows are ordered by (source,
     line) and the first row of each item id wins.
     """
-    bad = parsed.filter(pc.not_equal(parsed.column("reason"), ""))
-    good = parsed.filter(pc.equal(parsed.column("reason"), "")).sort_by([("source", "ascending"),
-                                                                         ("line", "ascending")])
-    seen: set[str] = set()
-    keep: list[int] = []
-    dup: list[int] = []
-    for i, item_id in enumerate(good.column("item_id").to_pylist()):
-        (dup if item_id in seen else keep).append(i)
-        seen.add(item_id)
-    dups = good.take(pa.array(dup, pa.int64()))
+    is_bad = pc.not_equal(parsed.column("reason"), "")
+    bad = parsed.filter(is_bad).select(QUARANTINE_SCHEMA.names)
+    # Row indices until the one take at the end: the parsed rows may live in the object store
+    # (zero-copy), and every copy or page-in of them here is driver memory that grows with the catalog.
+    good_rows = pa.array(np.flatnonzero(~np.asarray(is_bad.to_numpy(zero_copy_only=False))))  # (G,)
+    keys = parsed.select(["source", "line", "item_id"]).take(good_rows)
+    order = pc.sort_indices(keys, sort_keys=[("source", "ascending"), ("line", "ascending")])  # (G,)
+    ranked = pa.table({"item_id": keys.column("item_id").take(order),
+                       "_pos": pa.array(np.arange(len(order), dtype=np.int64))})
+    first = ranked.group_by("item_id", use_threads=False).aggregate([("_pos", "min")]).column("_pos_min")
+    is_first = np.zeros(len(order), dtype=bool)  # by (source, line) position: the first row of each id
+    is_first[np.asarray(first.to_numpy(), dtype=np.int64)] = True
+    ordered = np.asarray(good_rows.to_numpy(), dtype=np.int64)[np.asarray(order.to_numpy(), dtype=np.int64)]
+    dups = parsed.select(["source", "line", "raw"]).take(pa.array(ordered[~is_first]))
     quarantine = pa.concat_tables([
-        bad.select(QUARANTINE_SCHEMA.names),
-        dups.select(["source", "line", "raw"]).append_column("reason", pa.array([DUPLICATE_ITEM] * len(dup),
-                                                                                 pa.string()))
+        bad,
+        dups.append_column("reason", pa.array([DUPLICATE_ITEM] * dups.num_rows, pa.string()))
         .select(QUARANTINE_SCHEMA.names),
     ]).cast(QUARANTINE_SCHEMA)
-    good = good.take(pa.array(keep, pa.int64()))
+    good = parsed.select(["item_id", "text", "token_ids", "fields", "source"]).take(pa.array(ordered[is_first]))
     ids = good.column("item_id").to_pylist()
-    tokens = [list(t) for t in good.column("token_ids").to_pylist()]
+    tokens = good.column("token_ids").combine_chunks()
     index = CatalogIndex(ids=ids, position={i: k for k, i in enumerate(ids)}, tokens=tokens,
                          content=tokenizer.content_batch(tokens),  # (N, Lc)
                          assembler=EmbSumTokenizer(SpecialIds.of(tokenizer), tokenizer.cfg))
@@ -123,14 +129,32 @@ def build_catalog(parsed: pa.Table, tokenizer: EmbSumTokenizer) -> Catalog:
 def _items_table(good: pa.Table) -> pa.Table:
     """items.parquet: item_id, text, token_ids, then every raw catalog column as str (for the
     offline teacher); a raw column named like one of the first three gets a 'raw_' prefix."""
-    records = [json.loads(f) for f in good.column("fields").to_pylist()]
-    names = list(dict.fromkeys(k for r in records for k in r))
     cols: dict[str, pa.Array] = {
         "item_id": good.column("item_id").combine_chunks(),
         "text": good.column("text").combine_chunks(),
         "token_ids": good.column("token_ids").combine_chunks(),
     }
-    for name in names:
-        out = f"raw_{name}" if name in _RESERVED else name
-        cols[out] = pa.array([r.get(name, "") for r in records], pa.string())
+    for name, values in _raw_fields(good.column("fields"), good.column("source")).items():
+        cols[f"raw_{name}" if name in _RESERVED else name] = values
     return pa.table(cols)
+
+
+def _raw_fields(fields: pa.ChunkedArray, sources: pa.ChunkedArray) -> dict[str, pa.Array]:
+    """The rows' raw fields (JSON objects of str -> str) as string columns, missing keys as "".
+    Every row of one source file has that file's header as keys, so the names come from the first
+    row of each source and Arrow's JSON reader parses the rest (no Python dict per item)."""
+    if len(fields) == 0:
+        return {}
+    firsts = pc.index_in(pc.unique(sources), value_set=sources)  # (sources,) first row of each
+    names = list(dict.fromkeys(k for i in firsts.to_pylist() for k in json.loads(fields[i].as_py())))
+    schema = pa.schema([(n, pa.string()) for n in names])
+    data = "\n".join(fields.to_pylist()).encode()
+    try:
+        table = pa_json.read_json(io.BytesIO(data), read_options=pa_json.ReadOptions(block_size=len(data) + 1),
+                                  parse_options=pa_json.ParseOptions(explicit_schema=schema,
+                                                                     unexpected_field_behavior="error"))
+    except pa.ArrowInvalid:  # a row with keys its source's first row lacks: the general path
+        records = [json.loads(f) for f in fields.to_pylist()]
+        names = list(dict.fromkeys(k for r in records for k in r))
+        return {n: pa.array([r.get(n, "") for r in records], pa.string()) for n in names}
+    return {n: pc.fill_null(table.column(n), "").combine_chunks() for n in names}

@@ -21,6 +21,7 @@ import pyarrow.compute as pc
 
 from embsum.config import EmbSumConfig
 from embsum.data.catalog import CatalogIndex
+from embsum.tokenization import padded_rows
 
 EXAMPLE_KINDS = ("train", "valid_examples")
 EVAL_KINDS = ("valid", "test")
@@ -76,16 +77,8 @@ def _segments(index: CatalogIndex) -> tuple[np.ndarray, np.ndarray]:
     Built once per index (workers keep the index across tasks)."""
     if index.segments is None:
         tok = index.assembler
-        budget = tok.item_budget
-        assert budget >= 1, "config validation guarantees (L - 1) // P >= 2"
-        seg = np.full((len(index.tokens), budget), tok.pad_id, dtype=np.int32)  # (N, budget)
-        lens = np.empty(len(index.tokens), dtype=np.int64)  # (N,)
-        seg[:, 0] = tok.sos_id
-        for k, ids in enumerate(index.tokens):
-            body = ids[: budget - 1]
-            seg[k, 1:1 + len(body)] = body
-            lens[k] = 1 + len(body)
-        index.segments = (seg, lens)
+        assert tok.item_budget >= 1, "config validation guarantees (L - 1) // P >= 2"
+        index.segments = padded_rows(index.tokens, tok.item_budget, tok.pad_id, head=tok.sos_id)  # (N, budget), (N,)
     return index.segments
 
 

@@ -217,3 +217,22 @@ def test_generic_catalog_reserved_column_names(tmp_path, tokenizer):
     assert row["item_id"] == "0001" and row["text"] == "Dune, the novel | blurb" and row["raw_text"] == "blurb"
     with pytest.raises(ValueError, match=r"books\.csv.*missing required column.*\['title'\]"):
         R.preflight(resolve(str(p), "x"), "csv", ("isbn", "title"), "data.items")
+
+
+def test_raw_fields_are_strings_as_written_whatever_they_look_like():
+    import json
+
+    import pyarrow as pa
+
+    from embsum.data.catalog import _raw_fields
+
+    rows = [{"id": "1", "year": "2019-01-01", "n": "007", "t": 'a "quoted"\ttab\nline ünï'},
+            {"id": "2", "year": "", "n": "1e5", "t": "null"},
+            {"isbn": "0-1", "title": "other file"}]  # a second source with its own header
+    fields = pa.chunked_array([[json.dumps(r) for r in rows]])
+    got = _raw_fields(fields, pa.chunked_array([["a.tsv", "a.tsv", "b.csv"]]))
+    names = ["id", "year", "n", "t", "isbn", "title"]
+    assert list(got) == names
+    assert {n: got[n].to_pylist() for n in names} == {n: [r.get(n, "") for r in rows] for n in names}
+    odd = pa.chunked_array([[json.dumps({"id": "1"}), json.dumps({"id": "2", "extra": "x"})]])  # keys differ in a source
+    assert _raw_fields(odd, pa.chunked_array([["a", "a"]]))["extra"].to_pylist() == ["", "x"]

@@ -233,3 +233,19 @@ def test_format_item_text_skips_pandas_missing_values() -> None:
     pd = pytest.importorskip("pandas")
     rec = {"a": pd.NA, "b": pd.NaT, "c": np.nan, "d": "ok"}
     assert format_item_text(rec, ["a", "b", "c", "d"], 100) == "ok"
+
+
+def test_content_batch_and_padded_rows_match_the_per_item_assembly(tokenizer):
+    import pyarrow as pa
+
+    from embsum.tokenization import padded_rows
+
+    items = [[], [7], list(range(3, 3 + tokenizer.cfg.content_tokens + 5)), [9, 10, 11]]
+    want = np.stack([tokenizer.content(i) for i in items])  # (I, Lc)
+    assert np.array_equal(tokenizer.content_batch(items), want)
+    arrow = pa.array([[0, 0], *items], pa.list_(pa.int32())).slice(1)  # a slice: offsets not from 0
+    assert np.array_equal(tokenizer.content_batch(arrow), want)
+    rows, lens = padded_rows(items, 4, -1, head=5)
+    assert rows.tolist() == [[5, -1, -1, -1], [5, 7, -1, -1], [5, 3, 4, 5], [5, 9, 10, 11]]
+    assert lens.tolist() == [1, 2, 4, 4]
+    assert tokenizer.content_batch([]).shape == (0, tokenizer.cfg.content_tokens)

@@ -234,5 +234,5 @@ def test_raw_fields_are_strings_as_written_whatever_they_look_like():
     names = ["id", "year", "n", "t", "isbn", "title"]
     assert list(got) == names
     assert {n: got[n].to_pylist() for n in names} == {n: [r.get(n, "") for r in rows] for n in names}
-    odd = pa.chunked_array([[json.dumps({"id": "1"}), json.dumps({"id": "2", "extra": "x"})]])  # one source, two key sets
+    odd = pa.chunked_array([[json.dumps({"id": "1"}), json.dumps({"id": "2", "extra": "x"})]])  # 1 source, 2 key sets
     assert _raw_fields(odd, pa.chunked_array([["a", "a"]]))["extra"].to_pylist() == ["", "x"]

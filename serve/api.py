@@ -23,10 +23,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from embsum.config import ServeConfig
-from serve import engine
-from serve.bundle import Bundle
-from serve.engine import Item, RecommendQuery, RecommendResult, Rejection, ScoreQuery, ScoreResult
-from serve.schemas import (
+
+from . import engine
+from .bundle import Bundle
+from .engine import Item, RecommendQuery, RecommendResult, Rejection, ScoreQuery, ScoreResult
+from .schemas import (
     ErrorResponse,
     ItemRef,
     ModelResponse,

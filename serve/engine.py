@@ -28,8 +28,9 @@ import numpy as np
 import torch
 
 from embsum.scoring import score
-from serve.bundle import Bundle
-from serve.schemas import ModelResponse, RolloutError, SummaryResponse
+
+from .bundle import Bundle
+from .schemas import ModelResponse, RolloutError, SummaryResponse
 
 # All-pairs scoring over the batch's union of candidates wastes U x I - sum(C) pair scores; below
 # this factor that is cheaper than gathering a padded (U, C, N, D) copy of every request's items.

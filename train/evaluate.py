@@ -89,7 +89,7 @@ def _item_bank(cfg: Config, predictor_dir: Path, items_path: Path) -> tuple[list
     and an item's CPE is a fraction of a user's encoding."""
     import ray.data
 
-    from train.embed import ItemEncoder, in_calls, parquet_rows
+    from .embed import ItemEncoder, in_calls, parquet_rows
 
     t = cfg.train
     items = ray.data.read_parquet(str(items_path)).select_columns(["item_id", "text", "token_ids"])
@@ -151,7 +151,8 @@ def run_evaluate_new(cfg: Config, version: str | None, impressions: str, items: 
     import hashlib
 
     from embsum.registry import Registry
-    from train.newdata import SPLIT, prepare_new_data
+
+    from .newdata import SPLIT, prepare_new_data
 
     t0 = time.perf_counter()
     registry = Registry(cfg)
@@ -186,7 +187,7 @@ def score_splits(cfg: Config, model_dir: Path, items_path: Path, split_dirs: dic
     import ray
     import ray.data
 
-    from train.embed import in_calls, parquet_rows
+    from .embed import in_calls, parquet_rows
 
     ray.data.DataContext.get_current().enable_progress_bars = True
     events.progress(f"encoding {parquet_rows(items_path):,} catalog items")

@@ -205,7 +205,7 @@ def _parsed(src: Source, fmt: str, headed: bool, parse: Callable[..., pa.Table],
     blocks). Parquet reads only ``columns`` (None: all)."""
     import ray.data
 
-    from train.numbered_rows import NumberedRows
+    from .numbered_rows import NumberedRows
 
     ranges, rows = _ranges(src, fmt, headed, _cpus())
     ds = ray.data.read_datasource(NumberedRows(src.filesystem, ranges, columns), override_num_blocks=len(ranges))

@@ -79,9 +79,10 @@ def run_train(cfg: Config, *, register: bool = True) -> dict[str, Any]:
     from ray.train.torch import TorchTrainer
 
     from embsum.registry import Registry
-    from train.deepspeed_setup import build_deepspeed_config, resolve_precision, zero_stage
-    from train.loop import train_loop_per_worker
-    from train.summaries import check_partitions, has_summaries, with_summaries
+
+    from .deepspeed_setup import build_deepspeed_config, resolve_precision, zero_stage
+    from .loop import train_loop_per_worker
+    from .summaries import check_partitions, has_summaries, with_summaries
 
     t0 = time.perf_counter()
     t = cfg.train

@@ -226,7 +226,7 @@ def embed(version: str = typer.Option(None, "--version", help="Version (default:
 
 
 @app.command()
-def promote(version: str = typer.Argument(None, help="Version to promote (default: the newest)."),
+def promote(version: str | None = typer.Argument(None, help="Version to promote (default: the newest)."),
             force: bool = typer.Option(False, "--force", help="Skip the metric comparison (the version must "
                                                               "still have its embeddings)."),
             config: str = ConfigOpt, overrides: list[str] = OverridesArg) -> None:

@@ -29,17 +29,17 @@ class RayConfig:
     """Where and how Ray runs."""
 
     address: str | None = Field(
-        None, description="Ray cluster address ('auto', 'ray://host:10001'); null starts a local cluster.")
+        default=None, description="Ray cluster address ('auto', 'ray://host:10001'); null starts a local cluster.")
     num_cpus: int | None = Field(
-        None, ge=1, description="Logical CPUs of a local cluster; null = detected cores, at least 4 (oversubscribed "
-                                "so Data read tasks never starve train workers).")
-    namespace: str = Field("embsum", description="Ray namespace for named actors and Serve.")
+        default=None, ge=1, description="Logical CPUs of a local cluster; null = detected cores, at least 4 "
+                                        "(oversubscribed so Data read tasks never starve train workers).")
+    namespace: str = Field(default="embsum", description="Ray namespace for named actors and Serve.")
     include_dashboard: bool = Field(
-        True, description="Start the Ray dashboard with a local cluster, on 127.0.0.1: the State API (Ray Train's "
-                          "placement-group cleaner polls it, and warns every second without it), `ray list`, the web "
-                          "UI. About 0.25 GB more memory (PSS).")
+        default=True, description="Start the Ray dashboard with a local cluster, on 127.0.0.1: the State API (Ray "
+                                  "Train's placement-group cleaner polls it, and warns every second without it), `ray "
+                                  "list`, the web UI. About 0.25 GB more memory (PSS).")
     temp_dir: str | None = Field(
-        None, description="Ray's temp/session directory for a local cluster; null = Ray's default.")
+        default=None, description="Ray's temp/session directory for a local cluster; null = Ray's default.")
 
 
 @dataclass(frozen=True, config=SECTION)
@@ -47,41 +47,41 @@ class TeacherConfig:
     """Who writes the user-interest summaries that supervise the decoder."""
 
     kind: Literal["offline", "openai"] = Field(
-        "offline", description="'offline': deterministic summary from the history, no LLM; 'openai': an "
-                               "OpenAI-compatible chat-completions endpoint.")
+        default="offline", description="'offline': deterministic summary from the history, no LLM; 'openai': an "
+                                       "OpenAI-compatible chat-completions endpoint.")
     base_url: str = Field(
-        "http://127.0.0.1:8001/v1", description="Endpoint base URL (vLLM, TGI, a hosted API); '/chat/completions' is "
-                                                "appended.")
-    model: str = Field("mistralai/Mixtral-8x22B-Instruct-v0.1", description="Model name sent in the request.")
+        default="http://127.0.0.1:8001/v1", description="Endpoint base URL (vLLM, TGI, a hosted API); "
+                                                        "'/chat/completions' is appended.")
+    model: str = Field(default="mistralai/Mixtral-8x22B-Instruct-v0.1", description="Model name sent in the request.")
     api_key_env: str = Field(
-        "OPENAI_API_KEY", description="Environment variable holding the bearer key (unset = no auth header).")
+        default="OPENAI_API_KEY", description="Environment variable holding the bearer key (unset = no auth header).")
     prompt_version: str = Field(
-        "v1", description="Version tag of the prompt; part of the cache key and stored with each summary.")
-    max_items: int = Field(30, ge=1, le=1000, description="Most recent history items shown to the teacher.")
-    max_concurrency: int = Field(8, ge=1, le=1024, description="Concurrent requests per summarize worker.")
-    timeout_s: float = Field(60.0, ge=0.01, le=3600, description="Per-request timeout in seconds.")
+        default="v1", description="Version tag of the prompt; part of the cache key and stored with each summary.")
+    max_items: int = Field(default=30, ge=1, le=1000, description="Most recent history items shown to the teacher.")
+    max_concurrency: int = Field(default=8, ge=1, le=1024, description="Concurrent requests per summarize worker.")
+    timeout_s: float = Field(default=60.0, ge=0.01, le=3600, description="Per-request timeout in seconds.")
     max_retries: int = Field(
-        4, ge=0, le=20, description="Retries per request on timeouts, 429 and 5xx, with exponential backoff.")
+        default=4, ge=0, le=20, description="Retries per request on timeouts, 429 and 5xx, with exponential backoff.")
     backoff_s: float = Field(
-        1.0, ge=0.0, le=600, description="First backoff delay in seconds; doubles per retry, with jitter.")
-    max_tokens: int = Field(96, ge=8, le=4096, description="max_tokens sent to the endpoint.")
-    temperature: float = Field(0.0, ge=0.0, le=2.0, description="Sampling temperature sent to the endpoint.")
+        default=1.0, ge=0.0, le=600, description="First backoff delay in seconds; doubles per retry, with jitter.")
+    max_tokens: int = Field(default=96, ge=8, le=4096, description="max_tokens sent to the endpoint.")
+    temperature: float = Field(default=0.0, ge=0.0, le=2.0, description="Sampling temperature sent to the endpoint.")
     prompt_template: str = Field(
-        "", description="Prompt template file ('' = the built-in one); {history} is replaced by the user's recent "
-                        "items, one per line.")
+        default="", description="Prompt template file ('' = the built-in one); {history} is replaced by the user's "
+                                "recent items, one per line.")
     cache_dir: str = Field(
-        "", description="Response cache (one JSON file per sha256(prompt_version, model, prompt)); '' = "
-                        "WORKDIR/cache/teacher. Shared storage on multi-node clusters.")
+        default="", description="Response cache (one JSON file per sha256(prompt_version, model, prompt)); '' = "
+                                "WORKDIR/cache/teacher. Shared storage on multi-node clusters.")
     max_failure_fraction: float = Field(
-        0.05, ge=0.0, le=1.0, description="Summarize fails (after writing its report and failure list) when more than "
-                                          "this share of training users got no summary.")
+        default=0.05, ge=0.0, le=1.0, description="Summarize fails (after writing its report and failure list) when "
+                                                  "more than this share of training users got no summary.")
     num_workers: int = Field(
-        2, ge=1, le=4096, description="Most summarize actors (the pool grows from 1 as input queues up); each holds "
-                                      "one teacher and items lookup. Requests in flight <= num_workers * "
-                                      "max_concurrency.")
+        default=2, ge=1, le=4096, description="Most summarize actors (the pool grows from 1 as input queues up); each "
+                                              "holds one teacher and items lookup. Requests in flight <= num_workers "
+                                              "* max_concurrency.")
     cpus_per_worker: float = Field(
-        0.5, ge=0.01, le=1024, description="CPUs reserved per summarize actor (the chat teacher mostly waits on the "
-                                           "network; the offline teacher and tokenizer use some CPU).")
+        default=0.5, ge=0.01, le=1024, description="CPUs reserved per summarize actor (the chat teacher mostly waits "
+                                                   "on the network; the offline teacher and tokenizer use some CPU).")
     facet_fields: list[str] = Field(
         default_factory=lambda: ["category", "subcategory", "book_author", "author", "publisher"],
         description="Offline teacher: catalog columns counted as interests (missing ones ignored).")
@@ -98,67 +98,74 @@ class DataConfig:
     """Raw logs in, tokenized training/evaluation shards out."""
 
     format: Literal["mind", "logs", "synthetic"] = Field(
-        "synthetic", description="'mind': behaviors.tsv + news.tsv; 'logs': generic engagement log + item catalog; "
-                                 "'synthetic': generate a MIND-format demo set under workdir.")
+        default="synthetic", description="'mind': behaviors.tsv + news.tsv; 'logs': generic engagement log + item "
+                                         "catalog; 'synthetic': generate a MIND-format demo set under workdir.")
     interactions: str = Field(
-        "", description="Engagement log path or URI (file, directory or glob; s3://, gs:// work). MIND: behaviors.tsv.")
-    items: str = Field("", description="Item catalog path or URI. MIND: news.tsv.")
+        default="", description="Engagement log path or URI (file, directory or glob; s3://, gs:// work). MIND: "
+                                "behaviors.tsv.")
+    items: str = Field(default="", description="Item catalog path or URI. MIND: news.tsv.")
     interactions_format: Literal["auto", "csv", "tsv", "jsonl", "parquet"] = Field(
-        "auto", description="File format of the log; 'auto' uses the file extension.")
+        default="auto", description="File format of the log; 'auto' uses the file extension.")
     items_format: Literal["auto", "csv", "tsv", "jsonl", "parquet"] = Field(
-        "auto", description="File format of the catalog.")
-    user_col: str = Field("user_id", description="Log column holding the user id.")
-    item_col: str = Field("item_id", description="Log column holding the item id.")
+        default="auto", description="File format of the catalog.")
+    user_col: str = Field(default="user_id", description="Log column holding the user id.")
+    item_col: str = Field(default="item_id", description="Log column holding the item id.")
     timestamp_col: str | None = Field(
-        None, description="Log column holding the event time (ISO-8601, epoch seconds or '%m/%d/%Y %I:%M:%S %p'); "
-                          "null = no time (see event_order).")
+        default=None, description="Log column holding the event time (ISO-8601, epoch seconds or '%m/%d/%Y %I:%M:%S "
+                                  "%p'); null = no time (see event_order).")
     event_order: Literal["auto", "timestamp", "file", "random"] = Field(
-        "auto", description="Order of a user's events, which decides histories and held-out positives: 'timestamp' "
-                            "(needs timestamp_col), 'file' (only when the log's row order IS chronological), 'random' "
-                            "(a seeded random order per user, independent of row order: a log without time carries no "
-                            "order); 'auto' = timestamp when timestamp_col is set, else random.")
+        default="auto", description="Order of a user's events, which decides histories and held-out positives: "
+                                    "'timestamp' (needs timestamp_col), 'file' (only when the log's row order IS "
+                                    "chronological), 'random' (a seeded random order per user, independent of row "
+                                    "order: a log without time carries no order); 'auto' = timestamp when "
+                                    "timestamp_col is set, else random.")
     label_col: str | None = Field(
-        None, description="Log column with a 0/1 click label or a rating; null = every row is a positive.")
+        default=None, description="Log column with a 0/1 click label or a rating; null = every row is a positive.")
     positive_threshold: float = Field(
-        1.0, description="A row is positive when label_col >= this (e.g. 8 for 1-10 ratings).")
+        default=1.0, description="A row is positive when label_col >= this (e.g. 8 for 1-10 ratings).")
     ignore_labels: list[float] = Field(
         default_factory=list, description="Label values that are neither positive nor negative and are dropped, "
                                           "counted (e.g. Book-Crossing's implicit 0).")
-    impression_col: str | None = Field(None, description="Log column grouping rows into impressions; null = none.")
-    item_id_col: str = Field("item_id", description="Catalog column holding the item id.")
+    impression_col: str | None = Field(
+        default=None, description="Log column grouping rows into impressions; null = none.")
+    item_id_col: str = Field(default="item_id", description="Catalog column holding the item id.")
     item_text_fields: list[str] = Field(
         default_factory=lambda: ["title", "category", "abstract"], description="Catalog columns joined (in order) "
                                                                                "into an item's text.")
     item_text_max_chars: int = Field(
-        400, ge=8, le=100000, description="Cap on an item's formatted text length, in characters.")
+        default=400, ge=8, le=100000, description="Cap on an item's formatted text length, in characters.")
     history_source: Literal["log", "column"] = Field(
-        "column", description="MIND: history from the impression's history column ('column') or from the user's "
-                              "earlier clicks in the log ('log').")
+        default="column", description="MIND: history from the impression's history column ('column') or from the "
+                                      "user's earlier clicks in the log ('log').")
     negatives: int = Field(
-        4, ge=1, le=1000, description="K: sampled negatives per training example (C = 1 + K candidates).")
+        default=4, ge=1, le=1000, description="K: sampled negatives per training example (C = 1 + K candidates).")
     eval_negatives: int = Field(
-        49, ge=1, le=100000, description="Sampled negatives per held-out evaluation impression (logs).")
+        default=49, ge=1, le=100000, description="Sampled negatives per held-out evaluation impression (logs).")
     eval_positives: int = Field(
-        1, ge=1, le=10000, description="Held-out positives per valid/test user (logs): each is one impression against "
-                                       "eval_negatives unseen items; more give a tighter confidence interval.")
-    valid_fraction: float = Field(0.1, ge=0.0, le=0.5, description="Share of users (by hash) in the validation split.")
-    test_fraction: float = Field(0.1, ge=0.0, le=0.5, description="Share of users (by hash) in the test split.")
+        default=1, ge=1, le=10000, description="Held-out positives per valid/test user (logs): each is one impression "
+                                               "against eval_negatives unseen items; more give a tighter confidence "
+                                               "interval.")
+    valid_fraction: float = Field(
+        default=0.1, ge=0.0, le=0.5, description="Share of users (by hash) in the validation split.")
+    test_fraction: float = Field(default=0.1, ge=0.0, le=0.5, description="Share of users (by hash) in the test split.")
     min_history: int = Field(
-        1, ge=0, le=10000, description="Examples whose history has fewer items are skipped (counted).")
+        default=1, ge=0, le=10000, description="Examples whose history has fewer items are skipped (counted).")
     max_examples_per_user: int = Field(
-        50, ge=1, le=1000000, description="Cap on training examples per user (most recent kept).")
+        default=50, ge=1, le=1000000, description="Cap on training examples per user (most recent kept).")
     targets_per_example: int = Field(
-        1, ge=1, le=256, description="T: positives per training example, sharing one history: the user side "
-                                     "(sessions, summary, UPE: most of a step) is encoded once for T positives, each "
-                                     "with its own K negatives.")
+        default=1, ge=1, le=256, description="T: positives per training example, sharing one history: the user side "
+                                             "(sessions, summary, UPE: most of a step) is encoded once for T "
+                                             "positives, each with its own K negatives.")
     views_per_user: int = Field(
-        1, ge=1, le=1000, description="Random event order only: each train user's positives are regrouped this many "
-                                      "times, each time with fresh random histories (more, and more varied, examples "
-                                      "per pass; a pass over V views is like V passes with new histories).")
-    seed: int = Field(0, description="Seed for splits and negative sampling.")
-    synth_users: int = Field(400, ge=1, le=10_000_000, description="Synthetic set: number of users.")
-    synth_items: int = Field(600, ge=10, le=10_000_000, description="Synthetic set: number of items.")
-    synth_impressions: int = Field(2000, ge=1, le=100_000_000, description="Synthetic set: number of impressions.")
+        default=1, ge=1, le=1000, description="Random event order only: each train user's positives are regrouped "
+                                              "this many times, each time with fresh random histories (more, and more "
+                                              "varied, examples per pass; a pass over V views is like V passes with "
+                                              "new histories).")
+    seed: int = Field(default=0, description="Seed for splits and negative sampling.")
+    synth_users: int = Field(default=400, ge=1, le=10_000_000, description="Synthetic set: number of users.")
+    synth_items: int = Field(default=600, ge=10, le=10_000_000, description="Synthetic set: number of items.")
+    synth_impressions: int = Field(
+        default=2000, ge=1, le=100_000_000, description="Synthetic set: number of impressions.")
     teacher: TeacherConfig = Field(
         default_factory=TeacherConfig, description="Teacher that writes the supervision summaries.")
 
@@ -168,101 +175,111 @@ class EmbSumConfig:
     """The EmbSum model: T5 backbone, session layout, poly-attention heads."""
 
     backbone: str = Field(
-        "t5-small", description="Hugging Face name or local path of the T5 checkpoint (from_pretrained).")
+        default="t5-small", description="Hugging Face name or local path of the T5 checkpoint (from_pretrained).")
     random_init: bool = Field(
-        False, description="Build T5 from the shape fields below with random weights instead of loading backbone "
-                           "(offline demo and tests).")
+        default=False, description="Build T5 from the shape fields below with random weights instead of loading "
+                                   "backbone (offline demo and tests).")
     tokenizer: str = Field(
-        "", description="Tokenizer name or path; '' = backbone; 'bundled' = the T5 tokenizer shipped in embsum.")
-    d_model: int = Field(512, ge=8, le=16384, description="random_init: hidden size (t5-small: 512).")
-    d_kv: int = Field(64, ge=4, le=1024, description="random_init: size per attention head (t5-small: 64).")
-    d_ff: int = Field(2048, ge=8, le=65536, description="random_init: feed-forward size (t5-small: 2048).")
-    num_layers: int = Field(6, ge=1, le=128, description="random_init: encoder layers (t5-small: 6).")
-    num_decoder_layers: int = Field(6, ge=1, le=128, description="random_init: decoder layers (t5-small: 6).")
-    num_heads: int = Field(8, ge=1, le=256, description="random_init: attention heads (t5-small: 8).")
+        default="", description="Tokenizer name or path; '' = backbone; 'bundled' = the T5 tokenizer shipped in "
+                                "embsum.")
+    d_model: int = Field(default=512, ge=8, le=16384, description="random_init: hidden size (t5-small: 512).")
+    d_kv: int = Field(default=64, ge=4, le=1024, description="random_init: size per attention head (t5-small: 64).")
+    d_ff: int = Field(default=2048, ge=8, le=65536, description="random_init: feed-forward size (t5-small: 2048).")
+    num_layers: int = Field(default=6, ge=1, le=128, description="random_init: encoder layers (t5-small: 6).")
+    num_decoder_layers: int = Field(default=6, ge=1, le=128, description="random_init: decoder layers (t5-small: 6).")
+    num_heads: int = Field(default=8, ge=1, le=256, description="random_init: attention heads (t5-small: 8).")
     vocab_size: int = Field(
-        32128, ge=100, le=1_000_000, description="random_init: vocabulary rows (t5-small: 32128 >= 32100 tokens).")
-    dropout: float = Field(0.1, ge=0.0, le=0.9, description="Dropout rate inside T5.")
+        default=32128, ge=100, le=1_000_000, description="random_init: vocabulary rows (t5-small: 32128 >= 32100 "
+                                                         "tokens).")
+    dropout: float = Field(default=0.1, ge=0.0, le=0.9, description="Dropout rate inside T5.")
     sos_token: str = Field(
-        "<extra_id_0>", description="Item start marker; a reserved T5 sentinel, so no vocabulary change (see "
-                                    "embsum/tokenization.py).")
-    num_sessions: int = Field(4, ge=1, le=256, description="G: sessions per user history.")
-    items_per_session: int = Field(5, ge=1, le=256, description="P: items per session; history length H = G * P.")
+        default="<extra_id_0>", description="Item start marker; a reserved T5 sentinel, so no vocabulary change (see "
+                                            "embsum/tokenization.py).")
+    num_sessions: int = Field(default=4, ge=1, le=256, description="G: sessions per user history.")
+    items_per_session: int = Field(
+        default=5, ge=1, le=256, description="P: items per session; history length H = G * P.")
     session_tokens: int = Field(
-        128, ge=8, le=4096, description="L: tokens per session (each item gets (L - 1) // P tokens incl. its marker).")
-    content_tokens: int = Field(48, ge=4, le=4096, description="Tokens per candidate item (marker + text + EOS).")
+        default=128, ge=8, le=4096, description="L: tokens per session (each item gets (L - 1) // P tokens incl. its "
+                                                "marker).")
+    content_tokens: int = Field(
+        default=48, ge=4, le=4096, description="Tokens per candidate item (marker + text + EOS).")
     summary_tokens: int = Field(
-        48, ge=2, le=1024, description="Max summary tokens (teacher-forced length and generation bound, incl. EOS).")
+        default=48, ge=2, le=1024, description="Max summary tokens (teacher-forced length and generation bound, incl. "
+                                               "EOS).")
     summary_no_repeat_ngram: int = Field(
-        3, ge=0, le=64, description="Summary generation never repeats an n-gram of this size (the standard "
-                                    "summarization guard against 'and and and' loops); 0 = off.")
+        default=3, ge=0, le=64, description="Summary generation never repeats an n-gram of this size (the standard "
+                                            "summarization guard against 'and and and' loops); 0 = off.")
     summary_num_beams: int = Field(
-        1, ge=1, le=16, description="Beam width of summary generation (1 = greedy). The UPE's global vector is read "
-                                    "from the generated summary, so this is part of the model: stored with each "
-                                    "version and used by validation, evaluate, embed and serve alike.")
-    user_codes: int = Field(8, ge=1, le=1024, description="M: user poly-embedding codes.")
-    content_codes: int = Field(4, ge=1, le=1024, description="N: content poly-embedding codes.")
+        default=1, ge=1, le=16, description="Beam width of summary generation (1 = greedy). The UPE's global vector "
+                                            "is read from the generated summary, so this is part of the model: stored "
+                                            "with each version and used by validation, evaluate, embed and serve "
+                                            "alike.")
+    user_codes: int = Field(default=8, ge=1, le=1024, description="M: user poly-embedding codes.")
+    content_codes: int = Field(default=4, ge=1, le=1024, description="N: content poly-embedding codes.")
 
 
 @dataclass(frozen=True, config=SECTION)
 class TrainConfig:
     """Ray Train + DeepSpeed."""
 
-    num_workers: int = Field(2, ge=1, le=4096, description="Ray Train workers (one per GPU on GPU clusters).")
-    use_gpu: bool = Field(False, description="One GPU per worker; bf16 by default.")
-    cpus_per_worker: float = Field(1.0, ge=0.01, le=1024, description="CPUs reserved per worker.")
+    num_workers: int = Field(default=2, ge=1, le=4096, description="Ray Train workers (one per GPU on GPU clusters).")
+    use_gpu: bool = Field(default=False, description="One GPU per worker; bf16 by default.")
+    cpus_per_worker: float = Field(default=1.0, ge=0.01, le=1024, description="CPUs reserved per worker.")
     deepspeed_config: str = Field(
-        "train/deepspeed/zero2.json", description="DeepSpeed config file (JSON or YAML), relative to the config "
-                                                  "file's folder or absolute. Batch, lr and precision keys are filled "
-                                                  "in.")
-    zero_stage: int | None = Field(None, ge=0, le=3, description="Overrides the file's zero_optimization.stage (0-3).")
+        default="train/deepspeed/zero2.json", description="DeepSpeed config file (JSON or YAML), relative to the "
+                                                          "config file's folder or absolute. Batch, lr and precision "
+                                                          "keys are filled in.")
+    zero_stage: int | None = Field(
+        default=None, ge=0, le=3, description="Overrides the file's zero_optimization.stage (0-3).")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="'auto' = bf16 on GPU, fp32 on CPU; fp16 is refused (T5 overflows in fp16).")
-    batch_size: int = Field(16, ge=1, le=65536, description="Micro-batch of examples per worker.")
-    grad_accum: int = Field(1, ge=1, le=4096, description="Gradient accumulation steps.")
-    lr: float = Field(5e-4, ge=1e-8, le=1.0, description="Peak learning rate (AdamW).")
-    weight_decay: float = Field(0.01, ge=0.0, le=1.0, description="AdamW weight decay.")
+        default="auto", description="'auto' = bf16 on GPU, fp32 on CPU; fp16 is refused (T5 overflows in fp16).")
+    batch_size: int = Field(default=16, ge=1, le=65536, description="Micro-batch of examples per worker.")
+    grad_accum: int = Field(default=1, ge=1, le=4096, description="Gradient accumulation steps.")
+    lr: float = Field(default=5e-4, ge=1e-8, le=1.0, description="Peak learning rate (AdamW).")
+    weight_decay: float = Field(default=0.01, ge=0.0, le=1.0, description="AdamW weight decay.")
     warmup_steps: int = Field(
-        50, ge=0, le=10_000_000, description="Linear warmup steps, then linear decay to 0 at max_steps.")
-    max_steps: int = Field(600, ge=1, le=100_000_000, description="Optimizer steps in total.")
-    grad_clip: float = Field(1.0, ge=0.0, le=1e6, description="Gradient-norm clip (0 = off).")
-    summary_weight: float = Field(0.05, ge=0.0, le=100.0, description="lambda in L = L_NCE + lambda * L_sum.")
+        default=50, ge=0, le=10_000_000, description="Linear warmup steps, then linear decay to 0 at max_steps.")
+    max_steps: int = Field(default=600, ge=1, le=100_000_000, description="Optimizer steps in total.")
+    grad_clip: float = Field(default=1.0, ge=0.0, le=1e6, description="Gradient-norm clip (0 = off).")
+    summary_weight: float = Field(default=0.05, ge=0.0, le=100.0, description="lambda in L = L_NCE + lambda * L_sum.")
     in_batch_negatives: bool = Field(
-        True, description="NCE also scores each user against the other examples' candidates in the micro-batch (B*C "
-                          "more negatives, no extra encoding).")
+        default=True, description="NCE also scores each user against the other examples' candidates in the "
+                                  "micro-batch (B*C more negatives, no extra encoding).")
     nce_temperature: float = Field(
-        0.0, ge=0.0, le=1e6, description="NCE logits are score / t (training only; ranking is unchanged); 0 = "
-                                         "sqrt(d_model).")
+        default=0.0, ge=0.0, le=1e6, description="NCE logits are score / t (training only; ranking is unchanged); 0 = "
+                                                 "sqrt(d_model).")
     checkpoint_every: int = Field(
-        200, ge=1, le=100_000_000, description="Save (collectively) every N steps; also at the end.")
-    keep_checkpoints: int = Field(2, ge=1, le=1000, description="Checkpoints kept, best by validation AUC.")
+        default=200, ge=1, le=100_000_000, description="Save (collectively) every N steps; also at the end.")
+    keep_checkpoints: int = Field(default=2, ge=1, le=1000, description="Checkpoints kept, best by validation AUC.")
     eval_batches: int = Field(
-        20, ge=0, le=1_000_000, description="Validation batches per checkpoint (0 = no validation).")
+        default=20, ge=0, le=1_000_000, description="Validation batches per checkpoint (0 = no validation).")
     eval_batch_size: int = Field(
-        0, ge=0, le=65536, description="Validation micro-batch per worker (0 = batch_size). Validation has no "
-                                       "backward pass, so a larger batch reads more of the valid set for the same "
-                                       "time.")
-    log_every: int = Field(10, ge=1, le=1_000_000, description="Report metrics every N steps.")
+        default=0, ge=0, le=65536, description="Validation micro-batch per worker (0 = batch_size). Validation has no "
+                                               "backward pass, so a larger batch reads more of the valid set for the "
+                                               "same time.")
+    log_every: int = Field(default=10, ge=1, le=1_000_000, description="Report metrics every N steps.")
     max_failures: int = Field(
-        1, ge=-1, le=1000, description="Worker failures a run survives (restart from the latest checkpoint).")
+        default=1, ge=-1, le=1000, description="Worker failures a run survives (restart from the latest checkpoint).")
     run_name: str = Field(
-        "", description="Ray Train run name; rerunning a name resumes from its latest checkpoint. '' = a fresh "
-                        "timestamped name per run.")
+        default="", description="Ray Train run name; rerunning a name resumes from its latest checkpoint. '' = a "
+                                "fresh timestamped name per run.")
     storage_path: str = Field(
-        "", description="Checkpoint storage (local dir, s3://, NFS); '' = WORKDIR/ray_results. Must be shared storage "
-                        "on multi-node clusters.")
-    seed: int = Field(0, description="Seed for model init and data order.")
-    fail_at_step: int | None = Field(None, ge=1, description="Testing only: rank 1 kills itself once at this step.")
+        default="", description="Checkpoint storage (local dir, s3://, NFS); '' = WORKDIR/ray_results. Must be shared "
+                                "storage on multi-node clusters.")
+    seed: int = Field(default=0, description="Seed for model init and data order.")
+    fail_at_step: int | None = Field(
+        default=None, ge=1, description="Testing only: rank 1 kills itself once at this step.")
     infer_actors: int = Field(
-        2, ge=1, le=100000, description="Batch inference (evaluate, embed): model replicas in the Ray Data actor pool.")
-    infer_batch_size: int = Field(64, ge=1, le=65536, description="Batch inference: rows per model call.")
+        default=2, ge=1, le=100000, description="Batch inference (evaluate, embed): model replicas in the Ray Data "
+                                                "actor pool.")
+    infer_batch_size: int = Field(default=64, ge=1, le=65536, description="Batch inference: rows per model call.")
     infer_rows_per_call: int = Field(
-        2048, ge=1, le=10_000_000, description="Batch inference: most rows per actor call (the Ray Data batch; the "
-                                               "model sees infer_batch_size at a time). Fewer, larger calls cost less "
-                                               "per row.")
-    infer_cpus: float = Field(1.0, ge=0.01, le=1024, description="Batch inference: CPUs per actor.")
+        default=2048, ge=1, le=10_000_000, description="Batch inference: most rows per actor call (the Ray Data "
+                                                       "batch; the model sees infer_batch_size at a time). Fewer, "
+                                                       "larger calls cost less per row.")
+    infer_cpus: float = Field(default=1.0, ge=0.01, le=1024, description="Batch inference: CPUs per actor.")
     infer_gpus: float = Field(
-        0.0, ge=0.0, le=64, description="Batch inference: GPUs per actor (e.g. 1 or 0.5 on GPU clusters).")
+        default=0.0, ge=0.0, le=64, description="Batch inference: GPUs per actor (e.g. 1 or 0.5 on GPU clusters).")
 
 
 @dataclass(frozen=True, config=SECTION)
@@ -270,25 +287,27 @@ class MlflowConfig:
     """Tracking and the model registry."""
 
     tracking_uri: str = Field(
-        "", description="MLflow tracking URI; '' = sqlite:////WORKDIR/mlflow/mlflow.db (embedded).")
-    artifact_location: str = Field("", description="Artifact root for new experiments; '' = WORKDIR/mlflow/artifacts.")
-    experiment: str = Field("embsum", description="Experiment name.")
-    registered_model: str = Field("embsum", description="Registered model name.")
-    alias: str = Field("champion", description="Alias the gate moves and serving loads (models:/NAME@ALIAS).")
-    gate_metric: str = Field("auc", description="Validation metric the gate compares (higher is better).")
+        default="", description="MLflow tracking URI; '' = sqlite:////WORKDIR/mlflow/mlflow.db (embedded).")
+    artifact_location: str = Field(
+        default="", description="Artifact root for new experiments; '' = WORKDIR/mlflow/artifacts.")
+    experiment: str = Field(default="embsum", description="Experiment name.")
+    registered_model: str = Field(default="embsum", description="Registered model name.")
+    alias: str = Field(default="champion", description="Alias the gate moves and serving loads (models:/NAME@ALIAS).")
+    gate_metric: str = Field(default="auc", description="Validation metric the gate compares (higher is better).")
     gate_floor: float = Field(
-        0.0, ge=-1e9, le=1e9, description="A version is promoted only if its gate metric is above this floor and "
-                                          "above the current champion's.")
+        default=0.0, ge=-1e9, le=1e9, description="A version is promoted only if its gate metric is above this floor "
+                                                  "and above the current champion's.")
     http_timeout_s: int = Field(
-        30, ge=1, le=3600, description="Seconds an HTTP call to a tracking server may wait for an answer (sets "
-                                       "MLFLOW_HTTP_REQUEST_TIMEOUT, MLflow's default 120). Raise it for multi-GB "
-                                       "model uploads through a slow artifact proxy.")
+        default=30, ge=1, le=3600, description="Seconds an HTTP call to a tracking server may wait for an answer "
+                                               "(sets MLFLOW_HTTP_REQUEST_TIMEOUT, MLflow's default 120). Raise it "
+                                               "for multi-GB model uploads through a slow artifact proxy.")
     http_retries: int = Field(
-        2, ge=0, le=10, description="Retries of a failed HTTP call to a tracking server (connection errors, 429, 5xx; "
-                                    "sets MLFLOW_HTTP_REQUEST_MAX_RETRIES, MLflow's default 7, about 4 minutes).")
+        default=2, ge=0, le=10, description="Retries of a failed HTTP call to a tracking server (connection errors, "
+                                            "429, 5xx; sets MLFLOW_HTTP_REQUEST_MAX_RETRIES, MLflow's default 7, "
+                                            "about 4 minutes).")
     http_backoff_factor: int = Field(
-        1, ge=0, le=120, description="Backoff between those retries: about factor * 2^retry seconds (sets "
-                                     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR, MLflow's default 2).")
+        default=1, ge=0, le=120, description="Backoff between those retries: about factor * 2^retry seconds (sets "
+                                             "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR, MLflow's default 2).")
 
 
 @dataclass(frozen=True, config=SECTION)
@@ -296,75 +315,81 @@ class ServeConfig:
     """The Ray Serve scorer."""
 
     host: str = Field(
-        "127.0.0.1", description="HTTP bind address. Beyond loopback (e.g. 0.0.0.0) the API refuses to start without "
-                                 "a token unless serve.auth is 'none'.")
-    port: int = Field(8000, ge=1, le=65535, description="HTTP port.")
-    route_prefix: str = Field("/", description="Application route prefix.")
+        default="127.0.0.1", description="HTTP bind address. Beyond loopback (e.g. 0.0.0.0) the API refuses to start "
+                                         "without a token unless serve.auth is 'none'.")
+    port: int = Field(default=8000, ge=1, le=65535, description="HTTP port.")
+    route_prefix: str = Field(default="/", description="Application route prefix.")
     ingress: Literal["haproxy", "proxy"] = Field(
-        "haproxy", description="HTTP ingress when `embsum serve` starts Serve: 'haproxy' = Ray Serve's "
-                               "high-throughput mode (RAY_SERVE_ENABLE_HA_PROXY=1, RAY_SERVE_THROUGHPUT_OPTIMIZED=1: "
-                               "HAProxy forwards to an HTTP server in each replica), 'proxy' = Serve's Python HTTP "
-                               "proxy (one Ray actor call per request; slower). A RayService sets the same env vars "
-                               "on its pods.")
+        default="haproxy", description="HTTP ingress when `embsum serve` starts Serve: 'haproxy' = Ray Serve's "
+                                       "high-throughput mode (RAY_SERVE_ENABLE_HA_PROXY=1, "
+                                       "RAY_SERVE_THROUGHPUT_OPTIMIZED=1: HAProxy forwards to an HTTP server in each "
+                                       "replica), 'proxy' = Serve's Python HTTP proxy (one Ray actor call per "
+                                       "request; slower). A RayService sets the same env vars on its pods.")
     model_version: str = Field(
-        "", description="Registered version to serve; '' = the version the alias points to at deploy time, resolved "
-                        "once: every replica (new ones from autoscaling and restarts included) loads that number "
-                        "until the next rollout.")
+        default="", description="Registered version to serve; '' = the version the alias points to at deploy time, "
+                                "resolved once: every replica (new ones from autoscaling and restarts included) loads "
+                                "that number until the next rollout.")
     embeddings_dir: str = Field(
-        "", description="Precomputed embeddings root; '' = WORKDIR/embeddings. The subfolder v<VERSION> must hold a "
-                        "manifest naming the served version.")
-    max_batch_size: int = Field(16, ge=1, le=4096, description="@serve.batch max batch size.")
+        default="", description="Precomputed embeddings root; '' = WORKDIR/embeddings. The subfolder v<VERSION> must "
+                                "hold a manifest naming the served version.")
+    max_batch_size: int = Field(default=16, ge=1, le=4096, description="@serve.batch max batch size.")
     batch_wait_timeout_s: float = Field(
-        0.0, ge=0.0, le=10.0, description="@serve.batch wait for a fuller batch, seconds; 0 = batch what queued while "
-                                          "the previous batch ran (lowest latency; measured in bench/serve_bench).")
-    max_ongoing_requests: int = Field(64, ge=1, le=100000, description="Per replica; must be >= max_batch_size.")
+        default=0.0, ge=0.0, le=10.0, description="@serve.batch wait for a fuller batch, seconds; 0 = batch what "
+                                                  "queued while the previous batch ran (lowest latency; measured in "
+                                                  "bench/serve_bench).")
+    max_ongoing_requests: int = Field(
+        default=64, ge=1, le=100000, description="Per replica; must be >= max_batch_size.")
     access_log: bool = Field(
-        False, description="Serve's per-request access log line on the replica (a log write per request; latency by "
-                           "route is in the Prometheus metrics either way).")
-    min_replicas: int = Field(1, ge=0, le=10000, description="Autoscaling: fewest scorer replicas.")
-    max_replicas: int = Field(2, ge=1, le=10000, description="Autoscaling: most scorer replicas.")
-    target_ongoing_requests: float = Field(8.0, ge=0.1, le=100000, description="Autoscaling target per replica.")
+        default=False, description="Serve's per-request access log line on the replica (a log write per request; "
+                                   "latency by route is in the Prometheus metrics either way).")
+    min_replicas: int = Field(default=1, ge=0, le=10000, description="Autoscaling: fewest scorer replicas.")
+    max_replicas: int = Field(default=2, ge=1, le=10000, description="Autoscaling: most scorer replicas.")
+    target_ongoing_requests: float = Field(
+        default=8.0, ge=0.1, le=100000, description="Autoscaling target per replica.")
     upscale_delay_s: float = Field(
-        10.0, ge=0.0, le=3600, description="Autoscaling: seconds the load must stay above target before a replica is "
-                                           "added (a replica takes longer than this to load its bundle; shorter "
-                                           "chases noise).")
+        default=10.0, ge=0.0, le=3600, description="Autoscaling: seconds the load must stay above target before a "
+                                                   "replica is added (a replica takes longer than this to load its "
+                                                   "bundle; shorter chases noise).")
     downscale_delay_s: float = Field(
-        300.0, ge=0.0, le=86400, description="Autoscaling: seconds the load must stay below target before a replica "
-                                             "is removed (long: each scale-down and scale-up pair reloads a model and "
-                                             "its embeddings).")
+        default=300.0, ge=0.0, le=86400, description="Autoscaling: seconds the load must stay below target before a "
+                                                     "replica is removed (long: each scale-down and scale-up pair "
+                                                     "reloads a model and its embeddings).")
     look_back_period_s: float = Field(
-        30.0, ge=0.1, le=3600, description="Autoscaling: seconds of load averaged for each decision.")
+        default=30.0, ge=0.1, le=3600, description="Autoscaling: seconds of load averaged for each decision.")
     metrics_interval_s: float = Field(
-        10.0, ge=0.1, le=3600, description="Autoscaling: how often each replica reports its load (Serve's "
-                                           "autoscaling_config.metrics_interval_s, marked deprecated in Ray 2.60 but "
-                                           "still the one it reads); must be below look_back_period_s.")
-    num_cpus: float = Field(1.0, ge=0.0, le=1024, description="CPUs per scorer replica.")
-    num_gpus: float = Field(0.0, ge=0.0, le=64, description="GPUs per scorer replica.")
+        default=10.0, ge=0.1, le=3600, description="Autoscaling: how often each replica reports its load (Serve's "
+                                                   "autoscaling_config.metrics_interval_s, marked deprecated in Ray "
+                                                   "2.60 but still the one it reads); must be below "
+                                                   "look_back_period_s.")
+    num_cpus: float = Field(default=1.0, ge=0.0, le=1024, description="CPUs per scorer replica.")
+    num_gpus: float = Field(default=0.0, ge=0.0, le=64, description="GPUs per scorer replica.")
     max_replicas_per_node: int = Field(
-        0, ge=0, le=10000, description="Most scorer replicas on one Ray node; 0 = no limit. 1 on Kubernetes: replicas "
-                                       "land on different pods, so losing a pod loses one replica.")
+        default=0, ge=0, le=10000, description="Most scorer replicas on one Ray node; 0 = no limit. 1 on Kubernetes: "
+                                               "replicas land on different pods, so losing a pod loses one replica.")
     memory_gb: float = Field(
-        1.0, ge=0.0, le=4096, description="Memory reserved per scorer replica, GiB (ray_actor_options.memory): twice "
-                                          "the bundle (a rollout holds two) plus the process; sizing in "
-                                          "cluster/README.md. 0 = not declared.")
+        default=1.0, ge=0.0, le=4096, description="Memory reserved per scorer replica, GiB "
+                                                  "(ray_actor_options.memory): twice the bundle (a rollout holds two) "
+                                                  "plus the process; sizing in cluster/README.md. 0 = not declared.")
     request_timeout_s: float = Field(
-        30.0, ge=0.0, le=3600, description="Seconds before Serve answers a request 408 "
-                                           "(http_options.request_timeout_s); 0 = no limit.")
+        default=30.0, ge=0.0, le=3600, description="Seconds before Serve answers a request 408 "
+                                                   "(http_options.request_timeout_s); 0 = no limit.")
     max_candidates: int = Field(
-        1000, ge=1, le=10_000_000, description="Most candidates per /v1/score request (else 413).")
+        default=1000, ge=1, le=10_000_000, description="Most candidates per /v1/score request (else 413).")
     max_cold_items: int = Field(
-        64, ge=0, le=10_000_000, description="Most candidates per /v1/score request that need a T5 encode (given by "
-                                             "text, id unknown to the served embeddings) (else 413).")
-    max_history: int = Field(200, ge=1, le=1_000_000, description="Most history items per request (else 413).")
-    max_k: int = Field(1000, ge=1, le=1_000_000, description="Largest k for /v1/recommend.")
-    max_body_bytes: int = Field(1_048_576, ge=1024, le=1 << 31, description="Largest request body (else 413).")
+        default=64, ge=0, le=10_000_000, description="Most candidates per /v1/score request that need a T5 encode "
+                                                     "(given by text, id unknown to the served embeddings) (else 413).")
+    max_history: int = Field(default=200, ge=1, le=1_000_000, description="Most history items per request (else 413).")
+    max_k: int = Field(default=1000, ge=1, le=1_000_000, description="Largest k for /v1/recommend.")
+    max_body_bytes: int = Field(default=1_048_576, ge=1024, le=1 << 31, description="Largest request body (else 413).")
     auth: Literal["auto", "token", "none"] = Field(
-        "auto", description="API auth: 'auto' = bearer token when one is set, required on a bind beyond loopback; "
-                            "'token' = required on any bind; 'none' = no auth even beyond loopback (only behind a "
-                            "gateway that authenticates). Placeholder tokens (CHANGE-ME, ...) and tokens under 16 "
-                            "characters are refused.")
-    auth_token_env: str = Field("EMBSUM_API_TOKEN", description="Env var with the bearer token (see serve.auth).")
-    auth_token_file: str = Field("", description="File holding the bearer token (takes precedence over the env var).")
+        default="auto", description="API auth: 'auto' = bearer token when one is set, required on a bind beyond "
+                                    "loopback; 'token' = required on any bind; 'none' = no auth even beyond loopback "
+                                    "(only behind a gateway that authenticates). Placeholder tokens (CHANGE-ME, ...) "
+                                    "and tokens under 16 characters are refused.")
+    auth_token_env: str = Field(
+        default="EMBSUM_API_TOKEN", description="Env var with the bearer token (see serve.auth).")
+    auth_token_file: str = Field(
+        default="", description="File holding the bearer token (takes precedence over the env var).")
 
 
 @dataclass(frozen=True, config=SECTION)
@@ -372,8 +397,8 @@ class Config:
     """The whole run configuration (``ray_config.yaml``)."""
 
     workdir: str = Field(
-        "runs", description="Where everything is written (data, mlflow, checkpoints, embeddings); relative to the "
-                            "current directory.")
+        default="runs", description="Where everything is written (data, mlflow, checkpoints, embeddings); relative to "
+                                    "the current directory.")
     ray: RayConfig = Field(default_factory=RayConfig, description="Ray cluster.")
     data: DataConfig = Field(default_factory=DataConfig, description="Data preparation.")
     model: EmbSumConfig = Field(default_factory=EmbSumConfig, description="Model.")

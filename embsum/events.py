@@ -36,9 +36,9 @@ def emit(kind: str, out: Callable[[str], None] | None = None, **fields: Any) -> 
 
 
 def progress(phase: str, done: float | None = None, total: float | None = None, unit: str = "",
-             out: Callable[[str], None] | None = None, **metrics: float) -> None:
+             out: Callable[[str], None] | None = None, **metrics: float | None) -> None:
     """``phase`` (what the stage is doing now), ``done``/``total`` in ``unit`` where countable, and
-    metrics to show beside them (``loss=...``)."""
+    metrics to show beside them (``loss=...``; None ones are left out)."""
     emit("progress", out, phase=phase, done=done, total=total, unit=unit or None,
          metrics={k: v for k, v in metrics.items() if v is not None} or None)
 

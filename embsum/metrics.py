@@ -59,7 +59,8 @@ def positive_first_auc(scores: np.ndarray) -> np.ndarray:
     return ((pos > neg).sum(1) + 0.5 * (pos == neg).sum(1)) / neg.shape[1]  # (B,)
 
 
-def impression_metrics(labels: Sequence[float], scores: Sequence[float]) -> dict[str, float] | None:
+def impression_metrics(labels: Sequence[float] | np.ndarray, scores: Sequence[float] | np.ndarray
+                       ) -> dict[str, float] | None:
     """AUC, MRR, nDCG@5, nDCG@10 of one impression; None when it has no positive or no negative."""
     y = np.asarray(labels, dtype=np.float64)
     s = np.asarray(scores, dtype=np.float64)

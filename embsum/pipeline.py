@@ -84,8 +84,10 @@ def run_pipeline(cfg: Config, config_path: str, overrides: list[str], *, stage: 
                 out["train"] = stage("embsum.train.train", config_path, ov, title=title)
                 version = str(out["train"]["version"])
             elif name == "evaluate":
+                assert version is not None  # select_stages: train ran, or --version was given
                 out["evaluate"] = stage("embsum.train.evaluate", config_path, ov, "--version", version, title=title)
             elif name == "embed":
+                assert version is not None
                 if _has_embeddings(cfg, cfg.mlflow.registered_model, version):
                     console.rule(f"[bold]{title}")
                     console.print(f"[green]✓[/green] {title} · embeddings for v{version} already exist at "
@@ -93,6 +95,7 @@ def run_pipeline(cfg: Config, config_path: str, overrides: list[str], *, stage: 
                 else:
                     out["embed"] = stage("embsum.train.embed", config_path, ov, "--version", version, title=title)
             elif name == "promote":
+                assert version is not None
                 console.rule(f"[bold]{title}")
                 out["promote"] = _promote(cfg, version, console)
             else:  # serve: the version the gate left as champion, or the one given

@@ -253,7 +253,7 @@ def build_api(scorer: ScorerClient, settings: ApiSettings, observer: Observer | 
         refused = (over("candidates", len(body.candidates), s.max_candidates, "max_candidates")
                    or history_limit(body.history))
         return refused or reply(await scorer.score(
-            ScoreQuery(user_id=body.user_id, history=_items(body.history), candidates=_items(body.candidates))),
+            ScoreQuery(user_id=body.user_id, history=_items(body.history), candidates=_items(body.candidates) or [])),
             response)
 
     @app.post("/v1/recommend", response_model=RecommendResponse, responses=ERRORS,

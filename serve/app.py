@@ -139,7 +139,7 @@ def application(cfg: Config, version: str) -> Application:
     """The one deployment, with the deployment options of the config's serve section."""
     s = cfg.serve
     spread = {"max_replicas_per_node": s.max_replicas_per_node} if s.max_replicas_per_node else {}
-    return EmbSumScorer.options(
+    return EmbSumScorer.options(  # type: ignore[attr-defined]  # @serve.deployment made it a Deployment
         user_config={"model_version": version}, max_ongoing_requests=s.max_ongoing_requests,
         autoscaling_config=autoscaling_config(s), ray_actor_options=actor_options(s),
         logging_config={"enable_access_log": s.access_log}, **spread,

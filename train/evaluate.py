@@ -58,7 +58,7 @@ class ImpressionScorer:
         order = list(uniq.values())
         upe = self.predictor.encode_users(sessions[order], with_text=False).upe  # (U, M, D)
         row_of = {k: j for j, k in enumerate(uniq)}
-        scores, metrics = [], {m: [] for m in METRIC_NAMES}
+        scores, metrics = [], {m: [] for m in METRIC_NAMES}  # type: list[np.ndarray], dict[str, list[float]]
         for imp, k, cands, labels in zip(batch["impression_id"], keys, batch["candidate_item_ids"], batch["labels"],
                                          strict=True):
             idx = self._rows(imp, cands)

@@ -7,7 +7,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-unit test-integration bench bench-quick lint clean readme-config
+.PHONY: install demo test test-unit test-integration bench bench-quick lint typecheck clean readme-config
 
 # torch's CPU build, named explicitly: on Linux, PyPI's torch==X is the CUDA build and pulls several GB
 # of nvidia-* wheels. The lock pins the version (torch==X, platform-neutral: the Dockerfile's CUDA
@@ -49,8 +49,11 @@ bench-quick: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check embsum train serve bench tests
 
+typecheck: $(STAMP)  ## mypy (settings in pyproject.toml) on the library and the two programs
+	$(VENV)/bin/mypy embsum serve train
+
 clean:
 	rm -rf runs .pytest_cache
 
-readme-config:  ## regenerate the README's config reference from the dataclass docs
+readme-config:  ## regenerate the README's config reference from the config fields' descriptions
 	$(PY) -c "import re,pathlib; from embsum.config import config_reference as c; p=pathlib.Path('README.md'); t=p.read_text(); p.write_text(re.sub(r'(<!-- config-reference:start -->\n).*?(\n<!-- config-reference:end -->)', lambda m: m.group(1)+c().strip()+m.group(2), t, flags=re.S))"

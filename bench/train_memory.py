@@ -3,7 +3,7 @@
     python -m bench.train_memory                  # ray_config.yaml (the tiny demo config), 2 workers, 40 steps
     python -m bench.train_memory --steps 20 --label before
 
-Runs the pipeline's ``train`` stage as `embsum` does (``python -m train.train --config
+Runs the pipeline's ``train`` stage as `embsum` does (``python -m embsum.train.train --config
 ray_config.yaml``, its own Ray driver starting a local cluster) on the demo's synthetic data
 (prepared and summarized once, not measured), and samples that driver's whole process tree every
 0.5 s (``bench.harness.TreeMemory``): the summed RSS and PSS, and at the sample with the largest
@@ -73,12 +73,12 @@ def main(argv: list[str] | None = None) -> int:
     workdir = harness.bench_root() / "train_memory"
     marker = workdir / "prepared.ok"
     if not marker.exists():  # the demo's data, once
-        for module in ("train.prepare", "train.summarize"):
+        for module in ("embsum.train.prepare", "embsum.train.summarize"):
             stage(module, workdir, [])
         marker.write_text("ok")
     t0 = time.perf_counter()
     train = [f"train.max_steps={args.steps}", f"train.checkpoint_every={args.steps}", *args.overrides]
-    mem = stage("train.train", workdir, train, measure=True)
+    mem = stage("embsum.train.train", workdir, train, measure=True)
     assert mem is not None
     res = {"machine": harness.machine(), "config": CONFIG, "overrides": train, "seconds": time.perf_counter() - t0,
            "memory": mem}

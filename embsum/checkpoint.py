@@ -19,8 +19,8 @@ from typing import Any
 import torch
 
 from embsum.config import EmbSumConfig
+from embsum.config_parse import build
 from embsum.tokenization import EmbSumTokenizer, load_tokenizer
-from embsum.typed_config import build
 
 WEIGHTS = "model.safetensors"
 META = "embsum.json"

@@ -1,12 +1,12 @@
 """`embsum`: the command line. One config file (``--config``), dotted overrides (``train.lr=3e-4``),
 ``--address`` for an existing Ray cluster (a local one by default).
 
-Pipeline stages run as their own Ray driver programs (``python -m train.<stage>``, ``serve.app``),
-exactly as they run as Ray jobs on a cluster; ``embsum run`` starts one local Ray cluster and
-chains them on it. A stage's output (its own, Ray's, DeepSpeed's) goes to WORKDIR/logs/<stage>.log and the
-console shows its progress and one summary line (embsum/console.py; ``--verbose`` shows everything).
-Registry and client commands run in-process. Errors are one line (``--debug`` for the traceback) with a
-non-zero exit code.
+Pipeline stages run as their own Ray driver programs (``python -m embsum.train.<stage>``,
+``embsum.serve.app``: train/ and serve/ by their installed names), exactly as they run as Ray jobs
+on a cluster; ``embsum run`` starts one local Ray cluster and chains them on it. A stage's output
+(its own, Ray's, DeepSpeed's) goes to WORKDIR/logs/<stage>.log and the console shows its progress
+and one summary line (embsum/console.py; ``--verbose`` shows everything). Registry and client
+commands run in-process. Errors are one line (``--debug`` for the traceback) with a non-zero exit code.
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ def _verbose() -> bool:
 def _log_name(module: str, extra: tuple[str, ...]) -> str:
     """logs/<name>.log: the stage (prepare, train, ...), or serve / serve-<action> for serve.app."""
     name = module.split(".")[-1]
-    if module == "serve.app":
+    if module == "embsum.serve.app":
         action = next((a for a in extra if a in ("run", "deploy", "rollout", "status", "shutdown")), "")
         return "serve" if action in ("run", "deploy", "") else f"serve-{action}"
     return name
@@ -132,8 +132,6 @@ def _stage(module: str, config: str, overrides: list[str], *extra: str, title: s
     # Its output is a file: Ray Data's progress from workers (a Train dataset's split coordinator) as
     # plain log lines, not tqdm bars redrawn with cursor codes that only a terminal can undo.
     env.setdefault("RAY_TQDM", "0")
-    repo = str(Path(__file__).resolve().parents[1])
-    env["PYTHONPATH"] = repo + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     out = run_stage(cmd, name=title.split()[-1], log=log, console=console, env=env, verbose=_verbose())
     if out.interrupted:
         console.print(f"[yellow]stopped[/yellow] {title} after {out.seconds:.1f}s (exit code {out.returncode}; "
@@ -187,21 +185,21 @@ def data_synth(
 def prepare(config: str = ConfigOpt, address: str = AddressOpt, overrides: list[str] = OverridesArg) -> None:
     """Validate, sessionize, build examples and tokenize the logs with Ray Data. Writes WORKDIR/data/
     (items.parquet, users/, train/, valid_examples/, valid/, test/, quarantine/, prepare_report.json)."""
-    _stage("train.prepare", config, _ov(overrides, address), title="prepare")
+    _stage("embsum.train.prepare", config, _ov(overrides, address), title="prepare")
 
 
 @app.command()
 def summarize(config: str = ConfigOpt, address: str = AddressOpt, overrides: list[str] = OverridesArg) -> None:
     """Write one teacher summary per training user (data.teacher: offline or an OpenAI-compatible endpoint).
     Writes WORKDIR/data/summaries/ and summarize_report.json; cached responses are never paid twice."""
-    _stage("train.summarize", config, _ov(overrides, address), title="summarize")
+    _stage("embsum.train.summarize", config, _ov(overrides, address), title="summarize")
 
 
 @app.command()
 def train(config: str = ConfigOpt, address: str = AddressOpt, overrides: list[str] = OverridesArg) -> None:
     """Train with Ray Train + DeepSpeed; log to MLflow; register the best checkpoint's model.
     Writes checkpoints under train.storage_path and a new registered model version."""
-    _stage("train.train", config, _ov(overrides, address), title="train")
+    _stage("embsum.train.train", config, _ov(overrides, address), title="train")
 
 
 @app.command()
@@ -215,7 +213,7 @@ def evaluate(version: str = typer.Option(None, "--version", help="Version number
     --impressions and --items: the same for new logs prepare never saw (bad rows quarantined)."""
     extra = [*(["--version", version] if version else []), *(["--impressions", impressions] if impressions else []),
              *(["--items", items] if items else [])]
-    _stage("train.evaluate", config, _ov(overrides, address), *extra, title="evaluate")
+    _stage("embsum.train.evaluate", config, _ov(overrides, address), *extra, title="evaluate")
 
 
 @app.command()
@@ -223,12 +221,12 @@ def embed(version: str = typer.Option(None, "--version", help="Version (default:
           config: str = ConfigOpt, address: str = AddressOpt, overrides: list[str] = OverridesArg) -> None:
     """Precompute item CPEs and user UPEs (+ generated summaries) for a version. Writes
     EMBEDDINGS/v<VERSION>/ (items/, users/, manifest.json)."""
-    _stage("train.embed", config, _ov(overrides, address), *(["--version", version] if version else []),
+    _stage("embsum.train.embed", config, _ov(overrides, address), *(["--version", version] if version else []),
            title="embed")
 
 
 @app.command()
-def promote(version: str = typer.Argument(None, help="Version to promote (default: the newest)."),
+def promote(version: str | None = typer.Argument(None, help="Version to promote (default: the newest)."),
             force: bool = typer.Option(False, "--force", help="Skip the metric comparison (the version must "
                                                               "still have its embeddings)."),
             config: str = ConfigOpt, overrides: list[str] = OverridesArg) -> None:
@@ -264,7 +262,7 @@ def serve_start(detach: bool = typer.Option(False, "--detach", help="Deploy and 
     if detach and not address:
         raise CliError("--detach needs --address of a running Ray cluster (a local one would stop with this command)")
     try:
-        _stage("serve.app", config, _ov(overrides, address), "deploy" if detach else "run", title="serve")
+        _stage("embsum.serve.app", config, _ov(overrides, address), "deploy" if detach else "run", title="serve")
     except Interrupted as e:
         if e.code != 0:
             raise
@@ -282,7 +280,7 @@ def serve_stop(config: str = ConfigOpt, address: str = AddressOpt, overrides: li
     record = foreground_record(cfg.workdir_path, cfg.serve.port)
     pid = None if address else foreground_pid(record)
     if pid is None:
-        _stage("serve.app", config, _ov(overrides, address or "auto"), "shutdown", title="serve stop")
+        _stage("embsum.serve.app", config, _ov(overrides, address or "auto"), "shutdown", title="serve stop")
         return
     import psutil
 
@@ -302,7 +300,7 @@ def serve_stop(config: str = ConfigOpt, address: str = AddressOpt, overrides: li
 @serve_app.command("status")
 def serve_status(config: str = ConfigOpt, address: str = AddressOpt, overrides: list[str] = OverridesArg) -> None:
     """Print the Serve application status and the served model version."""
-    out = _stage("serve.app", config, _ov(overrides, address or "auto"), "status", title="serve status")
+    out = _stage("embsum.serve.app", config, _ov(overrides, address or "auto"), "status", title="serve status")
     console.print_json(json.dumps(out, default=str))
 
 
@@ -312,7 +310,7 @@ def serve_rollout(version: str = typer.Option(None, "--version", help="Version (
     """Roll the running service to a version (default: where the alias points) in place; if it cannot load,
     the old version keeps serving and the error is printed."""
     extra = ["rollout", *(["--version", version] if version else [])]
-    out = _stage("serve.app", config, _ov(overrides, address or "auto"), *extra, title="serve rollout")
+    out = _stage("embsum.serve.app", config, _ov(overrides, address or "auto"), *extra, title="serve rollout")
     console.print_json(json.dumps(out, default=str))
 
 

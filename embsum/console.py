@@ -359,7 +359,7 @@ def process_output_to(log: Path, *consoles: Console) -> Iterator[None]:
             for fd in keep:
                 os.close(fd)
             for c, f in saved:
-                c.file = f
+                c._file = f  # back to what it was (None: following sys.stdout/sys.stderr)
             for f in own:
                 f.close()
 

@@ -1,6 +1,6 @@
 """What a stage program tells the person at the console: its progress and its one-line summary.
 
-A stage (``python -m train.<stage>``, ``serve.app``) writes everything it and Ray have to say to
+A stage (``python -m embsum.train.<stage>``, ``embsum.serve.app``) writes everything it and Ray have to say to
 its stdout/stderr; ``embsum`` copies all of it to ``WORKDIR/logs/<stage>.log`` and shows on the
 console only these events (embsum/console.py). An event is one line, ``embsum:<kind> <json>``:
 readable in a log or a RayJob's output, and found anywhere in a line, because Ray prefixes the
@@ -36,9 +36,9 @@ def emit(kind: str, out: Callable[[str], None] | None = None, **fields: Any) -> 
 
 
 def progress(phase: str, done: float | None = None, total: float | None = None, unit: str = "",
-             out: Callable[[str], None] | None = None, **metrics: float) -> None:
+             out: Callable[[str], None] | None = None, **metrics: float | None) -> None:
     """``phase`` (what the stage is doing now), ``done``/``total`` in ``unit`` where countable, and
-    metrics to show beside them (``loss=...``)."""
+    metrics to show beside them (``loss=...``; None ones are left out)."""
     emit("progress", out, phase=phase, done=done, total=total, unit=unit or None,
          metrics={k: v for k, v in metrics.items() if v is not None} or None)
 

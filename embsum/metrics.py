@@ -51,7 +51,8 @@ def ndcg(labels: np.ndarray, scores: np.ndarray, k: int) -> float:
     return dcg(labels, scores, k) / dcg(labels, labels.astype(np.float64), k)
 
 
-def impression_metrics(labels: Sequence[float], scores: Sequence[float]) -> dict[str, float] | None:
+def impression_metrics(labels: Sequence[float] | np.ndarray, scores: Sequence[float] | np.ndarray
+                       ) -> dict[str, float] | None:
     """AUC, MRR, nDCG@5, nDCG@10 of one impression; None when it has no positive or no negative."""
     y = np.asarray(labels, dtype=np.float64)
     s = np.asarray(scores, dtype=np.float64)

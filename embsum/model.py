@@ -45,7 +45,7 @@ def t5_config(cfg: EmbSumConfig, pad_id: int = 0, eos_id: int = 1) -> T5Config:
         num_layers=cfg.num_layers, num_decoder_layers=cfg.num_decoder_layers, num_heads=cfg.num_heads,
         dropout_rate=cfg.dropout, pad_token_id=pad_id, eos_token_id=eos_id, decoder_start_token_id=pad_id,
         feed_forward_proj="relu", tie_word_embeddings=True,
-    )
+    )  # type: ignore[call-arg]  # both reach PretrainedConfig through **kwargs; T5Config's signature omits them
 
 
 class EmbSum(nn.Module):
@@ -54,8 +54,8 @@ class EmbSum(nn.Module):
         self.cfg = cfg
         self.t5 = t5
         self.sos_id = int(sos_id)
-        self.pad_id = int(t5.config.pad_token_id)
-        self.eos_id = int(t5.config.eos_token_id)
+        self.pad_id = int(t5.config.pad_token_id)  # type: ignore[arg-type]  # every T5 config sets both ids
+        self.eos_id = int(t5.config.eos_token_id)  # type: ignore[arg-type]
         if self.sos_id >= t5.config.vocab_size:
             raise ValueError(f"[SOS] id {self.sos_id} is outside the backbone's vocabulary ({t5.config.vocab_size})")
         d = t5.config.d_model

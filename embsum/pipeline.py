@@ -79,20 +79,23 @@ def run_pipeline(cfg: Config, config_path: str, overrides: list[str], *, stage: 
         for i, name in enumerate(stages, 1):
             title = f"{i}/{len(stages)} {name}"
             if name in ("prepare", "summarize"):
-                out[name] = stage(f"train.{name}", config_path, ov, title=title)
+                out[name] = stage(f"embsum.train.{name}", config_path, ov, title=title)
             elif name == "train":
-                out["train"] = stage("train.train", config_path, ov, title=title)
+                out["train"] = stage("embsum.train.train", config_path, ov, title=title)
                 version = str(out["train"]["version"])
             elif name == "evaluate":
-                out["evaluate"] = stage("train.evaluate", config_path, ov, "--version", version, title=title)
+                assert version is not None  # select_stages: train ran, or --version was given
+                out["evaluate"] = stage("embsum.train.evaluate", config_path, ov, "--version", version, title=title)
             elif name == "embed":
+                assert version is not None
                 if _has_embeddings(cfg, cfg.mlflow.registered_model, version):
                     console.rule(f"[bold]{title}")
                     console.print(f"[green]✓[/green] {title} · embeddings for v{version} already exist at "
                                   f"{version_dir(cfg.embeddings_dir, version)}", highlight=False, soft_wrap=True)
                 else:
-                    out["embed"] = stage("train.embed", config_path, ov, "--version", version, title=title)
+                    out["embed"] = stage("embsum.train.embed", config_path, ov, "--version", version, title=title)
             elif name == "promote":
+                assert version is not None
                 console.rule(f"[bold]{title}")
                 out["promote"] = _promote(cfg, version, console)
             else:  # serve: the version the gate left as champion, or the one given
@@ -157,7 +160,7 @@ def _serve_and_ask(cfg: Config, config_path: str, ov: list[str], stage: Callable
     from embsum import client
     from embsum.data import layout
 
-    stage("serve.app", config_path, ov, "deploy", "--version", version, title=title)
+    stage("embsum.serve.app", config_path, ov, "deploy", "--version", version, title=title)
     base = client.base_url(cfg)
     token = client.read_token(cfg.serve)
     client.wait_ready(base, timeout_s=120, token=token)

@@ -188,8 +188,8 @@ class Registry:
                        lambda: self.client.get_model_version(self.name, ref) if ref.isdigit()
                        else self.client.get_model_version_by_alias(self.name, ref))
         metrics = self._ask(f"run {mv.run_id} of version {mv.version}",
-                            lambda: self.run_metrics(mv.run_id)) if mv.run_id else {}
-        return VersionInfo(name=self.name, version=str(mv.version), run_id=mv.run_id or "", source=mv.source,
+                            lambda: self.run_metrics(str(mv.run_id))) if mv.run_id else {}
+        return VersionInfo(name=self.name, version=str(mv.version), run_id=mv.run_id or "", source=mv.source or "",
                            aliases=list(mv.aliases or []), tags=dict(mv.tags or {}), metrics=metrics)
 
     def resolve(self, ref: str | int | None = None, *, default: Literal["serving", "newest"] = "serving"

@@ -23,10 +23,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from embsum.config import ServeConfig
-from serve import engine
-from serve.bundle import Bundle
-from serve.engine import Item, RecommendQuery, RecommendResult, Rejection, ScoreQuery, ScoreResult
-from serve.schemas import (
+
+from . import engine
+from .bundle import Bundle
+from .engine import Item, RecommendQuery, RecommendResult, Rejection, ScoreQuery, ScoreResult
+from .schemas import (
     ErrorResponse,
     ItemRef,
     ModelResponse,
@@ -252,7 +253,7 @@ def build_api(scorer: ScorerClient, settings: ApiSettings, observer: Observer | 
         refused = (over("candidates", len(body.candidates), s.max_candidates, "max_candidates")
                    or history_limit(body.history))
         return refused or reply(await scorer.score(
-            ScoreQuery(user_id=body.user_id, history=_items(body.history), candidates=_items(body.candidates))),
+            ScoreQuery(user_id=body.user_id, history=_items(body.history), candidates=_items(body.candidates) or [])),
             response)
 
     @app.post("/v1/recommend", response_model=RecommendResponse, responses=ERRORS,

@@ -53,14 +53,15 @@ from ray.serve import Application
 from embsum import events
 from embsum.config import Config, ServeConfig, config_from_dict, load_config, replace
 from embsum.runtime import SERVE_STOP_TIMEOUT_S, default_local_serve_drain, setup_env, shutdown_serve, worker_env
-from serve.auth import api_token
-from serve.bundle import resolve_version
-from serve.deployment import DEPLOYMENT_NAME, EmbSumScorer
+
+from .auth import api_token
+from .bundle import resolve_version
+from .deployment import DEPLOYMENT_NAME, EmbSumScorer
 
 logger = logging.getLogger(__name__)
 
 APP_NAME = "embsum"
-IMPORT_PATH = "serve.app:build_app"
+IMPORT_PATH = "embsum.serve.app:build_app"
 _ARGS = ("config", "overrides", "values")
 # serve.ingress -> the Serve settings that select it (read by Serve's controller, proxies and replicas).
 INGRESS_ENV = {
@@ -138,7 +139,7 @@ def application(cfg: Config, version: str) -> Application:
     """The one deployment, with the deployment options of the config's serve section."""
     s = cfg.serve
     spread = {"max_replicas_per_node": s.max_replicas_per_node} if s.max_replicas_per_node else {}
-    return EmbSumScorer.options(
+    return EmbSumScorer.options(  # type: ignore[attr-defined]  # @serve.deployment made it a Deployment
         user_config={"model_version": version}, max_ongoing_requests=s.max_ongoing_requests,
         autoscaling_config=autoscaling_config(s), ray_actor_options=actor_options(s),
         logging_config={"enable_access_log": s.access_log}, **spread,

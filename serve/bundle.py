@@ -18,7 +18,8 @@ from typing import Any
 from embsum.config import Config
 from embsum.embeddings import check_manifest, read_manifest, version_dir
 from embsum.predictor import Predictor
-from serve.store import EmbeddingStore
+
+from .store import EmbeddingStore
 
 
 @dataclass(frozen=True)

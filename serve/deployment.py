@@ -27,10 +27,11 @@ from ray import serve
 
 from embsum.config import config_from_dict
 from embsum.runtime import setup_env
-from serve.api import ApiSettings, build_api
-from serve.auth import api_token
-from serve.metrics import IngressMetrics
-from serve.scorer import Scorer
+
+from .api import ApiSettings, build_api
+from .auth import api_token
+from .metrics import IngressMetrics
+from .scorer import Scorer
 
 DEPLOYMENT_NAME = "EmbSumScorer"
 

@@ -21,15 +21,16 @@ import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from json.encoder import encode_basestring_ascii  # type: ignore[attr-defined]  # the C escaper
+from json.encoder import encode_basestring_ascii  # the C escaper
 from typing import Any
 
 import numpy as np
 import torch
 
 from embsum.scoring import score
-from serve.bundle import Bundle
-from serve.schemas import ModelResponse, RolloutError, SummaryResponse
+
+from .bundle import Bundle
+from .schemas import ModelResponse, RolloutError, SummaryResponse
 
 # All-pairs scoring over the batch's union of candidates wastes U x I - sum(C) pair scores; below
 # this factor that is cheaper than gathering a padded (U, C, N, D) copy of every request's items.
@@ -168,7 +169,7 @@ def _resolve_user(b: Bundle, user_id: str | None, history: list[Item] | None) ->
 
 def _user_matrix(b: Bundle, users: list[_User], stats: BatchStats) -> np.ndarray:
     """-> UPE (U, M, D) for the batch; all cold users encoded in one Predictor call."""
-    cold = [u.texts for u in users if u.row is None]
+    cold = [u.texts for u in users if u.row is None and u.texts is not None]  # _resolve_user: cold ones have texts
     cold_upe = b.predictor.encode_user_texts(cold).upe if cold else None  # (Uc, M, D)
     stats.cold_users += len(cold)
     out, j = [], 0
@@ -176,6 +177,7 @@ def _user_matrix(b: Bundle, users: list[_User], stats: BatchStats) -> np.ndarray
         if u.row is not None:
             out.append(b.store.upe[u.row])  # (M, D)
         else:
+            assert cold_upe is not None  # a user without a row is cold
             out.append(cold_upe[j])
             j += 1
     return np.stack(out)  # (U, M, D)
@@ -264,8 +266,8 @@ def score_batch(b: Bundle, requests: Sequence[ScoreQuery], max_cold_items: int |
         rows = union[n_cold:]
         cpe_u, key_u = store.cpe[rows], store.cpe_key[rows]  # (Ik, N, D) x2
         if cold is not None:
-            j = -1 - union[:n_cold]
-            cpe_u, key_u = np.concatenate([cold.cpe[j], cpe_u]), np.concatenate([cold.key[j], key_u])  # (I, N, D)
+            at = -1 - union[:n_cold]  # rows of cold
+            cpe_u, key_u = np.concatenate([cold.cpe[at], cpe_u]), np.concatenate([cold.key[at], key_u])  # (I, N, D)
         pair = _score(upe, cpe_u, key_u)  # (U, I) all pairs over the union
         per_req = [pair[j, c] for j, c in enumerate(np.split(column, ends[:-1]))]
     else:

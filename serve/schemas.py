@@ -56,7 +56,7 @@ class ItemRef(_Request):
         return self
 
 
-_USER_OR_HISTORY = {"anyOf": [{"required": ["user_id"]}, {"required": ["history"]}]}
+_USER_OR_HISTORY: dict[str, Any] = {"anyOf": [{"required": ["user_id"]}, {"required": ["history"]}]}
 
 
 class _UserQuery(_Request):

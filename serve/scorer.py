@@ -31,11 +31,12 @@ from typing import Any
 from ray import serve
 
 from embsum.config import Config
-from serve import engine
-from serve.bundle import Bundle, load_bundle
-from serve.engine import RecommendQuery, RecommendResult, Rejection, ScoreQuery, ScoreResult
-from serve.metrics import ScorerMetrics
-from serve.schemas import ModelResponse, RolloutError, Status, SummaryResponse
+
+from . import engine
+from .bundle import Bundle, load_bundle
+from .engine import RecommendQuery, RecommendResult, Rejection, ScoreQuery, ScoreResult
+from .metrics import ScorerMetrics
+from .schemas import ModelResponse, RolloutError, Status, SummaryResponse
 
 logger = logging.getLogger("ray.serve")
 

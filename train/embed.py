@@ -41,7 +41,8 @@ from embsum.config import Config
 from embsum.data import layout
 from embsum.embeddings import ITEMS, USERS, Manifest, version_dir, write_manifest
 from embsum.runtime import init_ray
-from train.batch_inference import ModelActor, encode_items, parquet_rows, pool_options, rows_per_call
+
+from .batch_inference import ModelActor, encode_items, parquet_rows, pool_options, rows_per_call
 
 # What each kind's call reads from its input (items.parquet, users/).
 COLUMNS = {ITEMS: ("item_id", "text", "token_ids"), USERS: ("user_id", "history", "session_ids")}

@@ -22,7 +22,8 @@ from embsum.config import Config
 from embsum.data import layout
 from embsum.metrics import METRIC_NAMES, impression_metrics, summarize
 from embsum.runtime import init_ray
-from train.batch_inference import ItemEncoder, ModelActor, in_calls, parquet_rows, pool_options
+
+from .batch_inference import ItemEncoder, ModelActor, in_calls, parquet_rows, pool_options
 
 
 class ImpressionScorer(ModelActor):
@@ -55,7 +56,7 @@ class ImpressionScorer(ModelActor):
         order = list(uniq.values())
         upe = self.predictor.encode_users(sessions[order], with_text=False).upe  # (U, M, D)
         row_of = {k: j for j, k in enumerate(uniq)}
-        scores, metrics = [], {m: [] for m in METRIC_NAMES}
+        scores, metrics = [], {m: [] for m in METRIC_NAMES}  # type: list[np.ndarray], dict[str, list[float]]
         for imp, k, cands, labels in zip(batch["impression_id"], keys, batch["candidate_item_ids"], batch["labels"],
                                          strict=True):
             idx = self._rows(imp, cands)
@@ -131,7 +132,8 @@ def run_evaluate_new(cfg: Config, version: str | None, impressions: str, items: 
     import hashlib
 
     from embsum.registry import Registry
-    from train.newdata import SPLIT, prepare_new_data
+
+    from .newdata import SPLIT, prepare_new_data
 
     t0 = time.perf_counter()
     registry = Registry(cfg)

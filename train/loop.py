@@ -115,7 +115,8 @@ def setup(loop_config: dict[str, Any]) -> Worker:
     from embsum.config import config_from_dict
     from embsum.model import EmbSum, count_parameters
     from embsum.tokenization import EmbSumTokenizer
-    from train.deepspeed_setup import build_deepspeed_config, resolve_precision, zero_stage
+
+    from .deepspeed_setup import build_deepspeed_config, resolve_precision, zero_stage
 
     cfg = config_from_dict(loop_config["cfg"])
     t = cfg.train

@@ -56,6 +56,6 @@ class NumberedRows(Datasource):
                 def read(c: RowGroups = c) -> list:  # type: ignore[misc]
                     return [read_row_groups(fs, c, columns)]
                 rows = c.rows
-            meta = BlockMetadata(num_rows=rows, size_bytes=self._size(c), input_files=[c.uri], exec_stats=None)
+            meta = BlockMetadata(num_rows=rows, size_bytes=self._size(c), input_files=(c.uri,), exec_stats=None)
             tasks.append(ReadTask(read, meta, per_task_row_limit=per_task_row_limit))
         return tasks

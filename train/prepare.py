@@ -205,7 +205,7 @@ def _parsed(src: Source, fmt: str, headed: bool, parse: Callable[..., pa.Table],
     blocks). Parquet reads only ``columns`` (None: all)."""
     import ray.data
 
-    from train.numbered_rows import NumberedRows
+    from .numbered_rows import NumberedRows
 
     ranges, rows = _ranges(src, fmt, headed, _cpus())
     ds = ray.data.read_datasource(NumberedRows(src.filesystem, ranges, columns), override_num_blocks=len(ranges))
@@ -218,12 +218,14 @@ def _catalog_rows(items: Source, items_fmt: str, cspec: CatalogSpec, headers: di
     import transformers: CPU-seconds)."""
     import ray
 
-    kwargs = dict(spec=cspec, headers=headers, model=cfg.model)
+    kwargs: dict[str, Any] = dict(spec=cspec, headers=headers, model=cfg.model)
     fmt, headed = ("tsv" if items_fmt == "mind" else items_fmt), items_fmt in ("csv", "tsv")
     if fmt != "parquet":
         chunks, _ = _ranges(items, fmt, headed, _cpus())
         if len(chunks) == 1:
-            return _parse_catalog_task(read_chunk(items.filesystem, chunks[0]), **kwargs).cast(CATALOG_SCHEMA)
+            # A text format's range is a Chunk (RowGroups are parquet's).
+            table = read_chunk(items.filesystem, chunks[0])  # type: ignore[arg-type]
+            return _parse_catalog_task(table, **kwargs).cast(CATALOG_SCHEMA)
     ds, _, _ = _parsed(items, fmt, headed, _parse_catalog_task, kwargs)
     tables = [t for t in ray.get(ds.to_arrow_refs()) if t.num_rows]
     return pa.concat_tables(tables).cast(CATALOG_SCHEMA) if tables else CATALOG_SCHEMA.empty_table()

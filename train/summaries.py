@@ -31,7 +31,7 @@ _CACHE: dict[str, tuple[pa.Array, np.ndarray]] = {}  # per Data worker process: 
 _CACHE_SIZE = 4
 
 
-def partition_of(path: str) -> str:
+def partition_of(path: str | os.PathLike[str]) -> str:
     """A prepare output file -> its partition key (the file stem)."""
     return os.path.basename(str(path)).removesuffix(".parquet")
 

@@ -44,7 +44,7 @@ def load_summaries(data_dir: Path) -> dict[str, np.ndarray]:
     """example_id -> summary ids (S,) int32, from the summarize stage's parquet: every example's, in
     this process (the single-process bench loop uses it; the Ray trainer joins them per file instead,
     train/summaries.py)."""
-    from train.summaries import read_summaries
+    from .summaries import read_summaries
 
     d = data_dir / layout.SUMMARIES
     if not d.exists():
@@ -73,7 +73,8 @@ def probe_batch(valid_dir: Path, empty: np.ndarray, n: int = 4) -> dict[str, np.
 def run_train(cfg: Config, *, register: bool = True) -> dict[str, Any]:
     """Fit, then log + register the best checkpoint's consolidated model. -> a result summary."""
     from embsum.registry import Registry
-    from train.deepspeed_setup import build_deepspeed_config
+
+    from .deepspeed_setup import build_deepspeed_config
 
     t0 = time.perf_counter()
     t = cfg.train
@@ -119,7 +120,7 @@ def run_train(cfg: Config, *, register: bool = True) -> dict[str, Any]:
 
 def _check_inputs(cfg: Config) -> bool:
     """Fail closed on missing prepared data or summaries -> whether teacher summaries exist."""
-    from train.summaries import check_partitions, has_summaries
+    from .summaries import check_partitions, has_summaries
 
     data_dir = cfg.data_dir
     for need in (layout.TRAIN, layout.VALID_EXAMPLES):
@@ -139,7 +140,8 @@ def _datasets(cfg: Config, summarized: bool) -> tuple[dict[str, Any], dict[str, 
     import ray.data
 
     from embsum.tokenization import EmbSumTokenizer
-    from train.summaries import with_summaries
+
+    from .summaries import with_summaries
 
     ray.data.DataContext.get_current().enable_progress_bars = True
     data_dir = cfg.data_dir
@@ -155,7 +157,7 @@ def _datasets(cfg: Config, summarized: bool) -> tuple[dict[str, Any], dict[str, 
 
 def _run_tags(cfg: Config, run_name: str, ds_config: dict[str, Any]) -> dict[str, str]:
     """The MLflow run's tags: what data, teacher, code and parallelism made it."""
-    from train.deepspeed_setup import resolve_precision, zero_stage
+    from .deepspeed_setup import resolve_precision, zero_stage
 
     t = cfg.train
     prep, summ = _read_json(cfg.data_dir / layout.REPORT), _read_json(cfg.data_dir / layout.SUMMARY_REPORT)
@@ -172,7 +174,7 @@ def _trainer(cfg: Config, run_name: str, datasets: dict[str, Any], loop_config: 
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from train.loop import train_loop_per_worker
+    from .loop import train_loop_per_worker
 
     t = cfg.train
     storage = cfg.storage_path

@@ -266,7 +266,7 @@ class _Out:
     def __init__(self, schema: pa.Schema) -> None:
         self.schema = schema
         self.cols: dict[str, list[Any]] = {n: [] for n in schema.names}
-        self.defaults = {f.name: ([] if pa.types.is_list(f.type) else (None if f.name == "ts" else
+        self.defaults: dict[str, Any] = {f.name: ([] if pa.types.is_list(f.type) else (None if f.name == "ts" else
                          (0 if pa.types.is_integer(f.type) else ""))) for f in schema}
 
     def add(self, **values: Any) -> None:

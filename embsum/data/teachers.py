@@ -259,7 +259,7 @@ class _GiveUp(Exception):
 class ChatCompletionsTeacher:
     """POST {base_url}/chat/completions per user, at most ``max_concurrency`` in flight."""
 
-    columns = ("item_id", "text")
+    columns: tuple[str, ...] = ("item_id", "text")
 
     def __init__(self, cfg: TeacherConfig, cache: TeacherCache | None, template: str = DEFAULT_TEMPLATE) -> None:
         if "{history}" not in template:

@@ -140,7 +140,7 @@ def _sessions(items: np.ndarray, index: CatalogIndex) -> np.ndarray:
     start = np.cumsum(length, axis=2, dtype=np.int32) - length  # (U, G, P) first column of each segment
     k = np.arange(budget, dtype=np.int32)  # (budget,)
     write = k < length[..., None]  # (U, G, P, budget)
-    itype = np.int32 if out.size < 2**31 else np.int64
+    itype = np.dtype(np.int32 if out.size < 2**31 else np.int64)
     base = ((np.arange(rows, dtype=itype)[:, None] * n_g + np.arange(n_g, dtype=itype)) * n_l)  # (U, G)
     dest = (base[..., None] + start)[..., None] + k  # (U, G, P, budget) flat index of every token
     flat_out = out.reshape(-1)

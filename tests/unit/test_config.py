@@ -1,4 +1,4 @@
-"""Config: YAML + dotted overrides -> typed, validated dataclasses; errors name key, value, allowed."""
+"""Config: YAML + dotted overrides -> typed, validated (pydantic) dataclasses; errors name key, value, allowed."""
 
 from __future__ import annotations
 
@@ -149,6 +149,16 @@ def test_unknown_keys_in_a_mapping(values: dict, key: str, allowed: str) -> None
     assert key in str(e.value) and "unknown key" in str(e.value) and allowed in str(e.value)
 
 
+def test_unknown_keys_suggest_the_closest_key_and_all_errors_are_reported() -> None:
+    with pytest.raises(ValueError) as e:
+        config_from_dict({"train": {"batch_sise": 8, "lr": 2}})
+    lines = str(e.value).splitlines()
+    assert any(line.startswith("train.batch_sise:") and "did you mean 'batch_size'?" in line for line in lines)
+    assert any(line.startswith("train.lr:") and "out of range" in line for line in lines), lines
+    # No suggestion when nothing is close.
+    assert "did you mean" not in _raises(["train.zzzzzz=1"], "train.zzzzzz", "unknown key")
+
+
 @pytest.mark.parametrize("override,fragments", [
     ("bogus=1", ["bogus", "unknown key", "'train'"]),
     ("train.lrr=1", ["train.lrr", "'lrr'", "'lr'"]),
@@ -168,6 +178,9 @@ def test_unknown_override_keys(override: str, fragments: list[str]) -> None:
     ("data.item_text_fields=title", ["data.item_text_fields", "'title'", "list"]),
     ("train=3", ["train", "3", "mapping"]),
     ("ray.num_cpus=x", ["ray.num_cpus", "'x'", "int"]),
+    ("data.item_text_fields=[title, 3]", ["data.item_text_fields[1]", "3", "string"]),
+    ("train.lr.x=1", ["train.lr.x", "train.lr is a value"]),
+    ("data.positive_threshold=inf", ["data.positive_threshold", "inf", "finite number"]),
 ])
 def test_wrong_types(override: str, fragments: list[str]) -> None:
     _raises([override], *fragments)
@@ -269,3 +282,11 @@ def test_batch_inference_keys_moved_to_their_section_and_old_names_still_work(tm
             pytest.warns(FutureWarning):
         config_from_dict({"train": {"infer_cpus": 2}, "infer": {"cpus": 1}})
     _raises(["infer.actors=0"], "infer.actors", "out of range")
+
+
+def test_dataclasses_replace_validates_too() -> None:
+    """Sections are pydantic dataclasses: code that copies one with dataclasses.replace is checked."""
+    with pytest.raises(ValueError, match="lr"):
+        dataclasses.replace(Config().train, lr=5.0)
+    with pytest.raises(ValueError, match="batch_size"):
+        dataclasses.replace(Config().train, batch_size="8")  # strict: no "8" -> 8

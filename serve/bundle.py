@@ -32,13 +32,6 @@ class Bundle:
     loaded_at: float
 
 
-def resolve_version(cfg: Config, requested: str = "") -> str:
-    """``Registry.resolve``'s number: '' -> serve.model_version, else the version the alias points to."""
-    from embsum.registry import Registry
-
-    return Registry(cfg).resolve(requested).version
-
-
 def load_bundle(cfg: Config, requested: str = "") -> Bundle:
     """Load ``requested`` (a version number, or '' for the alias) with its embeddings, completely.
 

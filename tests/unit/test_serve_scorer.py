@@ -134,7 +134,14 @@ def test_build_app_args_and_deployment_options(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="unknown argument 'cfg'"):
         app_mod.config_from_args({"cfg": "x"})
 
-    monkeypatch.setattr(app_mod, "resolve_version", lambda cfg: "5")
+    class OneVersion:  # the registry the app asks, once, at build time
+        def __init__(self, cfg) -> None:
+            pass
+
+        def resolve(self, ref=None):
+            return type("V", (), {"version": "5"})()
+
+    monkeypatch.setattr(app_mod, "Registry", OneVersion)
     d = app_mod.build_app({"config": str(path)})._bound_deployment
     assert d.name == "EmbSumScorer" and d.user_config == {"model_version": "5"}
     assert d.max_ongoing_requests == 32 >= 8

@@ -135,7 +135,7 @@ class Fleet:
                             socket_path=str(work / "admin.sock"), server_state_base=str(work),
                             server_state_file=str(work / "server-state"), metrics_socket_path=str(work / "m.sock"),
                             stats_port=free_port(), metrics_port=free_port(), log_target="stdout",
-                            retry_on="conn-failure empty-response")  # serve/app.py's HAPROXY_RETRY
+                            retry_on="conn-failure empty-response")  # serve/ingress.py's HAPROXY_RETRY
         self.api = HAProxyApi(cfg=cfg, config_file_path=str(work / "haproxy.cfg"))
         self.loop = asyncio.new_event_loop()
         self.procs: dict[int, subprocess.Popen] = {}

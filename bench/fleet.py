@@ -9,7 +9,7 @@ and the benchmark (bench/fleet_bench.py, which reports it), so both exercise one
    load goes on; Serve starts a replacement;
 4. optionally the alias moves to another version and a replica is killed again: its replacement
    must load the fleet's pinned version, not the alias's;
-5. optionally ``serve.app.rollout`` moves every replica to the alias's version, under load;
+5. optionally ``serve.control.rollout`` moves every replica to the alias's version, under load;
 6. the load drops to one client (at most one request in flight: below a target of 1 per
    replica on any machine, but traffic all the same): autoscaling removes the extra replica while
    requests keep arriving, so the scale-down and the stopping replica's drain happen under load;
@@ -21,7 +21,7 @@ than the killed ones.
 
 Every request's send time, status and the model version it was answered by are kept, so any
 window (before the kill, around it, during the rollout) can be counted afterwards. Needs a running
-Serve app (``serve.app.deploy``) and the Ray connection of the process that deployed it.
+Serve app (``serve.control.deploy``) and the Ray connection of the process that deployed it.
 """
 
 from __future__ import annotations
@@ -163,7 +163,7 @@ def served_versions(app: str, replicas: int, timeout_s: float = 120.0) -> list[s
     until that many have answered or ``timeout_s`` passed (then fewer are returned). The driver's
     handle picks the replica itself and learns of a new one a while after Serve reports it
     RUNNING (later on a loaded machine), so a fixed number of calls may all reach the same one."""
-    from serve.app import _replica_reports
+    from serve.control import _replica_reports
 
     seen: dict[str, dict[str, Any]] = {}
     deadline = time.monotonic() + timeout_s
@@ -267,7 +267,7 @@ def run_fleet(cfg: Config, load: ClosedLoop, *, app: str, deployment: str, move_
                 time.sleep(settle_s)
                 m["restart_window_end"] = time.monotonic()
             if rollout:
-                from serve.app import rollout as roll
+                from serve.control import rollout as roll
 
                 m["rollout_start"] = time.monotonic()
                 run.rollout = roll(cfg, name=app)

@@ -8,7 +8,7 @@ under a light load (one client).
 
 Setup as bench/serve_bench.py: a registered t5-small-width model (d_model 512, M = 8, N = 4) and
 random embeddings of 2,000 items for two versions; POST /v1/score of 1 known user x 100 candidates
-from ``--clients`` closed-loop clients (Python threads, keep-alive HTTP). Serve: serve.app.deploy
+from ``--clients`` closed-loop clients (Python threads, keep-alive HTTP). Serve: serve.control.deploy
 on a local Ray cluster, HAProxy ingress, 1 to 2 replicas of 1 CPU on short autoscaling delays
 (target 1 request in flight per replica, a 20 ms @serve.batch wait so the closed-loop clients keep
 several in flight: the integration test's comment says why; replicas report every 0.5 s, 2 s
@@ -18,7 +18,7 @@ production defaults are 10 s / 300 s, see cluster/README.md) and Serve's local d
 cores as the cluster.
 
 A/B: HAProxy's retry policy when a replica dies mid-request. 'conn-failure' is Ray's default (replay
-only requests that never reached a replica); 'conn-failure empty-response' is serve/app.py's
+only requests that never reached a replica); 'conn-failure empty-response' is serve/ingress.py's
 (also replay requests whose replica closed the connection without answering; every route is a read).
 Reported per policy: the share of requests answered 200 over the whole run (2 kills in it) and in
 the kill windows (each kill until its replacement had run 3 s), the reference being the same run's
@@ -43,7 +43,7 @@ from bench import harness
 from bench.fleet import ClosedLoop, FleetRun, run_fleet, tally
 from embsum.config import Config, config_from_dict, replace
 
-POLICIES = ("conn-failure", "conn-failure empty-response")  # Ray's default, then serve/app.py's
+POLICIES = ("conn-failure", "conn-failure empty-response")  # Ray's default, then serve/ingress.py's
 AUTOSCALING = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1, "upscale_delay_s": 1.0,
                "downscale_delay_s": 3.0, "look_back_period_s": 2.0, "metrics_interval_s": 0.5}
 
@@ -102,7 +102,7 @@ class ReplicaMemory:
 def one_run(cfg: Config, policy: str, v1: str, v2: str, clients: int, settle_s: float) -> dict[str, Any]:
     from bench.serve_bench import request_body, wait_ready
     from embsum.registry import Registry
-    from serve.app import APP_NAME, DEPLOYMENT_NAME, deploy, shutdown
+    from serve.control import APP_NAME, DEPLOYMENT_NAME, deploy, shutdown
 
     os.environ["RAY_SERVE_HAPROXY_RETRY_ON"] = policy  # serve_env forwards it to HAProxy
     Registry(cfg).promote(v1)

@@ -24,7 +24,7 @@ Stages (``--stages``, in this order):
   FLOPs/s over the device's peak dense bf16 FLOP/s, taken from its name (``PEAK_BF16_TFLOPS``) or
   ``--peak-tflops``.
 - embed: ``train.embed.run_embed`` for the trained version with one GPU actor.
-- serve: ``serve.app.deploy`` with one GPU replica: known-user scores equal the offline ``score``
+- serve: ``serve.control.deploy`` with one GPU replica: known-user scores equal the offline ``score``
   on the stored embeddings, a cold user (history given as texts) is encoded by the replica's
   model, /v1/recommend answers the true top k, and the p50 of sequential /v1/score requests.
 
@@ -236,7 +236,7 @@ def stage_serve(cfg: Any, version: str, device: str, requests: int = 200) -> dic
     import numpy as np
 
     from embsum.predictor import Predictor
-    from serve import app as serve_app
+    from serve import control as serve_app
     from serve.store import EmbeddingStore
 
     os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")
@@ -310,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     gpu = a.device == "cuda"
     out = Path(a.out or REPO / "bench" / "results" / ("gpu_check.json" if gpu else "quick/gpu_check_cpu.json"))
     from embsum.runtime import setup_env
-    from serve.app import _free_port
+    from serve.ingress import _free_port
 
     setup_env()
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if gpu else "cpu")

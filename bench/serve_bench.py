@@ -17,7 +17,7 @@ One after another, in one invocation, on the same inputs:
 - in-process: ``score()`` on the user's UPE and the 100 candidates' CPE, and ``engine.score_batch``
   (adds the id lookups, the gather and the response objects), one caller;
 - bare app: the same API code (serve/api.py) over the same bundle in one uvicorn process, no Ray;
-- Serve: ``serve.app.deploy`` (one deployment, EmbSumScorer: HTTP ingress + @serve.batch scorer)
+- Serve: ``serve.control.deploy`` (one deployment, EmbSumScorer: HTTP ingress + @serve.batch scorer)
   behind each HTTP ingress of ``--ingress`` (default: 'haproxy', the config's default, then
   'proxy', Serve's Python proxy), with each ``--waits`` batch wait;
 - floors: a no-op route (reads the same request body, answers the same response bytes, does
@@ -384,7 +384,7 @@ def catalog_point(work: Path, port: int, n_items: int, requests: int) -> dict[st
 
     from embsum.config import replace
     from embsum.scoring import score
-    from serve import app as serve_app
+    from serve import control as serve_app
     from serve.bundle import load_bundle
     from serve.engine import top_k
 
@@ -522,7 +522,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from embsum.config import replace
     from embsum.predictor import Predictor
-    from serve import app as serve_app
+    from serve import control as serve_app
     from serve import engine
     from serve.bundle import load_bundle
     from serve.engine import ScoreQuery

@@ -2,7 +2,7 @@
 ``--address`` for an existing Ray cluster (a local one by default).
 
 Pipeline stages run as their own Ray driver programs (``python -m embsum.train.<stage>``,
-``embsum.serve.app``: train/ and serve/ by their installed names), exactly as they run as Ray jobs
+``embsum.serve.control``: train/ and serve/ by their installed names), exactly as they run as Ray jobs
 on a cluster; ``embsum run`` starts one local Ray cluster and chains them on it. A stage's output
 (its own, Ray's, DeepSpeed's) goes to WORKDIR/logs/<stage>.log and the console shows its progress
 and one summary line (embsum/console.py; ``--verbose`` shows everything). Registry and client
@@ -94,9 +94,9 @@ def _verbose() -> bool:
 
 
 def _log_name(module: str, extra: tuple[str, ...]) -> str:
-    """logs/<name>.log: the stage (prepare, train, ...), or serve / serve-<action> for serve.app."""
+    """logs/<name>.log: the stage (prepare, train, ...), or serve / serve-<action> for serve.control."""
     name = module.split(".")[-1]
-    if module == "embsum.serve.app":
+    if module == "embsum.serve.control":
         action = next((a for a in extra if a in ("run", "deploy", "rollout", "status", "shutdown")), "")
         return "serve" if action in ("run", "deploy", "") else f"serve-{action}"
     return name
@@ -262,7 +262,7 @@ def serve_start(detach: bool = typer.Option(False, "--detach", help="Deploy and 
     if detach and not address:
         raise CliError("--detach needs --address of a running Ray cluster (a local one would stop with this command)")
     try:
-        _stage("embsum.serve.app", config, _ov(overrides, address), "deploy" if detach else "run", title="serve")
+        _stage("embsum.serve.control", config, _ov(overrides, address), "deploy" if detach else "run", title="serve")
     except Interrupted as e:
         if e.code != 0:
             raise
@@ -280,13 +280,13 @@ def serve_stop(config: str = ConfigOpt, address: str = AddressOpt, overrides: li
     record = foreground_record(cfg.workdir_path, cfg.serve.port)
     pid = None if address else foreground_pid(record)
     if pid is None:
-        _stage("embsum.serve.app", config, _ov(overrides, address or "auto"), "shutdown", title="serve stop")
+        _stage("embsum.serve.control", config, _ov(overrides, address or "auto"), "shutdown", title="serve stop")
         return
     import psutil
 
     t0 = time.monotonic()
     proc = psutil.Process(pid)
-    proc.terminate()  # SIGTERM: the server's signal to stop serving (serve/app.py serve_until_stopped)
+    proc.terminate()  # SIGTERM: the server's signal to stop serving (serve/control.py serve_until_stopped)
     try:
         proc.wait(timeout=60)
     except psutil.TimeoutExpired:
@@ -300,7 +300,7 @@ def serve_stop(config: str = ConfigOpt, address: str = AddressOpt, overrides: li
 @serve_app.command("status")
 def serve_status(config: str = ConfigOpt, address: str = AddressOpt, overrides: list[str] = OverridesArg) -> None:
     """Print the Serve application status and the served model version."""
-    out = _stage("embsum.serve.app", config, _ov(overrides, address or "auto"), "status", title="serve status")
+    out = _stage("embsum.serve.control", config, _ov(overrides, address or "auto"), "status", title="serve status")
     console.print_json(json.dumps(out, default=str))
 
 
@@ -310,7 +310,7 @@ def serve_rollout(version: str = typer.Option(None, "--version", help="Version (
     """Roll the running service to a version (default: where the alias points) in place; if it cannot load,
     the old version keeps serving and the error is printed."""
     extra = ["rollout", *(["--version", version] if version else [])]
-    out = _stage("embsum.serve.app", config, _ov(overrides, address or "auto"), *extra, title="serve rollout")
+    out = _stage("embsum.serve.control", config, _ov(overrides, address or "auto"), *extra, title="serve rollout")
     console.print_json(json.dumps(out, default=str))
 
 

@@ -1,6 +1,6 @@
 """What a stage program tells the person at the console: its progress and its one-line summary.
 
-A stage (``python -m embsum.train.<stage>``, ``embsum.serve.app``) writes everything it and Ray have to say to
+A stage (``python -m embsum.train.<stage>``, ``embsum.serve.control``) writes everything it and Ray have to say to
 its stdout/stderr; ``embsum`` copies all of it to ``WORKDIR/logs/<stage>.log`` and shows on the
 console only these events (embsum/console.py). An event is one line, ``embsum:<kind> <json>``:
 readable in a log or a RayJob's output, and found anywhere in a line, because Ray prefixes the

@@ -155,7 +155,7 @@ def _serve_and_ask(cfg: Config, config_path: str, ov: list[str], stage: Callable
     from embsum import client
     from embsum.data import layout
 
-    stage("embsum.serve.app", config_path, ov, "deploy", "--version", version, title=title)
+    stage("embsum.serve.control", config_path, ov, "deploy", "--version", version, title=title)
     base = client.base_url(cfg)
     token = client.read_token(cfg.serve)
     client.wait_ready(base, timeout_s=120, token=token)

@@ -43,7 +43,7 @@ SERVE_STOP_TIMEOUT_S = LOCAL_SERVE_DRAIN_S + 10.0
 
 
 def default_local_serve_drain() -> None:
-    """Set LOCAL_SERVE_DRAIN_S for the Serve processes of a local cluster (serve/app.py forwards
+    """Set LOCAL_SERVE_DRAIN_S for the Serve processes of a local cluster (serve/ingress.py forwards
     RAY_SERVE_* variables to them), unless the caller set the variable."""
     os.environ.setdefault(SERVE_DRAIN_ENV, f"{LOCAL_SERVE_DRAIN_S:g}")
 
@@ -247,7 +247,7 @@ def foreground_pid(path: Path) -> int | None:
         proc = psutil.Process(int(rec["pid"]))
         # A process started after the record was written is another one that got the same id.
         if proc.is_running() and proc.create_time() <= float(rec["started"]) + 1 \
-                and any("serve.app" in part for part in proc.cmdline()):
+                and any("serve.control" in part for part in proc.cmdline()):
             return proc.pid
     except (OSError, ValueError, KeyError, TypeError, psutil.Error):
         pass

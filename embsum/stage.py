@@ -1,4 +1,4 @@
-"""The entry point shared by every stage program (``python -m embsum.train.<stage>``, ``embsum.serve.app``).
+"""The entry point shared by every stage program (``python -m embsum.train.<stage>``, ``embsum.serve.control``).
 
 A stage is a plain Ray driver: it reads the config (+ dotted overrides), connects to Ray, does its
 work and writes a small JSON result (``--result``) that the CLI chains on. Errors at the boundary

@@ -1,6 +1,6 @@
-"""The HTTP API as a plain FastAPI app over any scorer: the Serve ingress runs it against the
-scorer deployment's handle, the unit tests and the bench's bare uvicorn app against an
-in-process scorer, so every HTTP behaviour (validation, limits, auth, errors) is one code path.
+"""The HTTP API as a plain FastAPI app over any scorer: each Serve replica (serve/deployment.py) runs
+it over its own in-process Scorer, and the unit tests and the bench's bare uvicorn app run it over
+an in-process scorer too, so every HTTP behaviour (validation, limits, auth, errors) is one code path.
 
 Errors: every error body is ``{"detail": "<message naming the field, ids or limit>"}``.
 401 missing/wrong bearer token; 404 unknown ids; 413 over a configured limit or serve.max_body_bytes;
@@ -45,7 +45,7 @@ BEARER_SCHEME = "bearerAuth"
 
 
 class ScorerClient(Protocol):
-    """What the API needs from a scorer (the Serve handle adapter or an in-process scorer)."""
+    """What the API needs from a scorer (serve/scorer.Scorer in a replica, or the bench's direct one)."""
 
     async def score(self, query: ScoreQuery) -> ScoreResult | Rejection: ...
     async def recommend(self, query: RecommendQuery) -> RecommendResult | Rejection: ...

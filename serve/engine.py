@@ -7,9 +7,9 @@ project's ``score`` (embsum/scoring.py): the same function training, evaluation 
 job use, so served scores equal offline ones. A request with unknown ids gets a ``Rejection``
 (404 naming them) without failing the rest of its batch.
 
-Queries and results are small plain dataclasses rather than the API's pydantic models: they
-cross a process boundary (ingress -> scorer handle) on every request, and pickling 100 nested
-pydantic objects costs more than scoring them. The API converts at its edge (serve/api.py).
+Queries and results are small plain dataclasses rather than the API's pydantic models: building
+and reading 100 nested pydantic objects per request costs more than scoring them, and a result
+writes its own JSON bytes (``ScoreResult.json_bytes``). The API converts at its edge (serve/api.py).
 
 The Serve deployment (serve/scorer.py) wraps these with @serve.batch; the bench's bare app and
 the unit tests call them directly.

@@ -3,7 +3,7 @@ of a version), in-place rollouts, and batched scoring. The Serve deployment (ser
 is this class plus the HTTP API; the unit tests drive it without Ray.
 
 Rollouts are in place: Serve calls ``reconfigure(user_config)`` with ``{"model_version": "N"}``
-(set by build_app, ``serve.app.rollout`` or a RayService's serveConfigV2). N is always a number,
+(set by build_app, ``serve.control.rollout`` or a RayService's serveConfigV2). N is always a number,
 resolved once by whoever deployed: a replica never looks the alias up itself, so replicas that
 autoscaling adds or that restart load the fleet's version, not "whatever the alias says now"
 (an empty version is refused, not resolved). The new version's model
@@ -88,7 +88,7 @@ class Scorer:
             try:
                 if not requested.isdigit():
                     raise ValueError(f"user_config.model_version={requested!r} is not a version number: a "
-                                     f"deployment pins one number (serve.app resolves the alias once at deploy)")
+                                     f"deployment pins one number (serve.control resolves the alias once at deploy)")
                 target = requested
                 if current is not None and target == current.version:
                     self._requested = requested
@@ -115,7 +115,7 @@ class Scorer:
                         f"; was v{current.version}" if current else "")
 
     async def rollout_status(self) -> dict[str, Any]:
-        """What this replica serves and what the last rollout asked for (serve.app.rollout polls it)."""
+        """What this replica serves and what the last rollout asked for (serve.control.rollout polls it)."""
         b = self._bundle
         return {"replica": self._replica, "requested": self._requested, "serving": b.version if b else None,
                 "error": self._error.model_dump() if self._error else None}

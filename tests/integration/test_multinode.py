@@ -209,7 +209,7 @@ def test_serve_replicas_on_both_nodes_answer_through_the_proxy(cluster, pipeline
     import httpx
     from ray import serve
 
-    from serve.app import deploy, serve_env, shutdown
+    from serve.control import deploy, serve_env, shutdown
     from tests.integration.test_serve import _free_port
 
     _, workers = cluster
@@ -278,7 +278,7 @@ def test_train_preflight_fails_in_seconds_when_no_cpu_is_left_for_data(cluster, 
 
 def test_serve_preflight_fails_in_seconds_for_replicas_larger_than_any_node(cluster, pipeline):
     from embsum.resources import ResourceError
-    from serve.app import deploy, shutdown
+    from serve.control import deploy, shutdown
 
     cfg = _config(Path(pipeline["cfg"].workdir), serve={"num_cpus": NODE_CPUS + 1, "min_replicas": 1})
     try:

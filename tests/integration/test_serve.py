@@ -1,7 +1,7 @@
 """The Serve application end to end over real HTTP on 127.0.0.1: a local Ray cluster, a real
 `mlflow server` process as the registry, tiny random-init models registered as versions,
 embeddings written by the embed job (train/embed.py's run_embed on layout-conformant inputs) for
-v1 and by the same encoder calls in process for v2, and serve.app.deploy with autoscaling between
+v1 and by the same encoder calls in process for v2, and serve.control.deploy with autoscaling between
 1 and 2 replicas on short delays.
 
 Checks: served scores equal the offline score() on the stored embeddings; recommend is the true
@@ -137,7 +137,7 @@ def served(ray_cluster, mlflow_server, tmp_path_factory):
     import httpx
 
     from embsum.registry import Registry
-    from serve.app import deploy, shutdown
+    from serve.control import deploy, shutdown
     from train.embed import run_embed
 
     work = tmp_path_factory.mktemp("serve")
@@ -378,7 +378,7 @@ def test_a_bind_beyond_loopback_without_a_token_refuses_to_start(served, monkeyp
     from ray import serve
 
     from embsum.config import replace
-    from serve.app import deploy
+    from serve.control import deploy
 
     monkeypatch.delenv("EMBSUM_API_TOKEN", raising=False)
     cfg = replace(replace(replace(served.cfg, "serve.host", "0.0.0.0"), "serve.auth_token_file", ""),
@@ -495,7 +495,7 @@ def test_a_rollout_moves_every_replica_under_load(fleet, served):
 
 @fleet_timeout
 def test_failed_rollout_keeps_serving_and_reports(served, fleet):
-    from serve.app import rollout, status
+    from serve.control import rollout, status
 
     v2, v3 = served.versions[1], served.versions[2]
     outcome = rollout(served.cfg, v3)  # registered, but no embeddings were made for it
@@ -514,7 +514,7 @@ def test_failed_rollout_keeps_serving_and_reports(served, fleet):
 def test_a_version_that_cannot_load_fails_the_first_start_with_the_cause(served):
     """A fresh deployment has nothing to fall back to: its scorer fails to start, and deploy says why."""
     from embsum.config import replace
-    from serve.app import deploy, shutdown
+    from serve.control import deploy, shutdown
 
     v3 = served.versions[2]
     cfg = replace(replace(served.cfg, "serve.model_version", v3), "serve.route_prefix", "/broken")

@@ -84,7 +84,7 @@ def test_rayservice_survives_a_head_restart(rel: str):
 @pytest.mark.parametrize("rel", BUILDS)
 def test_rayservice_pods_run_the_ingress_that_serve_ingress_selects(rel: str):
     from embsum.config import replace
-    from serve.app import serve_env
+    from serve.ingress import serve_env
 
     docs = build(rel)
     service = one(docs, "RayService")

@@ -566,7 +566,7 @@ def test_serve_config_is_valid_and_matches_ray_config(rel: str):
     assert cfg.workdir == s["EMBSUM_WORKDIR"], "serving reads the embeddings the pipeline wrote"
     assert cfg.mlflow.tracking_uri == s["EMBSUM_MLFLOW_URI"]
     assert app["route_prefix"] == cfg.serve.route_prefix == "/"
-    # What serve.app.deploy passes Serve for the same config (request timeout included).
+    # What serve.control.deploy passes Serve for the same config (request timeout included).
     from serve.app import actor_options, autoscaling_config, http_options
 
     assert raw["http_options"] == http_options(cfg.serve) and raw["http_options"]["request_timeout_s"] > 0

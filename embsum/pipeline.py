@@ -27,6 +27,11 @@ from embsum.metrics import METRIC_NAMES
 
 # The pipeline, in order. Each stage after train acts on the version train registered (or --version).
 STAGES = ("prepare", "summarize", "train", "evaluate", "embed", "promote", "serve")
+# Each stage's program: a Ray driver run as `python -m MODULE --config FILE [args] KEY=VALUE...` (the CLI's
+# commands, `embsum run` and a RayJob run the same ones); promote runs in the caller's process.
+STAGE_PROGRAMS = {"prepare": "embsum.train.prepare", "summarize": "embsum.train.summarize",
+                  "train": "embsum.train.train", "evaluate": "embsum.train.evaluate", "embed": "embsum.train.embed",
+                  "serve": "embsum.serve.control"}
 _NEEDS_VERSION = ("evaluate", "embed", "promote", "serve")
 
 
@@ -81,13 +86,14 @@ def run_pipeline(cfg: Config, config_path: str, overrides: list[str], *, stage: 
         for i, name in enumerate(stages, 1):
             title = f"{i}/{len(stages)} {name}"
             if name in ("prepare", "summarize"):
-                out[name] = stage(f"embsum.train.{name}", config_path, ov, title=title)
+                out[name] = stage(STAGE_PROGRAMS[name], config_path, ov, title=title)
             elif name == "train":
-                out["train"] = stage("embsum.train.train", config_path, ov, title=title)
+                out["train"] = stage(STAGE_PROGRAMS["train"], config_path, ov, title=title)
                 version = str(out["train"]["version"])
             elif name == "evaluate":
                 assert version is not None  # select_stages: train ran, or --version was given
-                out["evaluate"] = stage("embsum.train.evaluate", config_path, ov, "--version", version, title=title)
+                out["evaluate"] = stage(STAGE_PROGRAMS["evaluate"], config_path, ov, "--version", version,
+                                        title=title)
             elif name == "embed":
                 assert version is not None
                 if _has_embeddings(cfg, cfg.mlflow.registered_model, version):
@@ -95,7 +101,7 @@ def run_pipeline(cfg: Config, config_path: str, overrides: list[str], *, stage: 
                     console.print(f"[green]✓[/green] {title} · embeddings for v{version} already exist at "
                                   f"{version_dir(cfg.embeddings_dir, version)}", highlight=False, soft_wrap=True)
                 else:
-                    out["embed"] = stage("embsum.train.embed", config_path, ov, "--version", version, title=title)
+                    out["embed"] = stage(STAGE_PROGRAMS["embed"], config_path, ov, "--version", version, title=title)
             elif name == "promote":
                 assert version is not None
                 console.rule(f"[bold]{title}")
@@ -155,7 +161,7 @@ def _serve_and_ask(cfg: Config, config_path: str, ov: list[str], stage: Callable
     from embsum import client
     from embsum.data import layout
 
-    stage("embsum.serve.control", config_path, ov, "deploy", "--version", version, title=title)
+    stage(STAGE_PROGRAMS["serve"], config_path, ov, "deploy", "--version", version, title=title)
     base = client.base_url(cfg)
     token = client.read_token(cfg.serve)
     client.wait_ready(base, timeout_s=120, token=token)

@@ -83,3 +83,13 @@ def test_later_stages_alone_need_the_version(registered, monkeypatch):
     # Pipeline order, not the given order.
     assert [c[0] for c in calls] == ["embsum.train.evaluate", "embsum.train.embed"]
     assert out["promote"]["promoted"] and out["version"] == first["version"]
+
+
+def test_every_stage_but_the_gate_has_one_program_and_it_exists() -> None:
+    import importlib.util
+
+    from embsum.pipeline import STAGE_PROGRAMS, STAGES
+
+    assert set(STAGE_PROGRAMS) == set(STAGES) - {"promote"}  # the gate runs in the caller's process
+    for stage, module in STAGE_PROGRAMS.items():
+        assert importlib.util.find_spec(module) is not None, f"{stage}: no module {module}"

@@ -134,7 +134,7 @@ def stage_device(device: str) -> dict[str, Any]:
     """The accelerator, and one EmbSum forward on it vs the CPU; bf16 forward + backward."""
     import torch
 
-    from embsum.config import EmbSumConfig
+    from embsum.config import ModelConfig
     from embsum.model import EmbSum
     from embsum.tokenization import EmbSumTokenizer
 
@@ -148,7 +148,7 @@ def stage_device(device: str) -> dict[str, Any]:
                    capability=f"{props.major}.{props.minor}", peak_bf16_tflops=peak_tflops(props.name))
     else:
         out.update(name="cpu", peak_bf16_tflops=None)
-    cfg = EmbSumConfig(random_init=True, tokenizer="bundled", dropout=0.0, **TINY_MODEL)
+    cfg = ModelConfig(random_init=True, tokenizer="bundled", dropout=0.0, **TINY_MODEL)
     tok = EmbSumTokenizer.from_config(cfg)
     model = EmbSum.from_config(cfg, tok.sos_id, seed=0).eval()
     g = torch.Generator().manual_seed(0)

@@ -171,7 +171,7 @@ def rescore(cfg: Config, model_dir: Path) -> dict[str, Any]:
 
     import pyarrow.parquet as pq
 
-    from embsum.metrics import summarize
+    from embsum.metrics import mean_metrics
     from embsum.predictor import Predictor
 
     pred = study_predictor(cfg, model_dir)
@@ -188,7 +188,7 @@ def rescore(cfg: Config, model_dir: Path) -> dict[str, Any]:
         all_pairs = Predictor.score(users.upe, items.cpe, items.key)  # (histories, candidates)
         out["scores"][split] = {im.impression_id: [float(all_pairs[row[tuple(im.history)], col[c]])
                                                    for c in im.candidates] for im in imps}
-        out[split] = summarize((im.labels, out["scores"][split][im.impression_id]) for im in imps).as_dict()
+        out[split] = mean_metrics((im.labels, out["scores"][split][im.impression_id]) for im in imps).as_dict()
     return out
 
 

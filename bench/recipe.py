@@ -66,7 +66,7 @@ class Lab:
         import pyarrow.parquet as pq
         import torch
 
-        from embsum.config import EmbSumConfig, TeacherConfig
+        from embsum.config import ModelConfig, TeacherConfig
         from embsum.data.teachers import OfflineTeacher
         from embsum.data.timeline import split_of
         from embsum.tokenization import EmbSumTokenizer
@@ -74,7 +74,7 @@ class Lab:
         torch.set_num_threads(1)
         self.cfg, self.r = cfg, r
         m = cfg.model
-        self.mcfg = EmbSumConfig(**{**asdict(m), "d_model": r.d_model, "d_kv": r.d_model // r.heads,
+        self.mcfg = ModelConfig(**{**asdict(m), "d_model": r.d_model, "d_kv": r.d_model // r.heads,
                                     "d_ff": 2 * r.d_model, "num_layers": r.layers, "num_decoder_layers": r.layers,
                                     "num_heads": r.heads, "user_codes": r.user_codes, "content_codes": r.content_codes,
                                     "dropout": r.dropout})

@@ -112,24 +112,24 @@ def write_random_embeddings(cfg: Config, version: str, n_items: int = N_ITEMS, n
     import pyarrow.parquet as pq
 
     from embsum.arrow_tensors import tensor_array
-    from embsum.embeddings import ITEMS, USERS, Manifest, version_dir, write_manifest
+    from embsum.embeddings import ITEMS_DIR, USERS_DIR, Manifest, version_dir, write_manifest
 
     rng = np.random.default_rng(0)
     m, n, d = cfg.model.user_codes, cfg.model.content_codes, cfg.model.d_model
     out = version_dir(cfg.embeddings_dir, version)
-    (out / ITEMS).mkdir(parents=True)
-    (out / USERS).mkdir(parents=True)
+    (out / ITEMS_DIR).mkdir(parents=True)
+    (out / USERS_DIR).mkdir(parents=True)
     cpe = rng.standard_normal((n_items, n, d), dtype=np.float32) / np.sqrt(d)
     key = np.maximum(rng.standard_normal((n_items, n, d), dtype=np.float32), 0)  # gelu-like: mostly >= 0
     upe = rng.standard_normal((n_users, m, d), dtype=np.float32)
     pq.write_table(pa.table({"item_id": [f"n{i}" for i in range(n_items)],
                              "text": [f"item {i}" for i in range(n_items)],
                              "cpe": tensor_array(cpe), "cpe_key": tensor_array(key)}),
-                   out / ITEMS / "part-0.parquet")
+                   out / ITEMS_DIR / "part-0.parquet")
     pq.write_table(pa.table({"user_id": [f"U{u}" for u in range(n_users)],
                              "history": pa.array([[f"n{u}"] for u in range(n_users)], pa.list_(pa.string())),
                              "upe": tensor_array(upe), "summary": [""] * n_users}),
-                   out / USERS / "part-0.parquet")
+                   out / USERS_DIR / "part-0.parquet")
     write_manifest(out, Manifest(model_name=cfg.mlflow.registered_model, model_version=version, model_fingerprint="",
                                  items=n_items, users=n_users, dtype="float32", user_codes=m, content_codes=n,
                                  d_model=d))

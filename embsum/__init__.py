@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from embsum.config import Config, EmbSumConfig, load_config
+from embsum.config import Config, EmbSumConfig, ModelConfig, load_config
 
 __version__ = "0.1.0"
-__all__ = ["Config", "EmbSum", "EmbSumConfig", "EmbSumTokenizer", "load_config", "load_model", "save_model",
-           "score", "__version__"]
+__all__ = ["Config", "EmbSum", "EmbSumConfig", "ModelConfig", "EmbSumTokenizer", "load_config", "load_model",
+           "save_model", "score", "__version__"]
 
 _LAZY = {
     "EmbSum": "embsum.model",

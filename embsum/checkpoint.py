@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from embsum.config import EmbSumConfig
+from embsum.config import ModelConfig
 from embsum.config_parse import build
 from embsum.tokenization import EmbSumTokenizer, load_tokenizer
 
@@ -86,9 +86,9 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     return meta
 
 
-def _config_diff(a: EmbSumConfig, b: EmbSumConfig) -> list[str]:
+def _config_diff(a: ModelConfig, b: ModelConfig) -> list[str]:
     return [f"model.{f.name}: checkpoint has {getattr(a, f.name)!r}, expected {getattr(b, f.name)!r}"
-            for f in fields(EmbSumConfig) if getattr(a, f.name) != getattr(b, f.name)]
+            for f in fields(ModelConfig) if getattr(a, f.name) != getattr(b, f.name)]
 
 
 # Fields that change the weights' shapes or the meaning of the inputs; others (dropout, backbone
@@ -97,7 +97,7 @@ _SHAPE_FIELDS = ("sos_token", "num_sessions", "items_per_session", "session_toke
                  "summary_tokens", "user_codes", "content_codes")
 
 
-def load_model(path: str | Path, expect: EmbSumConfig | None = None,
+def load_model(path: str | Path, expect: ModelConfig | None = None,
                device: str | torch.device = "cpu") -> tuple[Any, EmbSumTokenizer]:
     """-> (EmbSum in eval mode, its tokenizer). ``expect``: fail if the checkpoint's layout differs."""
     from safetensors import SafetensorError
@@ -113,7 +113,7 @@ def load_model(path: str | Path, expect: EmbSumConfig | None = None,
         raise ValueError(f"{path}: {WEIGHTS} is missing")
     if _sha256(weights) != meta.get("weights_sha256"):
         raise ValueError(f"{weights} is corrupted: its sha256 does not match the one recorded in {META}")
-    cfg = build(EmbSumConfig, meta["embsum"], "model.")
+    cfg = build(ModelConfig, meta["embsum"], "model.")
     if expect is not None:
         diff = [d for d in _config_diff(cfg, expect) if d.split(":")[0].split(".")[1] in _SHAPE_FIELDS]
         if diff:

@@ -172,7 +172,7 @@ class DataConfig:
 
 
 @dataclass(frozen=True, config=SECTION)
-class EmbSumConfig:
+class ModelConfig:
     """The EmbSum model: T5 backbone, session layout, poly-attention heads."""
 
     backbone: str = Field(
@@ -217,6 +217,9 @@ class EmbSumConfig:
                                             "alike.")
     user_codes: int = Field(default=8, ge=1, le=1024, description="M: user poly-embedding codes.")
     content_codes: int = Field(default=4, ge=1, le=1024, description="N: content poly-embedding codes.")
+
+
+EmbSumConfig = ModelConfig  # the model section's former name, kept for code written against it
 
 
 @dataclass(frozen=True, config=SECTION)
@@ -410,7 +413,7 @@ class Config:
                                     "the current directory.")
     ray: RayConfig = Field(default_factory=RayConfig, description="Ray cluster.")
     data: DataConfig = Field(default_factory=DataConfig, description="Data preparation.")
-    model: EmbSumConfig = Field(default_factory=EmbSumConfig, description="Model.")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="Model.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Training.")
     infer: InferConfig = Field(default_factory=InferConfig, description="Batch inference and model batches.")
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig, description="Tracking and registry.")

@@ -25,8 +25,8 @@ import numpy as np
 from embsum.arrow_tensors import table_tensor, tensor_array
 
 MANIFEST = "manifest.json"
-ITEMS = "items"
-USERS = "users"
+ITEMS_DIR = "items"
+USERS_DIR = "users"
 
 
 @dataclass
@@ -126,8 +126,8 @@ def read_table(folder: str | Path, kind: str) -> EmbeddingTable:
     if not path.exists():
         raise ValueError(f"embeddings folder {folder} has no {kind}/ dataset")
     table = pads.dataset(str(path), format="parquet").to_table()
-    id_col = "item_id" if kind == ITEMS else "user_id"
-    tensor_cols = ("cpe", "cpe_key") if kind == ITEMS else ("upe",)
+    id_col = "item_id" if kind == ITEMS_DIR else "user_id"
+    tensor_cols = ("cpe", "cpe_key") if kind == ITEMS_DIR else ("upe",)
     arrays = {c: np.ascontiguousarray(table_tensor(table, c, np.float32)) for c in tensor_cols}
     columns = {c: table.column(c).to_pylist() for c in table.column_names if c not in tensor_cols and c != id_col}
     return EmbeddingTable(ids=[str(x) for x in table.column(id_col).to_pylist()], arrays=arrays, columns=columns)

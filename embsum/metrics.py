@@ -64,7 +64,9 @@ def impression_metrics(labels: Sequence[float] | np.ndarray, scores: Sequence[fl
 
 
 @dataclass
-class MetricSummary:
+class MetricMeans:
+    """Mean metrics over the impressions that have a positive and a negative."""
+
     auc: float
     mrr: float
     ndcg5: float
@@ -76,7 +78,7 @@ class MetricSummary:
         return asdict(self)
 
 
-def summarize(impressions: Iterable[tuple[Sequence[float], Sequence[float]]]) -> MetricSummary:
+def mean_metrics(impressions: Iterable[tuple[Sequence[float], Sequence[float]]]) -> MetricMeans:
     """Means over impressions of (labels, scores) pairs."""
     sums = dict.fromkeys(METRIC_NAMES, 0.0)
     n = skipped = 0
@@ -89,4 +91,9 @@ def summarize(impressions: Iterable[tuple[Sequence[float], Sequence[float]]]) ->
         for k in METRIC_NAMES:
             sums[k] += m[k]
     means = {k: (v / n if n else float("nan")) for k, v in sums.items()}
-    return MetricSummary(**means, impressions=n, skipped=skipped)
+    return MetricMeans(**means, impressions=n, skipped=skipped)
+
+
+# Former names (before the generated user summary made "summarize" ambiguous), kept for callers.
+summarize = mean_metrics
+MetricSummary = MetricMeans

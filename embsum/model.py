@@ -17,7 +17,7 @@ from torch.nn import functional as F
 from transformers import T5Config, T5ForConditionalGeneration
 from transformers.modeling_outputs import BaseModelOutput
 
-from embsum.config import EmbSumConfig
+from embsum.config import ModelConfig
 from embsum.poly_attention import PolyAttention
 from embsum.scoring import score
 
@@ -38,7 +38,7 @@ class UserEncoding:
     summary_logits: torch.Tensor  # (B, S, V)
 
 
-def t5_config(cfg: EmbSumConfig, pad_id: int = 0, eos_id: int = 1) -> T5Config:
+def t5_config(cfg: ModelConfig, pad_id: int = 0, eos_id: int = 1) -> T5Config:
     """The backbone config for ``random_init`` (t5-small's shape by default)."""
     return T5Config(
         vocab_size=cfg.vocab_size, d_model=cfg.d_model, d_kv=cfg.d_kv, d_ff=cfg.d_ff,
@@ -49,7 +49,7 @@ def t5_config(cfg: EmbSumConfig, pad_id: int = 0, eos_id: int = 1) -> T5Config:
 
 
 class EmbSum(nn.Module):
-    def __init__(self, cfg: EmbSumConfig, t5: T5ForConditionalGeneration, sos_id: int) -> None:
+    def __init__(self, cfg: ModelConfig, t5: T5ForConditionalGeneration, sos_id: int) -> None:
         super().__init__()
         self.cfg = cfg
         self.t5 = t5
@@ -68,7 +68,7 @@ class EmbSum(nn.Module):
 
     # ---- construction ---------------------------------------------------------------------------
     @classmethod
-    def from_config(cls, cfg: EmbSumConfig, sos_id: int, *, seed: int | None = None) -> EmbSum:
+    def from_config(cls, cfg: ModelConfig, sos_id: int, *, seed: int | None = None) -> EmbSum:
         """Pretrained backbone via ``from_pretrained(cfg.backbone)``, or random init from cfg's shape."""
         if seed is not None:
             torch.manual_seed(seed)

@@ -16,7 +16,7 @@ import torch
 
 from embsum.arrow_tensors import writable
 from embsum.checkpoint import load_model, read_meta
-from embsum.config import EmbSumConfig
+from embsum.config import ModelConfig
 from embsum.scoring import score
 
 
@@ -37,12 +37,12 @@ class Predictor:
     def __init__(self, model: Any, tokenizer: Any, *, batch_size: int = 64, device: str = "cpu") -> None:
         self.model = model.to(device).eval()
         self.tok = tokenizer
-        self.cfg: EmbSumConfig = model.cfg
+        self.cfg: ModelConfig = model.cfg
         self.batch_size = batch_size
         self.device = torch.device(device)
 
     @classmethod
-    def from_dir(cls, path: str | Path, *, expect: EmbSumConfig | None = None, batch_size: int = 64,
+    def from_dir(cls, path: str | Path, *, expect: ModelConfig | None = None, batch_size: int = 64,
                  device: str | None = None) -> Predictor:
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         model, tok = load_model(path, expect=expect, device=device)

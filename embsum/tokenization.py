@@ -21,12 +21,12 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from embsum.config import EmbSumConfig
+from embsum.config import ModelConfig
 
 BUNDLED_TOKENIZER = Path(__file__).parent / "assets" / "t5-tokenizer"
 
 
-def resolve_tokenizer_path(cfg: EmbSumConfig) -> str:
+def resolve_tokenizer_path(cfg: ModelConfig) -> str:
     """'bundled' -> the packaged T5 tokenizer; '' -> the backbone's; else the name/path given."""
     if cfg.tokenizer == "bundled":
         return str(BUNDLED_TOKENIZER)
@@ -78,7 +78,7 @@ def format_item_text(record: Mapping[str, Any], fields: Sequence[str], max_chars
 class EmbSumTokenizer:
     """Builds the fixed-shape id arrays the model consumes, from one tokenizer and one model config."""
 
-    def __init__(self, tokenizer: Any, cfg: EmbSumConfig) -> None:
+    def __init__(self, tokenizer: Any, cfg: ModelConfig) -> None:
         self.tok = tokenizer
         self.cfg = cfg
         sos = tokenizer.convert_tokens_to_ids(cfg.sos_token)
@@ -97,7 +97,7 @@ class EmbSumTokenizer:
         self._reserved: frozenset[int] = frozenset({self.sos_id, self.pad_id, self.eos_id})
 
     @classmethod
-    def from_config(cls, cfg: EmbSumConfig) -> EmbSumTokenizer:
+    def from_config(cls, cfg: ModelConfig) -> EmbSumTokenizer:
         return cls(load_tokenizer(resolve_tokenizer_path(cfg)), cfg)
 
     # ---- text -> ids ------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from embsum.embeddings import ITEMS, USERS, Manifest, check_manifest, read_manifest, read_table, version_dir
+from embsum.embeddings import ITEMS_DIR, USERS_DIR, Manifest, check_manifest, read_manifest, read_table, version_dir
 
 
 def _owned(a: np.ndarray) -> np.ndarray:
@@ -62,8 +62,8 @@ class EmbeddingStore:
         folder = version_dir(root, model_version)
         manifest = read_manifest(folder)
         check_manifest(manifest, model_name=model_name, model_version=model_version)
-        items = read_table(folder, ITEMS)
-        users = read_table(folder, USERS)
+        items = read_table(folder, ITEMS_DIR)
+        users = read_table(folder, USERS_DIR)
         cpe, key, upe = items.arrays["cpe"], items.arrays["cpe_key"], users.arrays["upe"]
         m, n, d = manifest.user_codes, manifest.content_codes, manifest.d_model
         problems = []

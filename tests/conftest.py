@@ -20,7 +20,7 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-from embsum.config import EmbSumConfig  # noqa: E402
+from embsum.config import ModelConfig  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 # Licensed data (MIND, Book-Crossing) is never copied into the repository: tests read it from
@@ -45,9 +45,9 @@ TINY = dict(
 
 
 @pytest.fixture(scope="session")
-def tiny_cfg() -> EmbSumConfig:
+def tiny_cfg() -> ModelConfig:
     """A tiny T5 (random init, real vocabulary) that runs in milliseconds."""
-    return EmbSumConfig(**TINY)
+    return ModelConfig(**TINY)
 
 
 @pytest.fixture(scope="session")

@@ -39,13 +39,13 @@ import numpy as np
 from embsum import events
 from embsum.config import Config
 from embsum.data import layout
-from embsum.embeddings import ITEMS, USERS, Manifest, version_dir, write_manifest
+from embsum.embeddings import ITEMS_DIR, USERS_DIR, Manifest, version_dir, write_manifest
 from embsum.runtime import init_ray
 
 from .batch_inference import ModelActor, encode_items, parquet_rows, pool_options, rows_per_call
 
 # What each kind's call reads from its input (items.parquet, users/).
-COLUMNS = {ITEMS: ("item_id", "text", "token_ids"), USERS: ("user_id", "history", "session_ids")}
+COLUMNS = {ITEMS_DIR: ("item_id", "text", "token_ids"), USERS_DIR: ("user_id", "history", "session_ids")}
 # A user costs about this many items (a 32-token greedy summary on top of G session encodings;
 # measured 85 users/s vs 8,000 items/s in one process at d_model 64), so user calls carry this
 # many times fewer rows: each call stays a few seconds, and the pool's last call ends close to
@@ -152,7 +152,7 @@ class EmbedWriter(ModelActor):
         from embsum.embeddings import embedding_table, write_shard
 
         rows = self.readers[call.kind].read(call.path, call.row_group, call.offset, call.rows)
-        if call.kind == ITEMS:
+        if call.kind == ITEMS_DIR:
             cols = {"item_id": rows.column("item_id"), "text": rows.column("text"),
                     **encode_items(self.predictor, rows.column("token_ids").to_pylist())}
         else:
@@ -208,7 +208,7 @@ def embed_report(t0: float, wall_s: float, items: KindStats, users: KindStats, a
     first = min((s.first_start for s in (items, users) if s.calls), default=t0 + wall_s)
     rep: dict[str, Any] = {"seconds": wall_s, "startup_s": max(0.0, first - t0), "actors": actors,
                            "actor_processes": processes}
-    for kind, st, since in ((ITEMS, items, t0), (USERS, users, users.first_start)):
+    for kind, st, since in ((ITEMS_DIR, items, t0), (USERS_DIR, users, users.first_start)):
         seconds = max(st.last_end - since, 1e-9) if st.calls else 0.0
         rep.update({kind: st.rows, f"{kind}_calls": st.calls, f"{kind}_seconds": seconds,
                     f"{kind}_per_s": st.rows / seconds if st.calls else 0.0,
@@ -223,7 +223,7 @@ def run_calls(plan: list[Call], infer: Any, writer_kw: dict[str, Any]) -> list[d
 
     if not plan:
         return []
-    totals = {kind: sum(c.rows for c in plan if c.kind == kind) for kind in (ITEMS, USERS)}
+    totals = {kind: sum(c.rows for c in plan if c.kind == kind) for kind in (ITEMS_DIR, USERS_DIR)}
     done = dict.fromkeys(totals, 0)
     for kind, n in totals.items():
         events.progress(f"encoding {kind}", 0, n, kind)
@@ -261,16 +261,16 @@ def run_embed(cfg: Config, version: str | None = None) -> dict[str, Any]:
     out = version_dir(cfg.embeddings_dir, version)
     tmp = out.parent / f".tmp-{out.name}-{int(time.time())}"
     try:
-        for kind in (ITEMS, USERS):
+        for kind in (ITEMS_DIR, USERS_DIR):
             (tmp / kind).mkdir(parents=True, exist_ok=True)
-        plan = [*plan_calls(ITEMS, data_dir / layout.ITEMS,
+        plan = [*plan_calls(ITEMS_DIR, data_dir / layout.ITEMS,
                             rows_per_call(parquet_rows(data_dir / layout.ITEMS), infer)),
-                *plan_calls(USERS, data_dir / layout.USERS,
+                *plan_calls(USERS_DIR, data_dir / layout.USERS,
                             rows_per_call(parquet_rows(data_dir / layout.USERS), infer, cost=USER_ROW_COST))]
         t0 = time.time()
         calls = run_calls(plan, infer, {"out_dir": str(tmp), "cfg_dict": cfg.to_dict(), "version": version,
                                         "model_dir": str(local_model)})
-        items, users = kind_stats(calls, ITEMS), kind_stats(calls, USERS)
+        items, users = kind_stats(calls, ITEMS_DIR), kind_stats(calls, USERS_DIR)
         report = {"version": version, "path": str(out),
                   **embed_report(t0, time.time() - t0, items, users, infer.actors,
                                  len({int(c["pid"]) for c in calls}))}

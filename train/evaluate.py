@@ -20,7 +20,7 @@ import numpy as np
 from embsum import events
 from embsum.config import Config
 from embsum.data import layout
-from embsum.metrics import METRIC_NAMES, impression_metrics, summarize
+from embsum.metrics import METRIC_NAMES, impression_metrics, mean_metrics
 from embsum.runtime import init_ray
 
 from .batch_inference import ItemEncoder, ModelActor, in_calls, parquet_rows, pool_options
@@ -192,18 +192,18 @@ def score_splits(cfg: Config, version: str, model_dir: Path, items_path: Path, s
             written.replace(out)
         else:
             out.mkdir(parents=True)
-        results[split] = summarize_parquet(out)
+        results[split] = mean_metrics_of(out)
     shutil.rmtree(staging, ignore_errors=True)
     return results
 
 
-def summarize_parquet(folder: Path) -> dict[str, float]:
+def mean_metrics_of(folder: Path) -> dict[str, float]:
     """Means from the written per-impression scores (recomputed, so the file is the source of truth)."""
     import pyarrow.dataset as pads
 
     table = pads.dataset(str(folder), format="parquet").to_table(columns=["labels", "scores"])
     pairs = zip(table.column("labels").to_pylist(), table.column("scores").to_pylist(), strict=True)
-    return summarize(pairs).as_dict()
+    return mean_metrics(pairs).as_dict()
 
 
 def summary_line(results: dict[str, Any]) -> str:

@@ -215,9 +215,9 @@ def validation_scores(model: Any, batches: Iterable[dict[str, Any]], autocast: A
 def auc_total(scored: Iterable[tuple[np.ndarray, np.ndarray]]) -> tuple[float, int]:
     """(sum of the examples' AUCs, examples with a positive and a negative), by ``embsum.metrics``:
     what each rank contributes to the mean over all ranks."""
-    from embsum.metrics import summarize
+    from embsum.metrics import mean_metrics
 
-    s = summarize((y, x) for labels, scores in scored for y, x in zip(labels, scores, strict=True))
+    s = mean_metrics((y, x) for labels, scores in scored for y, x in zip(labels, scores, strict=True))
     return (s.auc * s.impressions, s.impressions) if s.impressions else (0.0, 0)
 
 

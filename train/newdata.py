@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from embsum.checkpoint import read_meta
-from embsum.config import Config, EmbSumConfig
+from embsum.config import Config, ModelConfig
 from embsum.data.catalog import QUARANTINE_SCHEMA, Catalog, build_catalog
 from embsum.data.records import CatalogSpec, parse_behaviors, parse_catalog, preflight
 from embsum.data.sources import detect_format, read_chunk, resolve, split_lines
@@ -38,8 +38,8 @@ SPLIT = "new"
 def version_tokenizer(model_dir: Path) -> EmbSumTokenizer:
     """The tokenizer saved with the version, over the version's model config."""
     meta = read_meta(model_dir)
-    fields = {f for f in EmbSumConfig.__dataclass_fields__}
-    cfg = EmbSumConfig(**{k: v for k, v in meta["embsum"].items() if k in fields})
+    fields = {f for f in ModelConfig.__dataclass_fields__}
+    cfg = ModelConfig(**{k: v for k, v in meta["embsum"].items() if k in fields})
     return EmbSumTokenizer(load_tokenizer(str(model_dir / "tokenizer")), cfg)
 
 

@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.json as pa_json
 
-from embsum.config import EmbSumConfig
+from embsum.config import ModelConfig
 from embsum.data.records import DUPLICATE_ITEM
 from embsum.tokenization import EmbSumTokenizer
 
@@ -38,7 +38,7 @@ _RESERVED = ("item_id", "text", "token_ids")
 
 
 @functools.lru_cache(maxsize=4)
-def cached_tokenizer(cfg: EmbSumConfig) -> EmbSumTokenizer:
+def cached_tokenizer(cfg: ModelConfig) -> EmbSumTokenizer:
     """One tokenizer per process and model config: Ray workers are reused across tasks, so a
     worker loads the SentencePiece model once, not once per batch."""
     return EmbSumTokenizer.from_config(cfg)

@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from embsum.config import EmbSumConfig
+from embsum.config import ModelConfig
 from embsum.data.catalog import CatalogIndex
 from embsum.tokenization import padded_rows
 
@@ -28,7 +28,7 @@ EVAL_KINDS = ("valid", "test")
 _STR_LIST = pa.list_(pa.string())
 
 
-def output_schema(kind: str, cfg: EmbSumConfig, negatives: int, targets: int = 1) -> pa.Schema:
+def output_schema(kind: str, cfg: ModelConfig, negatives: int, targets: int = 1) -> pa.Schema:
     """The columns layout.py promises for ``kind`` (train, valid_examples, valid, test, users).
     ``targets``: positives per training example (valid_examples always have one)."""
     sessions = pa.fixed_shape_tensor(pa.int32(), [cfg.num_sessions, cfg.session_tokens])  # (G, L)

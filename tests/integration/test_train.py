@@ -156,7 +156,7 @@ def test_evaluation_matches_direct_metrics(zero2_run: tuple[Config, dict]) -> No
     import pyarrow.dataset as pads
 
     from embsum.arrow_tensors import table_tensor
-    from embsum.metrics import summarize
+    from embsum.metrics import mean_metrics
     from embsum.predictor import Predictor
     from embsum.registry import Registry
     from train.evaluate import run_evaluate
@@ -176,7 +176,7 @@ def test_evaluation_matches_direct_metrics(zero2_run: tuple[Config, dict]) -> No
                                             valid.column("labels").to_pylist(), strict=True)):
         emb = pred.encode_item_tokens([tokens[c] for c in cands])
         pairs.append((labels, pred.score(upe[i:i + 1], emb.cpe, emb.key)[0]))
-    direct = summarize(pairs)
+    direct = mean_metrics(pairs)
     assert direct.impressions == res["valid"]["impressions"] > 0
     for m in ("auc", "mrr", "ndcg5", "ndcg10"):
         assert res["valid"][m] == pytest.approx(getattr(direct, m), abs=1e-5), m
@@ -187,7 +187,7 @@ def test_evaluate_new_impressions_file_quarantines_bad_rows(zero2_run: tuple[Con
     rows, scored by the version with its own tokenizer/formatting; metrics equal direct scoring."""
     import pyarrow.dataset as pads
 
-    from embsum.metrics import summarize
+    from embsum.metrics import mean_metrics
     from embsum.predictor import Predictor
     from embsum.registry import Registry
     from embsum.tokenization import format_item_text
@@ -228,6 +228,6 @@ def test_evaluate_new_impressions_file_quarantines_bad_rows(zero2_run: tuple[Con
         upe = pred.encode_user_texts([[text[h] for h in hist.split()]]).upe
         emb = pred.encode_item_texts([text[c] for c, _ in cands])
         pairs.append(([y for _, y in cands], pred.score(upe, emb.cpe, emb.key)[0]))
-    direct = summarize(pairs)
+    direct = mean_metrics(pairs)
     for m in ("auc", "mrr", "ndcg10"):
         assert res["new"][m] == pytest.approx(getattr(direct, m), abs=1e-5), m

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from embsum.checkpoint import META, WEIGHTS, load_model, read_meta, save_model
-from embsum.config import EmbSumConfig
+from embsum.config import ModelConfig
 from embsum.model import EmbSum
 from embsum.scoring import score
 from embsum.tokenization import EmbSumTokenizer
@@ -31,7 +31,7 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def trained(tiny_cfg: EmbSumConfig, tokenizer: EmbSumTokenizer) -> EmbSum:
+def trained(tiny_cfg: ModelConfig, tokenizer: EmbSumTokenizer) -> EmbSum:
     model = EmbSum.from_config(tiny_cfg, tokenizer.sos_id, seed=3)
     with torch.no_grad():  # move the heads off their init so the round trip checks real values
         for p in (model.user_poly.codes, model.content_poly.codes, model.item_gate.weight):
@@ -167,7 +167,7 @@ def test_mismatched_expected_config(saved: Path, trained: EmbSum) -> None:
     load_model(saved, expect=dataclasses.replace(trained.cfg, dropout=0.2, backbone="elsewhere"))
 
 
-def test_weights_of_another_model_are_refused(saved: Path, tiny_cfg: EmbSumConfig, tokenizer: EmbSumTokenizer,
+def test_weights_of_another_model_are_refused(saved: Path, tiny_cfg: ModelConfig, tokenizer: EmbSumTokenizer,
                                               tmp_path: Path) -> None:
     # A well-formed safetensors file with a matching sha256 but the wrong shapes.
     other = EmbSum.from_config(dataclasses.replace(tiny_cfg, content_codes=tiny_cfg.content_codes + 2),

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from embsum.config import Config, EmbSumConfig, config_from_dict, config_reference, load_config, replace
+from embsum.config import Config, ModelConfig, config_from_dict, config_reference, load_config, replace
 
 REPO = Path(__file__).resolve().parents[2]
 RAY_CONFIG = REPO / "ray_config.yaml"
@@ -68,7 +68,7 @@ def test_ray_config_yaml_loads_with_its_values() -> None:
 
 def test_defaults_without_a_file_are_valid() -> None:
     cfg = load_config(None)
-    assert cfg.model == EmbSumConfig()
+    assert cfg.model == ModelConfig()
     assert Path(cfg.train.deepspeed_config).is_absolute()
 
 

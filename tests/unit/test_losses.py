@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from embsum.config import EmbSumConfig
+from embsum.config import ModelConfig
 from embsum.losses import embsum_loss, nce_loss, summary_loss
 from embsum.model import EmbSum
 from embsum.scoring import score
@@ -90,7 +90,7 @@ def _batch(tok: EmbSumTokenizer, seed: int = 0) -> tuple[torch.Tensor, torch.Ten
     return s, cands, y.long()
 
 
-def test_gradients_reach_every_trainable_parameter(tiny_cfg: EmbSumConfig, tokenizer: EmbSumTokenizer) -> None:
+def test_gradients_reach_every_trainable_parameter(tiny_cfg: ModelConfig, tokenizer: EmbSumTokenizer) -> None:
     assert tiny_cfg.dropout == 0.0
     model = EmbSum.from_config(tiny_cfg, tokenizer.sos_id, seed=0).train()
     s, cands, y = _batch(tokenizer)
@@ -103,7 +103,7 @@ def test_gradients_reach_every_trainable_parameter(tiny_cfg: EmbSumConfig, token
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
-def test_adamw_steps_reduce_the_loss(tiny_cfg: EmbSumConfig, tokenizer: EmbSumTokenizer) -> None:
+def test_adamw_steps_reduce_the_loss(tiny_cfg: ModelConfig, tokenizer: EmbSumTokenizer) -> None:
     model = EmbSum.from_config(tiny_cfg, tokenizer.sos_id, seed=0).train()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     s, cands, y = _batch(tokenizer, seed=1)

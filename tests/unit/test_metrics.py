@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import ndcg_score, roc_auc_score
 
-from embsum.metrics import METRIC_NAMES, auc, impression_metrics, summarize
+from embsum.metrics import METRIC_NAMES, auc, impression_metrics, mean_metrics, summarize
 
 
 def test_hand_computed_impression() -> None:
@@ -84,7 +84,8 @@ def test_skipped_impressions_are_counted() -> None:
             ([1, 1], [0.5, 0.4]),  # no negative
             ([1, 0], [0.1, 0.9])]  # worst
     assert impression_metrics(*imps[1]) is None and impression_metrics(*imps[2]) is None
-    summ = summarize(imps)
+    summ = mean_metrics(imps)
+    assert summarize is mean_metrics  # the former name, kept for callers
     assert summ.impressions == 2 and summ.skipped == 2
     assert summ.auc == pytest.approx((1.0 + 0.0) / 2)
     assert summ.mrr == pytest.approx((1.0 + 0.5) / 2)
@@ -93,7 +94,7 @@ def test_skipped_impressions_are_counted() -> None:
 
 
 def test_empty_summary_is_nan_and_shape_errors() -> None:
-    summ = summarize([])
+    summ = mean_metrics([])
     assert summ.impressions == 0 and summ.skipped == 0 and math.isnan(summ.auc)
     with pytest.raises(ValueError, match="equal length"):
         impression_metrics([0, 1], [0.1, 0.2, 0.3])

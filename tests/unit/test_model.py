@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from embsum.config import EmbSumConfig
+from embsum.config import ModelConfig
 from embsum.model import EmbSum, count_parameters
 from embsum.scoring import score
 from embsum.tokenization import EmbSumTokenizer
@@ -28,7 +28,7 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def model(tiny_cfg: EmbSumConfig, tokenizer: EmbSumTokenizer) -> EmbSum:
+def model(tiny_cfg: ModelConfig, tokenizer: EmbSumTokenizer) -> EmbSum:
     return EmbSum.from_config(tiny_cfg, tokenizer.sos_id, seed=0).eval()
 
 
@@ -227,7 +227,7 @@ def test_encode_content_matches_unpadded_encoder_and_gate(model: EmbSum, batch) 
             assert_f32_close(cpe[i], ref[0])
 
 
-def test_eval_is_deterministic_and_dropout_is_live_in_train(tiny_cfg: EmbSumConfig, batch,
+def test_eval_is_deterministic_and_dropout_is_live_in_train(tiny_cfg: ModelConfig, batch,
                                                             tokenizer: EmbSumTokenizer) -> None:
     m = EmbSum.from_config(dataclasses.replace(tiny_cfg, dropout=0.3), tokenizer.sos_id, seed=1)
     args = (batch["sessions"][:2], batch["cands"][:2], batch["summaries"][:2])
@@ -240,14 +240,14 @@ def test_eval_is_deterministic_and_dropout_is_live_in_train(tiny_cfg: EmbSumConf
         assert not torch.equal(m(*args).scores, m(*args).scores)  # the check above could fail
 
 
-def test_seed_makes_init_reproducible(tiny_cfg: EmbSumConfig, tokenizer: EmbSumTokenizer) -> None:
+def test_seed_makes_init_reproducible(tiny_cfg: ModelConfig, tokenizer: EmbSumTokenizer) -> None:
     a = EmbSum.from_config(tiny_cfg, tokenizer.sos_id, seed=7)
     b = EmbSum.from_config(tiny_cfg, tokenizer.sos_id, seed=7)
     for (n1, p1), (n2, p2) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
         assert n1 == n2 and torch.equal(p1, p2), n1
 
 
-def test_bad_sos_id_and_unloadable_backbone(tiny_cfg: EmbSumConfig, tmp_path) -> None:
+def test_bad_sos_id_and_unloadable_backbone(tiny_cfg: ModelConfig, tmp_path) -> None:
     with pytest.raises(ValueError, match="SOS"):
         EmbSum.from_config(tiny_cfg, sos_id=tiny_cfg.vocab_size + 5)
     cfg = dataclasses.replace(tiny_cfg, random_init=False, backbone=str(tmp_path / "no-such-model"))
@@ -256,7 +256,7 @@ def test_bad_sos_id_and_unloadable_backbone(tiny_cfg: EmbSumConfig, tmp_path) ->
 
 
 # ---- t5-small shape ------------------------------------------------------------------------------------------
-def _t5_param_formula(c: EmbSumConfig) -> int:
+def _t5_param_formula(c: ModelConfig) -> int:
     """T5 (relu FFN, tied embeddings, no biases) counted from its architecture."""
     d, inner = c.d_model, c.num_heads * c.d_kv
     attn = 4 * d * inner
@@ -268,7 +268,7 @@ def _t5_param_formula(c: EmbSumConfig) -> int:
 
 
 def test_t5_small_shaped_parameter_count(capsys) -> None:
-    cfg = EmbSumConfig(random_init=True)  # the defaults are t5-small's shape
+    cfg = ModelConfig(random_init=True)  # the defaults are t5-small's shape
     with torch.device("meta"):  # shapes only: no memory, no init cost
         m = EmbSum.from_config(cfg, sos_id=32099)
     backbone = count_parameters(m.t5)
@@ -282,7 +282,7 @@ def test_t5_small_shaped_parameter_count(capsys) -> None:
         print(f"\n[t5-small-shaped EmbSum] backbone {backbone:,} + heads {heads:,} = total {backbone + heads:,}")
 
 
-def test_beam_summaries_are_padded_unrepeated_and_read_back_as_generated(tiny_cfg: EmbSumConfig,
+def test_beam_summaries_are_padded_unrepeated_and_read_back_as_generated(tiny_cfg: ModelConfig,
                                                                            tokenizer: EmbSumTokenizer, batch) -> None:
     cfg = dataclasses.replace(tiny_cfg, summary_num_beams=4, summary_no_repeat_ngram=2)
     beam = EmbSum.from_config(cfg, tokenizer.sos_id, seed=0).eval()

@@ -11,12 +11,15 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def test_public_names_import() -> None:
-    from embsum import EmbSum, EmbSumConfig, load_config, score
+    from embsum import EmbSum, ModelConfig, load_config, score
     from embsum.model import EmbSum as ModelEmbSum
     from embsum.scoring import score as scoring_score
 
     assert EmbSum is ModelEmbSum and score is scoring_score
-    assert callable(load_config) and EmbSumConfig().user_codes >= 1
+    assert callable(load_config) and ModelConfig().user_codes >= 1
+    from embsum import EmbSumConfig
+
+    assert EmbSumConfig is ModelConfig  # the former name still works
 
     import embsum
 

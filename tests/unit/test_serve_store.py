@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from embsum.embeddings import ITEMS, USERS, Manifest, embedding_table, version_dir, write_manifest, write_shard
+from embsum.embeddings import ITEMS_DIR, USERS_DIR, Manifest, embedding_table, version_dir, write_manifest, write_shard
 from embsum.predictor import Predictor
 from tests.conftest import assert_f32_close
 
@@ -52,12 +52,12 @@ def write_version(root: Path, predictor: Predictor, version: str, *, model_name:
     sessions = tok.sessions_batch([[by_id[i] for i in h] for h in histories])  # (U, G, L)
     enc = predictor.encode_users(sessions)
     out = version_dir(root, version)
-    (out / ITEMS).mkdir(parents=True)
-    (out / USERS).mkdir(parents=True)
+    (out / ITEMS_DIR).mkdir(parents=True)
+    (out / USERS_DIR).mkdir(parents=True)
     write_shard(embedding_table({"item_id": ids, "text": texts, "cpe": items.cpe, "cpe_key": items.key}),
-                str(out / ITEMS / "part-0.parquet"))
+                str(out / ITEMS_DIR / "part-0.parquet"))
     write_shard(embedding_table({"user_id": users, "history": pa.array(histories, pa.list_(pa.string())),
-                                 "upe": enc.upe, "summary": enc.summaries}), str(out / USERS / "part-0.parquet"))
+                                 "upe": enc.upe, "summary": enc.summaries}), str(out / USERS_DIR / "part-0.parquet"))
     cfg = predictor.cfg
     write_manifest(out, Manifest(model_name=model_name, model_version=version, model_fingerprint=fingerprint,
                                  items=n_items, users=n_users, dtype="float32", user_codes=cfg.user_codes,
@@ -112,14 +112,14 @@ def test_load_holds_contiguous_float32_matrices_and_indexes(written, predictor):
 def test_shards_store_floats_plain_and_strings_encoded(written):
     """write_shard: no dictionary, statistics or compression on the float tensor columns (slow, and
     no gain on floats); strings keep dictionary encoding and snappy."""
-    meta = pq.ParquetFile(written.path / ITEMS / "part-0.parquet").metadata.row_group(0)
+    meta = pq.ParquetFile(written.path / ITEMS_DIR / "part-0.parquet").metadata.row_group(0)
     chunks = {meta.column(i).path_in_schema.split(".")[0]: meta.column(i) for i in range(meta.num_columns)}
     for name in ("cpe", "cpe_key"):
         c = chunks[name]
         assert c.compression == "UNCOMPRESSED" and c.statistics is None and "RLE_DICTIONARY" not in c.encodings
     for name in ("item_id", "text"):
         assert chunks[name].compression == "SNAPPY" and "RLE_DICTIONARY" in chunks[name].encodings
-    users = pq.ParquetFile(written.path / USERS / "part-0.parquet").schema_arrow
+    users = pq.ParquetFile(written.path / USERS_DIR / "part-0.parquet").schema_arrow
     assert users.field("history").type == pa.list_(pa.string()) and users.field("summary").type == pa.string()
 
 

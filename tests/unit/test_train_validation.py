@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from embsum.metrics import summarize
+from embsum.metrics import mean_metrics
 from embsum.model import EmbSum
 from embsum.scoring import score
 from embsum.tokenization import EmbSumTokenizer
@@ -62,7 +62,7 @@ def test_validation_auc_is_embsum_metrics_on_the_models_own_scores(tiny_cfg, tok
     for (labels, scores), ref in zip(scored, [reference[:B], reference[B:]], strict=True):
         np.testing.assert_array_equal(labels, np.stack([y for y, _ in ref]))
         np.testing.assert_allclose(scores, np.stack([x for _, x in ref]), rtol=1e-4, atol=1e-5)
-    expected = summarize(reference)
+    expected = mean_metrics(reference)
     assert total / n == pytest.approx(expected.auc, abs=1e-12) and n == expected.impressions
 
     # The same value as the loop's former positive-first AUC (share of negatives below the positive,

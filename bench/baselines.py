@@ -18,6 +18,7 @@ configured columns; MIND behaviors count clicks and history-column items.
 
 from __future__ import annotations
 
+import zlib
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -154,9 +155,9 @@ class Baselines:
         return self.weight
 
     def scores(self, imps: Sequence[Impression]) -> dict[str, list[np.ndarray]]:
-        rng = np.random.default_rng(self.seed)
-        out: dict[str, list[np.ndarray]] = {
-            "random": [rng.random(len(im.candidates)) for im in imps],
+        out: dict[str, list[np.ndarray]] = {  # random: seeded per impression id, so the order read does not matter
+            "random": [np.random.default_rng([self.seed, zlib.crc32(im.impression_id.encode())])
+                       .random(len(im.candidates)) for im in imps],
             "popularity": [self.popularity(im) for im in imps],
         }
         if self.attr is not None:

@@ -47,6 +47,8 @@ def test_each_baseline_ranks_by_its_signal_without_the_held_out_positive(setup) 
     assert txt[0] > 0 and txt[1] == 0  # 'Dune Messiah | Herbert' shares words with 'Dune | Herbert'
     scores = b.scores(test)
     assert set(scores) == {"random", "popularity", "author + popularity", "item-kNN", "text (TF-IDF)"}
+    backwards = b.scores(list(reversed(test)))["random"]  # the order impressions are read in changes nothing
+    assert all(np.array_equal(x, y) for x, y in zip(scores["random"], reversed(backwards), strict=True))
     assert b.tune(test) == 0.5  # any weight ranks 'b' first here: the smallest wins the tie
 
 

@@ -152,38 +152,59 @@ def deploy(cfg: Config, blocking: bool = False, *, name: str = APP_NAME, timeout
     return result
 
 
-def serve_until_stopped(*, own_cluster: bool, stop_timeout_s: float = SERVE_STOP_TIMEOUT_S) -> None:
-    """Block until SIGINT (Ctrl-C) or SIGTERM (`embsum serve stop`, a background `serve run`, Kubernetes),
-    then shut Serve down, waiting at most ``stop_timeout_s`` for it, and stop the local Ray cluster
-    if this process started it. Further signals are ignored while stopping: a second Ctrl-C must not
-    cut the clean-up short and leave HAProxy or the cluster behind."""
-    stopping = threading.Event()
-    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+class StopSignals:
+    """SIGINT (Ctrl-C) and SIGTERM (`embsum serve stop`, a background `serve run`, Kubernetes) set ``stopping``
+    from the moment this is entered until it exits, then the previous handlers come back. Armed before the
+    foreground record is written: a stop that finds the record always reaches this handler, never the one
+    Ray's driver installed for its local node (which would tear the node down without stopping Serve)."""
 
-    def stop(*_: Any) -> None:
-        stopping.set()
+    def __init__(self) -> None:
+        self.stopping = threading.Event()
+        self._previous: dict[int, Any] = {}
 
-    for s in previous:
-        signal.signal(s, stop)
-    try:
-        while not stopping.wait(1.0):
-            pass
-        for s in previous:
+    def __enter__(self) -> StopSignals:
+        self._previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        for s in self._previous:
+            signal.signal(s, lambda *_: self.stopping.set())
+        return self
+
+    def ignore(self) -> None:
+        """Further signals are ignored while stopping: a second Ctrl-C must not cut the clean-up short
+        and leave HAProxy or the cluster behind."""
+        for s in self._previous:
             signal.signal(s, signal.SIG_IGN)
-        t0 = time.monotonic()
-        events.progress("stopping Serve")
-        _handles.clear()
-        clean = shutdown_serve(stop_timeout_s)
-        if own_cluster:
-            import ray
 
-            events.progress("stopping the local Ray cluster")
-            ray.shutdown()
-        logger.info("serve: stopped in %.1fs%s", time.monotonic() - t0,
-                    "" if clean else f" (Serve did not shut down within {stop_timeout_s:.0f}s)")
-    finally:
-        for s, h in previous.items():
+    def __exit__(self, *exc: object) -> None:
+        for s, h in self._previous.items():
             signal.signal(s, h)
+
+
+def serve_until_stopped(*, own_cluster: bool, stop_timeout_s: float = SERVE_STOP_TIMEOUT_S,
+                        signals: StopSignals | None = None) -> None:
+    """Block until SIGINT or SIGTERM (``signals``, armed already, or armed here), then shut Serve down,
+    waiting at most ``stop_timeout_s`` for it, and stop the local Ray cluster if this process started it."""
+    if signals is None:
+        with StopSignals() as armed:
+            _wait_then_stop(armed, own_cluster, stop_timeout_s)
+    else:
+        _wait_then_stop(signals, own_cluster, stop_timeout_s)
+
+
+def _wait_then_stop(signals: StopSignals, own_cluster: bool, stop_timeout_s: float) -> None:
+    while not signals.stopping.wait(1.0):
+        pass
+    signals.ignore()
+    t0 = time.monotonic()
+    events.progress("stopping Serve")
+    _handles.clear()
+    clean = shutdown_serve(stop_timeout_s)
+    if own_cluster:
+        import ray
+
+        events.progress("stopping the local Ray cluster")
+        ray.shutdown()
+    logger.info("serve: stopped in %.1fs%s", time.monotonic() - t0,
+                "" if clean else f" (Serve did not shut down within {stop_timeout_s:.0f}s)")
 
 
 _loop: asyncio.AbstractEventLoop | None = None
@@ -329,13 +350,14 @@ def _cli(cfg: Config, a: Any) -> dict[str, Any]:
             shutdown_serve()
             raise
         served = out.get("model", {}).get("model_version")
-        record_foreground(record, url=url, version=served)
-        try:
-            events.progress(f"serving v{served} on {url}")
-            events.note(f"serving v{served} on {url} - Ctrl-C or `embsum serve stop` to stop")
-            serve_until_stopped(own_cluster=cfg.ray.address is None)
-        finally:
-            record.unlink(missing_ok=True)
+        with StopSignals() as signals:  # armed before anyone can find the record and send a stop
+            record_foreground(record, url=url, version=served)
+            try:
+                events.progress(f"serving v{served} on {url}")
+                events.note(f"serving v{served} on {url} - Ctrl-C or `embsum serve stop` to stop")
+                serve_until_stopped(own_cluster=cfg.ray.address is None, signals=signals)
+            finally:
+                record.unlink(missing_ok=True)
         events.summary(f"served v{served} on {url}; stopped" + (", local Ray cluster down" if not cfg.ray.address
                                                                  else ""))
         return out

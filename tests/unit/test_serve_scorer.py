@@ -211,3 +211,21 @@ def test_serve_env_falls_back_to_the_python_proxy_without_haproxy(tmp_path, monk
     assert app_mod.serve_env(cfg, {})["RAY_SERVE_ENABLE_HA_PROXY"] == "0"
     assert app_mod.serve_env(cfg, {"RAY_SERVE_HAPROXY_BINARY_PATH": "/usr/sbin/haproxy"})[
         "RAY_SERVE_ENABLE_HA_PROXY"] == "1"
+
+
+def test_a_stop_signal_after_the_record_is_armed_is_never_lost() -> None:
+    """`embsum serve stop` sends SIGTERM as soon as it finds the foreground record; the handlers are armed
+    before the record is written, so the signal sets ``stopping`` (not Ray's node handler), and the previous
+    handlers come back afterwards."""
+    import os
+    import signal
+
+    from serve.control import StopSignals
+
+    before = signal.getsignal(signal.SIGTERM)
+    with StopSignals() as armed:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert armed.stopping.wait(5)
+        armed.ignore()
+        os.kill(os.getpid(), signal.SIGINT)  # ignored while stopping: no KeyboardInterrupt
+    assert signal.getsignal(signal.SIGTERM) is before

@@ -74,3 +74,11 @@ def assert_f32_close(actual, desired, rtol: float = 1e-5) -> None:
     assert a.shape == d.shape, (a.shape, d.shape)
     scale = max(float(np.abs(a).max(initial=0.0)), float(np.abs(d).max(initial=0.0)), 1e-30)
     np.testing.assert_allclose(a, d, rtol=rtol, atol=rtol * scale)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Unit tests first: they are fast (a broken build fails in minutes) and they must run before an
+    integration fixture connects this process to a Ray cluster for the rest of the session (the unit
+    tests' no-Ray guard, tests/unit/conftest.py, checks that nothing starts or joins Ray)."""
+    unit = str(Path(__file__).parent / "unit")
+    items.sort(key=lambda item: 0 if str(item.path).startswith(unit) else 1)  # stable: order within each kept

@@ -137,9 +137,12 @@ def test_the_console_is_for_a_person_and_the_logs_hold_the_rest(first_run: First
 
 
 def _start(args: list[str], cwd: Path) -> subprocess.Popen:
-    # Its own process group, as a terminal's foreground job: Ctrl-C is SIGINT to that group.
+    # Its own process group, as a terminal's foreground job: Ctrl-C is SIGINT to that group. And SIGINT at its
+    # default, as a terminal's job has it: a test run started in the background of a non-interactive shell
+    # (`cmd &`) inherits SIGINT ignored, which every child would keep (Python leaves an ignored SIGINT ignored).
     return subprocess.Popen([*EMBSUM, *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True, env=_env())
+                            start_new_session=True, env=_env(),
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _wait_for_line(p: subprocess.Popen, needle: str, timeout_s: float = 300) -> list[str]:

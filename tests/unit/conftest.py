@@ -32,3 +32,14 @@ def no_ray() -> Iterator[None]:
         mp.setattr(ray._private.worker, "init", _refuse("ray.init"))
         mp.setattr(ray._private.node.Node, "__init__", _refuse("a Ray node"))
         yield
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """Tiny tensors gain nothing from threads, and on a shared 2-core box they oversubscribe it."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -22,12 +22,7 @@ HISTORIES = [["Stocks rally as rates fall", "New phone unveiled"], [], ["Recipe:
 ITEMS = ["Football final tonight", "Election results are in", "Ten easy pasta dishes"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/unit/conftest.py
 
 
 @pytest.fixture(scope="module")

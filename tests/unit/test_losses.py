@@ -14,13 +14,7 @@ from embsum.model import EmbSum
 from embsum.scoring import score
 from embsum.tokenization import EmbSumTokenizer
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/unit/conftest.py
 
 
 def test_nce_by_hand() -> None:

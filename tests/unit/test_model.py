@@ -18,13 +18,7 @@ from tests.conftest import assert_f32_close
 T5_SMALL_PARAMS = 60_506_624  # published: T5ForConditionalGeneration("t5-small"), tied embeddings
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from threads, and on a shared 2-core box they oversubscribe it."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/unit/conftest.py
 
 
 @pytest.fixture(scope="module")

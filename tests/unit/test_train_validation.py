@@ -17,13 +17,7 @@ from train.loop import auc_total, validation_scores
 B, C = 4, 4  # examples per batch, candidates per example (1 positive + 3 negatives)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from threads, and on a shared 2-core box they oversubscribe it."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/unit/conftest.py
 
 
 def _batches(tok: EmbSumTokenizer) -> list[dict[str, torch.Tensor]]:

@@ -26,7 +26,8 @@ import pyarrow.parquet as pq
 from embsum.checkpoint import read_meta
 from embsum.config import Config, ModelConfig
 from embsum.data.catalog import QUARANTINE_SCHEMA, Catalog, build_catalog
-from embsum.data.records import CatalogSpec, parse_behaviors, parse_catalog, preflight
+from embsum.data.preflight import preflight
+from embsum.data.records import CatalogSpec, parse_behaviors, parse_catalog
 from embsum.data.sources import detect_format, read_chunk, resolve, split_lines
 from embsum.data.tensorize import output_schema
 from embsum.tokenization import EmbSumTokenizer, load_tokenizer

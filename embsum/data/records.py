@@ -24,32 +24,30 @@ candidates are dropped from the impression and unknown history ids from the hist
 only when none of its ids is known, i.e. when nothing in it is usable.
 
 Whole-file problems (wrong delimiter, a missing required column) are not row problems: ``preflight``
-checks each file's head on the driver and raises ``ValueError`` naming the file before any job runs.
+checks each file's head on the driver and raises ``ValueError`` naming the file before any job runs
+(embsum/data/preflight.py). Field values (timestamps, text cells) are read by embsum/data/fields.py.
 """
 
 from __future__ import annotations
 
-import csv
 import gc
 import json
 import math
-import re
 from collections.abc import Container, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from typing import Any
 
 import pyarrow as pa
 
 from embsum.config import DataConfig
-from embsum.data.sources import HEAD_BYTES, Source, iter_lines, read_head, read_parquet_schema
+from embsum.data.fields import decode_utf8, parse_time, split_fields, text_value
+from embsum.data.preflight import preflight as preflight  # re-exported (tests and older importers)
 from embsum.tokenization import format_item_text
 
 MIND_BEHAVIOR_COLUMNS = ("impression_id", "user_id", "time", "history", "impressions")
 MIND_NEWS_COLUMNS = ("news_id", "category", "subcategory", "title", "abstract", "url", "title_entities",
                      "abstract_entities")
-MIND_TIME = "%m/%d/%Y %I:%M:%S %p"
 
 WRONG_COLUMNS, BAD_ENCODING, BAD_JSON, MISSING_FIELD = "wrong column count", "bad encoding", "bad json", "missing field"
 EMPTY_USER, EMPTY_ITEM, EMPTY_IMPRESSION = "empty user id", "empty item id", "empty impression id"
@@ -115,132 +113,6 @@ class CatalogSpec:
         return tuple(dict.fromkeys((self.item_id_col, *self.text_fields)))
 
 
-# ---- preflight: whole-file checks on the driver ---------------------------------------------
-
-def _head_lines(head: bytes) -> list[str]:
-    lines = [raw.decode("utf-8", "replace") for _, raw in iter_lines(head)]
-    return lines[:-1] if len(head) >= HEAD_BYTES and len(lines) > 1 else lines  # last one may be cut
-
-
-def _split(text: str, fmt: str) -> list[str]:
-    return next(csv.reader([text])) if fmt == "csv" else text.split("\t")
-
-
-def preflight(source: Source, fmt: str, required: Sequence[str], what: str,
-              fixed_columns: Sequence[str] | None = None) -> dict[str, list[str]]:
-    """Fail fast on files that are wrong as a whole; return {uri: header columns} for csv/tsv.
-
-    ``fixed_columns``: a headerless layout (MIND) whose lines must have exactly that many columns.
-    """
-    headers: dict[str, list[str]] = {}
-    for ref in source.files:
-        where = f"{what} file {ref.uri!r}"
-        if fmt == "parquet":
-            names = read_parquet_schema(source, ref).names
-            missing = [c for c in required if c not in names]
-            if missing:
-                raise ValueError(f"{where}: missing required column(s) {missing}; it has {names}")
-            continue
-        lines = _head_lines(read_head(source, ref))
-        if not lines:
-            continue  # an empty file holds no rows; nothing to check
-        if fmt == "jsonl":
-            objs = []
-            for text in lines[:200]:
-                try:
-                    obj = json.loads(text)
-                except ValueError:
-                    continue
-                if isinstance(obj, dict):
-                    objs.append(obj)
-            if not objs:
-                raise ValueError(f"{where}: expected JSON lines (one object per line); none of its first "
-                                 f"{min(len(lines), 200)} lines is a JSON object")
-            missing = [c for c in required if not any(c in o for o in objs)]
-            if missing:
-                raise ValueError(f"{where}: missing required field(s) {missing}; its objects have "
-                                 f"{sorted({k for o in objs for k in o})}")
-            continue
-        delim = "tab" if fmt in ("tsv", "mind") else "comma"
-        if fixed_columns is not None:
-            counts = [len(_split(t, "tsv")) for t in lines[:200]]
-            if not any(c == len(fixed_columns) for c in counts):
-                raise ValueError(f"{where}: expected {len(fixed_columns)} {delim}-separated columns "
-                                 f"{list(fixed_columns)} without a header; its first lines have "
-                                 f"{sorted(set(counts))} column(s) (wrong delimiter or wrong file?)")
-            continue
-        header = [c.strip() for c in _split(lines[0].lstrip("\ufeff"), fmt)]
-        missing = [c for c in required if c not in header]
-        if missing:
-            raise ValueError(f"{where}: missing required column(s) {missing}; its header (line 1, "
-                             f"{delim}-separated) is {header} (wrong delimiter or column mapping?)")
-        data = lines[1:201]
-        if len(header) > 1 and data and all(len(_split(t, fmt)) == 1 for t in data):
-            raise ValueError(f"{where}: every line has 1 column but the header has {len(header)}; expected "
-                             f"{delim}-separated values (wrong delimiter?)")
-        headers[ref.uri] = header
-    return headers
-
-
-# ---- values ---------------------------------------------------------------------------------
-
-_MIND_TIME_RE = re.compile(r"(\d{1,2})/(\d{1,2})/(\d{4}) (\d{1,2}):(\d{2}):(\d{2}) ([AP]M)")
-
-
-def _mind_time(s: str) -> float | None:
-    """MIND's '11/12/2019 2:14:46 PM' without ``strptime`` (40x slower; a MIND row has one)."""
-    m = _MIND_TIME_RE.fullmatch(s)
-    if m is None:
-        return None
-    mo, d, y, h, mi, se = (int(g) for g in m.groups()[:6])
-    if not 1 <= h <= 12:
-        return None
-    h = h % 12 + (12 if m.group(7) == "PM" else 0)
-    try:
-        return datetime(y, mo, d, h, mi, se, tzinfo=timezone.utc).timestamp()
-    except ValueError:  # 13/45/2019 and friends
-        return None
-
-
-def parse_time(value: Any) -> float | None:
-    """ISO-8601, epoch seconds or MIND's '%m/%d/%Y %I:%M:%S %p' -> epoch seconds (naive = UTC)."""
-    if isinstance(value, bool) or value is None:
-        return None
-    if isinstance(value, (int, float)):
-        return float(value) if math.isfinite(value) else None
-    s = str(value).strip()
-    if not s:
-        return None
-    if s[-1] == "M" and (t := _mind_time(s)) is not None:
-        return t
-    try:
-        x = float(s)
-        return x if math.isfinite(x) else None
-    except ValueError:
-        pass
-    for parse in (lambda t: datetime.fromisoformat(t.replace("Z", "+00:00")),
-                  lambda t: datetime.strptime(t, MIND_TIME)):
-        try:
-            dt = parse(s)
-        except ValueError:
-            continue
-        return (dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)).timestamp()
-    return None
-
-
-def _text(v: Any) -> str:
-    if v is None or (isinstance(v, float) and not math.isfinite(v)):
-        return ""
-    return str(v).strip()
-
-
-def _decode(raw: bytes) -> str | None:
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        return None
-
-
 # ---- rows -> records ------------------------------------------------------------------------
 
 @contextmanager
@@ -293,7 +165,7 @@ def _entries(batch: pa.Table, fmt: str, headers: dict[str, list[str]],
             yield source, line, rec, ""
         return
     for source, line, raw in _rows(batch):
-        text = _decode(raw)
+        text = decode_utf8(raw)
         if text is None:
             yield source, line, BAD_ENCODING, raw.decode("utf-8", "backslashreplace")
         else:
@@ -314,7 +186,7 @@ def _record(text: str, fmt: str, header: Sequence[str] | None) -> dict[str, Any]
             return BAD_JSON
         return obj if isinstance(obj, dict) else BAD_JSON
     assert header is not None
-    fields = _split(text, fmt)
+    fields = split_fields(text, fmt)
     if len(fields) != len(header):
         return WRONG_COLUMNS
     return dict(zip(header, fields, strict=True))
@@ -326,7 +198,7 @@ def parse_behaviors(batch: pa.Table, known: Container[str], keep_raw: bool = Tru
     ``known`` catalog ids, the drops counted) or a quarantine row."""
     out = _Out(RECORD_SCHEMA)
     for source, line, raw in _rows(batch):
-        text = _decode(raw)
+        text = decode_utf8(raw)
         if text is None:
             out.add(source=source, line=line, reason=BAD_ENCODING, raw=raw.decode("utf-8", "backslashreplace"))
             continue
@@ -383,11 +255,11 @@ def parse_logs(batch: pa.Table, spec: LogSpec, headers: dict[str, list[str]], kn
         reason, ts, label, imp = "", None, 1, ""
         if any(c not in rec for c in spec.required):
             reason = MISSING_FIELD
-        elif not (user := _text(rec[spec.user_col])):
+        elif not (user := text_value(rec[spec.user_col])):
             reason = EMPTY_USER
-        elif not (item := _text(rec[spec.item_col])):
+        elif not (item := text_value(rec[spec.item_col])):
             reason = EMPTY_ITEM
-        elif spec.impression_col and not (imp := _text(rec[spec.impression_col])):
+        elif spec.impression_col and not (imp := text_value(rec[spec.impression_col])):
             reason = EMPTY_IMPRESSION
         elif spec.timestamp_col and (ts := parse_time(rec[spec.timestamp_col])) is None:
             reason = BAD_TIMESTAMP
@@ -428,11 +300,11 @@ def parse_catalog(batch: pa.Table, spec: CatalogSpec, headers: dict[str, list[st
         if spec.item_id_col not in rec:
             out.add(source=source, line=line, reason=MISSING_FIELD, raw=_row_text(rec, text))
             continue
-        item_id = _text(rec[spec.item_id_col])
+        item_id = text_value(rec[spec.item_id_col])
         if not item_id:
             out.add(source=source, line=line, reason=EMPTY_ITEM, raw=_row_text(rec, text))
             continue
-        fields = {k: _text(v) if not isinstance(v, (dict, list)) else json.dumps(v, default=str)
+        fields = {k: text_value(v) if not isinstance(v, (dict, list)) else json.dumps(v, default=str)
                   for k, v in rec.items()}
         good.append(dict(source=source, line=line, raw=_row_text(rec, text), item_id=item_id, fields=json.dumps(fields),
                          text=format_item_text(fields, spec.text_fields, spec.max_chars)))

@@ -64,7 +64,8 @@ from embsum.data.records import (
 )
 from embsum.data.sources import EXPLODED_SCHEMA, explode_file
 from embsum.data.tensorize import output_schema, tensorize, write_options
-from train.prepare import OUTPUTS, TENSORIZE_ROWS, resolve_inputs, run_prepare
+from train.prepare import OUTPUTS, TENSORIZE_ROWS, run_prepare
+from train.prepare_inputs import resolve_inputs
 
 REPO = Path(__file__).resolve().parents[1]
 SIZES = (200_000, 800_000, 3_200_000)

@@ -8,7 +8,7 @@ Writes WORKDIR/data/ as embsum/data/layout.py describes: items.parquet, users/, 
 valid_examples/, valid/, test/, quarantine/ and prepare_report.json. The pure transforms live in
 embsum/data/; this module is the glue that runs them on Ray Data:
 
-1. preflight (driver): list the files, fail at once on files wrong as a whole.
+1. preflight (driver, train/prepare_inputs.py): list the files, fail at once on files wrong as a whole.
 2. catalog: parse + tokenize -> the driver dedupes (items, not rows: it is what every later task
    looks items up in), writes items.parquet and puts the CatalogIndex in the object store. A
    catalog that fits in one chunk is parsed on the driver (no worker loads the tokenizer).
@@ -21,7 +21,8 @@ embsum/data/; this module is the glue that runs them on Ray Data:
    partition holds whole users, plans them (per-user histories, examples, impressions),
    tensorizes and writes its parquet files of every output and its quarantine rows, and returns
    one row of counts. All into a staging folder that replaces the old outputs only when
-   everything succeeded: a rerun never mixes in stale shards.
+   everything succeeded: a rerun never mixes in stale shards. The report sums the partitions'
+   counts (train/prepare_report.py).
 
 What grows with the data stays on the cluster: every task reads only its share of the rows (no
 task reads every block), the driver holds the catalog, the ranges' bounds and one row of counts
@@ -46,7 +47,6 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -56,11 +56,10 @@ import pyarrow.parquet as pq
 
 from embsum import events
 from embsum.config import Config
-from embsum.data import layout, synth
-from embsum.data.catalog import QUARANTINE_SCHEMA, CatalogIndex, build_catalog, cached_tokenizer
+from embsum.data import layout
+from embsum.data.catalog import QUARANTINE_SCHEMA, Catalog, CatalogIndex, build_catalog, cached_tokenizer
 from embsum.data.examples import KINDS, PlanSpec, plan_batch
 from embsum.data.partition import (
-    COUNTER_COLUMNS,
     ROUTE,
     impression_route,
     mark_duplicates,
@@ -70,29 +69,26 @@ from embsum.data.partition import (
 )
 from embsum.data.records import (
     CATALOG_SCHEMA,
-    MIND_BEHAVIOR_COLUMNS,
-    MIND_NEWS_COLUMNS,
     CatalogSpec,
     LogSpec,
     parse_behaviors,
     parse_catalog,
     parse_logs,
-    preflight,
 )
 from embsum.data.sources import (
     Chunk,
     RowGroups,
     Source,
-    detect_format,
     estimate_rows,
-    fingerprint,
     read_chunk,
-    resolve,
     split_lines,
     split_row_groups,
 )
 from embsum.data.tensorize import output_schema, tensorize, write_options
 from embsum.runtime import init_ray, use_hash_shuffle
+
+from .prepare_inputs import Inputs, check_inputs
+from .prepare_report import build_report, summary_line
 
 BLOCKS_PER_CPU = 2  # parse blocks per cluster CPU, so a single big file is parsed by all of them
 ROWS_PER_BLOCK = (10_000, 50_000)  # ... within these bounds (smaller blocks cost more than they give)
@@ -102,6 +98,10 @@ ROWS_PER_PARTITION = (5_000, 100_000)
 TENSORIZE_ROWS = 8192  # plan rows tensorized (and written as one parquet row group) at a time
 OUTPUTS = {"train": layout.TRAIN, "valid_examples": layout.VALID_EXAMPLES, "valid": layout.VALID,
            "test": layout.TEST, "users": layout.USERS}
+PUBLISHED = (layout.ITEMS, layout.QUARANTINE, layout.REPORT, *OUTPUTS.values())  # what a run replaces
+# The console's steps: after the catalog, parsing, the shuffles and the plan/write tasks stream as one.
+STEPS = {"catalog": "reading the item catalog",
+         "group_plan_write": "parsing, grouping by user, planning and writing examples"}
 
 _OBJECTS: dict[str, Any] = {}  # per worker process: object-store values already fetched
 
@@ -161,20 +161,6 @@ def _plan_write_task(batch: pa.Table, spec: PlanSpec, index_ref: Any, negatives:
 
 
 # ---- driver ---------------------------------------------------------------------------------
-
-def resolve_inputs(cfg: Config) -> tuple[bool, Source, str, Source, str]:
-    """-> (is_mind, interactions, their format, items, their format). Synthetic data is generated
-    under WORKDIR/data/synthetic first (reused when its parameters match) and read as MIND."""
-    d = cfg.data
-    if d.format == "synthetic":
-        beh, news = synth.ensure(cfg.data_dir / "synthetic", d.synth_users, d.synth_items, d.synth_impressions, d.seed)
-        return True, resolve(str(beh), "data.interactions"), "tsv", resolve(str(news), "data.items"), "mind"
-    inter, items = resolve(d.interactions, "data.interactions"), resolve(d.items, "data.items")
-    if d.format == "mind":
-        return True, inter, "tsv", items, "mind"
-    return (False, inter, detect_format(d.interactions_format, inter, "data.interactions"),
-            items, detect_format(d.items_format, items, "data.items"))
-
 
 def _cpus() -> int:
     import ray
@@ -236,114 +222,116 @@ def _partitions(rows: int, cpus: int) -> int:
     return max(1, min(max(cpus, math.ceil(rows / hi)), math.ceil(rows / lo)))
 
 
+class _Steps:
+    """The console's progress over the job's steps, and the seconds each took."""
+
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+        events.progress(STEPS["catalog"], 0, len(STEPS), "steps")
+
+    def lap(self, name: str) -> None:
+        self.seconds[name] = round(time.perf_counter() - self.t0 - sum(self.seconds.values()), 3)
+        following = list(STEPS)[len(self.seconds)] if len(self.seconds) < len(STEPS) else None
+        if following:
+            events.progress(STEPS[following], len(self.seconds), len(STEPS), "steps")
+
+
+def _stage_catalog(cfg: Config, inp: Inputs, staging: Path) -> Catalog:
+    """2. catalog: parse + tokenize, dedupe on the driver; write items.parquet, its quarantine rows
+    and the (empty) output folders into ``staging``."""
+    tok = cached_tokenizer(cfg.model)
+    catalog = build_catalog(_catalog_rows(inp.items, inp.items_fmt, inp.cspec, inp.item_headers, cfg), tok)
+    if len(catalog.index) == 0:
+        raise ValueError(f"data.items: no valid item in {[f.uri for f in inp.items.files]} "
+                         f"({catalog.quarantine.num_rows} rows quarantined: "
+                         f"{dict(Counter(catalog.quarantine.column('reason').to_pylist()))})")
+    pq.write_table(catalog.items, staging / layout.ITEMS)
+    for name in (*OUTPUTS.values(), layout.QUARANTINE):
+        (staging / name).mkdir()
+    if catalog.quarantine.num_rows:
+        pq.write_table(catalog.quarantine.cast(QUARANTINE_SCHEMA), staging / layout.QUARANTINE /
+                       "part-catalog.parquet")
+    return catalog
+
+
+def _plan_and_write(cfg: Config, inp: Inputs, index_ref: Any, staging: Path) -> tuple[Counter, int, int]:
+    """3-5, streamed from shuffle to shuffle: parse the interactions in their read tasks, mark
+    duplicate impression ids, group by user, then plan + tensorize + write one partition per task.
+    -> (the partitions' summed counts, partitions, read blocks)."""
+    mind, lspec = inp.mind, inp.lspec
+    parsed, est_rows, read_blocks = _parsed(inp.inter, inp.inter_fmt, not mind and inp.inter_fmt in ("csv", "tsv"),
+                                            _parse_interactions_task,
+                                            dict(mind=mind, spec=lspec, headers=inp.inter_headers, index_ref=index_ref),
+                                            columns=None if mind else list(lspec.required))  # type: ignore[union-attr]
+    n_parts = _partitions(est_rows, _cpus())
+    if mind or (lspec is not None and lspec.impression_col):  # a shuffle by impression id marks duplicates
+        parsed = parsed.map_batches(impression_route, batch_format="pyarrow", batch_size=None) \
+            .repartition(n_parts, keys=[ROUTE]) \
+            .map_batches(_mark_duplicates_task, fn_kwargs=dict(mind=mind), batch_format="pyarrow",
+                         batch_size=None)
+    out = parsed.map_batches(user_route, batch_format="pyarrow", batch_size=None) \
+        .repartition(n_parts, keys=[ROUTE]) \
+        .map_batches(_plan_write_task, batch_format="pyarrow", batch_size=None, fn_kwargs=dict(
+            spec=PlanSpec.from_config(cfg, mind), index_ref=index_ref, negatives=cfg.data.negatives,
+            out=str(staging)))
+    stats: Counter = Counter()
+    partitions = 0
+    for s in out.iter_rows():  # one row per user partition, as it finishes
+        stats.update(json.loads(s["stats"]))
+        partitions += 1
+        events.progress(STEPS["group_plan_write"], partitions, n_parts, "partitions")
+    return stats, partitions, read_blocks
+
+
+def _write_empty_outputs(cfg: Config, staging: Path) -> None:
+    """An output no partition wrote to is still a readable dataset with the promised columns."""
+    d = cfg.data
+    for kind in KINDS:
+        if not any((staging / OUTPUTS[kind]).glob("*.parquet")):
+            pq.write_table(output_schema(kind, cfg.model, d.negatives, d.targets_per_example).empty_table(),
+                           staging / OUTPUTS[kind] / "part-empty.parquet")
+    if not any((staging / layout.QUARANTINE).glob("*.parquet")):
+        pq.write_table(QUARANTINE_SCHEMA.empty_table(), staging / layout.QUARANTINE / "part-empty.parquet")
+
+
 def run_prepare(cfg: Config) -> dict[str, Any]:
     """Run the prepare job on ``cfg.ray``'s cluster; returns the report (also written to
     WORKDIR/data/prepare_report.json). Raises ``ValueError`` for inputs wrong as a whole."""
     import ray
     import ray.data
 
-    d = cfg.data
-    mind, inter, inter_fmt, items, items_fmt = resolve_inputs(cfg)
-    cspec = CatalogSpec.from_config(d, items_fmt)
-    lspec = None if mind else LogSpec.from_config(d, inter_fmt)
-    item_headers = preflight(items, items_fmt, cspec.required, "data.items",
-                             MIND_NEWS_COLUMNS if items_fmt == "mind" else None)
-    if mind:
-        inter_headers = preflight(inter, "mind", (), "data.interactions", MIND_BEHAVIOR_COLUMNS)
-    else:
-        assert lspec is not None
-        inter_headers = preflight(inter, inter_fmt, lspec.required, "data.interactions")
-    model_keys = ("tokenizer", "backbone", "sos_token", "num_sessions", "items_per_session", "session_tokens",
-                  "content_tokens")
-    shaping = {k: v for k, v in asdict(d).items() if k != "teacher"}  # the teacher does not shape these outputs
-    fp = fingerprint([inter, items], {"data": shaping, "model": {k: getattr(cfg.model, k) for k in model_keys}},
-                     mtimes=d.format != "synthetic")  # synthetic files are a pure function of the config
-
+    inp = check_inputs(cfg)
     events.progress("connecting to Ray")
     init_ray(cfg.ray)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = True
     use_hash_shuffle(ctx)
-    t0 = time.perf_counter()
-    stages: dict[str, float] = {}
-    # Two steps: after the catalog, parsing, the shuffles and the plan/write tasks stream as one.
-    doing = {"catalog": "reading the item catalog",
-             "group_plan_write": "parsing, grouping by user, planning and writing examples"}
-    events.progress(doing["catalog"], 0, len(doing), "steps")
-
-    def lap(name: str) -> None:
-        stages[name] = round(time.perf_counter() - t0 - sum(stages.values()), 3)
-        following = list(doing)[len(stages)] if len(stages) < len(doing) else None
-        if following:
-            events.progress(doing[following], len(stages), len(doing), "steps")
-
+    steps = _Steps()
     data_dir = cfg.data_dir
     data_dir.mkdir(parents=True, exist_ok=True)
     staging = data_dir / f".prepare-{uuid.uuid4().hex[:8]}"
     staging.mkdir()
     try:
-        # 2. catalog
-        tok = cached_tokenizer(cfg.model)
-        catalog = build_catalog(_catalog_rows(items, items_fmt, cspec, item_headers, cfg), tok)
-        if len(catalog.index) == 0:
-            raise ValueError(f"data.items: no valid item in {[f.uri for f in items.files]} "
-                             f"({catalog.quarantine.num_rows} rows quarantined: "
-                             f"{dict(Counter(catalog.quarantine.column('reason').to_pylist()))})")
-        pq.write_table(catalog.items, staging / layout.ITEMS)
-        for name in (*OUTPUTS.values(), layout.QUARANTINE):
-            (staging / name).mkdir()
-        if catalog.quarantine.num_rows:
-            pq.write_table(catalog.quarantine.cast(QUARANTINE_SCHEMA), staging / layout.QUARANTINE /
-                           "part-catalog.parquet")
+        catalog = _stage_catalog(cfg, inp, staging)
         index_ref = ray.put(catalog.index)
-        lap("catalog")
-
-        # 3. interactions, parsed in their read tasks
-        parsed, est_rows, read_blocks = _parsed(inter, inter_fmt, not mind and inter_fmt in ("csv", "tsv"),
-                                   _parse_interactions_task,
-                                   dict(mind=mind, spec=lspec, headers=inter_headers, index_ref=index_ref),
-                                   columns=None if mind else list(lspec.required))  # type: ignore[union-attr]
-        n_parts = _partitions(est_rows, _cpus())
-
-        # 4. duplicate impression ids: a shuffle by impression id marks them (as quarantined)
-        if mind or (lspec is not None and lspec.impression_col):
-            parsed = parsed.map_batches(impression_route, batch_format="pyarrow", batch_size=None) \
-                .repartition(n_parts, keys=[ROUTE]) \
-                .map_batches(_mark_duplicates_task, fn_kwargs=dict(mind=mind), batch_format="pyarrow",
-                             batch_size=None)
-
-        # 5. group by user -> plan + tensorize + write, one task per partition
-        out = parsed.map_batches(user_route, batch_format="pyarrow", batch_size=None) \
-            .repartition(n_parts, keys=[ROUTE]) \
-            .map_batches(_plan_write_task, batch_format="pyarrow", batch_size=None, fn_kwargs=dict(
-                spec=PlanSpec.from_config(cfg, mind), index_ref=index_ref, negatives=d.negatives, out=str(staging)))
-        stats: Counter = Counter()
-        partitions = 0
-        for s in out.iter_rows():  # one row per user partition, as it finishes
-            stats.update(json.loads(s["stats"]))
-            partitions += 1
-            events.progress(doing["group_plan_write"], partitions, n_parts, "partitions")
-        for kind in KINDS:  # no rows: still a readable dataset with the promised columns
-            if not any((staging / OUTPUTS[kind]).glob("*.parquet")):
-                pq.write_table(output_schema(kind, cfg.model, d.negatives, d.targets_per_example).empty_table(),
-                               staging / OUTPUTS[kind] / "part-empty.parquet")
-        if not any((staging / layout.QUARANTINE).glob("*.parquet")):
-            pq.write_table(QUARANTINE_SCHEMA.empty_table(), staging / layout.QUARANTINE / "part-empty.parquet")
-        lap("group_plan_write")
-        seconds = time.perf_counter() - t0
-
-        report = _report(cfg, fp, inter, items, catalog, stats, seconds)
-        report["stage_seconds"] = stages
+        steps.lap("catalog")
+        stats, partitions, read_blocks = _plan_and_write(cfg, inp, index_ref, staging)
+        _write_empty_outputs(cfg, staging)
+        steps.lap("group_plan_write")
+        report = build_report(cfg, inp.fingerprint, inp.inter, inp.items, catalog, stats,
+                              time.perf_counter() - steps.t0, PUBLISHED)
+        report["stage_seconds"] = steps.seconds
         report["cluster_cpus"] = ray.cluster_resources().get("CPU")
         report["plan_partitions"] = partitions
         report["read_blocks"] = read_blocks
         report["parsed_bytes"] = stats.get("input.bytes", 0)
         (staging / layout.REPORT).write_text(json.dumps(report, indent=2, sort_keys=True))
-        for name in (layout.ITEMS, layout.QUARANTINE, layout.REPORT, *OUTPUTS.values()):
+        for name in PUBLISHED:
             _replace(staging / name, data_dir / name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    events.summary(_summary_line(report))
+    events.summary(summary_line(report))
     return report
 
 
@@ -353,56 +341,6 @@ def _replace(new: Path, old: Path) -> None:
     elif old.exists():
         old.unlink()
     os.replace(new, old)
-
-
-def _report(cfg: Config, fp: str, inter: Source, items: Source, catalog: Any, stats: Counter,
-            seconds: float) -> dict[str, Any]:
-    """The report from the partitions' counts (every parsed row was counted by exactly one)."""
-    reasons = Counter({k.removeprefix("input.reason."): v for k, v in stats.items() if k.startswith("input.reason.")})
-    sums = {c: stats.get(f"input.sum.{c}", 0) for c in COUNTER_COLUMNS}  # over every parsed row
-    rows_in, rows_out = stats.get("input.rows", 0), stats.get("input.good", 0)
-    cat_reasons = Counter(catalog.quarantine.column("reason").to_pylist())
-    examples = {k: stats.get(f"examples.{k}", 0) for k in ("train", "valid_examples")}
-    n_examples = sum(examples.values())
-    return {
-        "status": "ok",
-        "format": cfg.data.format,
-        "fingerprint": fp,
-        "inputs": {s.field: [{"uri": f.uri, "size": f.size, "mtime_ns": f.mtime_ns} for f in s.files]
-                   for s in (inter, items)},
-        "data_config": asdict(cfg.data),
-        "rows_in": rows_in,
-        "rows_out": rows_out,
-        "quarantined": sum(reasons.values()) + sum(cat_reasons.values()),
-        "quarantined_by_reason": dict(sorted((reasons + cat_reasons).items())),
-        "interactions": {"rows_in": rows_in, "rows_out": rows_out, "quarantined": sum(reasons.values()),
-                         "quarantined_by_reason": dict(sorted(reasons.items()))},
-        "items": {"rows_in": catalog.rows_in, "items": len(catalog.index), "quarantined": sum(cat_reasons.values()),
-                  "quarantined_by_reason": dict(sorted(cat_reasons.items()))},
-        "candidates": {"in": sums["n_candidates"], "clicked": sums["n_clicks"],
-                       "dropped_not_in_catalog": sums["n_missing_candidates"]},
-        "history_items": {"in": sums["n_history"], "dropped_not_in_catalog": sums["n_missing_history"]},
-        "labels": {"positive": sums["n_clicks"], "ignored": sums["n_ignored"]},
-        "dropped": {"item not in catalog": sums["n_missing_candidates"],
-                    "history item not in catalog": sums["n_missing_history"], "ignored label": sums["n_ignored"]},
-        "examples": examples,
-        "eval_impressions": {k: stats.get(f"eval.{k}", 0) for k in ("valid", "test")},
-        "users": {**{k: stats.get(f"users.{k}", 0) for k in ("train", "valid", "test")},
-                  "total": sum(stats.get(f"users.{k}", 0) for k in ("train", "valid", "test"))},
-        "skipped": {k: v for k, v in sorted(stats.items()) if k.startswith(("skipped.", "eval_skipped."))},
-        "seconds": round(seconds, 3),
-        "examples_per_s": round(n_examples / seconds, 1) if seconds > 0 else None,
-        "outputs": {name: str(cfg.data_dir / name) for name in
-                    (layout.ITEMS, layout.QUARANTINE, layout.REPORT, *OUTPUTS.values())},
-    }
-
-
-def _summary_line(r: dict[str, Any]) -> str:
-    ex = r["examples"]
-    return (f"{r['rows_in']:,} rows in, {r['rows_out']:,} out, {r['quarantined']:,} quarantined; "
-            f"{r['items']['items']:,} items, {r['users']['total']:,} users; examples {ex['train']:,} train + "
-            f"{ex['valid_examples']:,} valid; eval impressions {r['eval_impressions']['valid']:,} valid + "
-            f"{r['eval_impressions']['test']:,} test; {r['examples_per_s']:,} examples/s")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -136,18 +136,47 @@ def run_summarize(cfg: Config) -> dict[str, Any]:
     teacher_name, prompt_version = probe.name, probe.prompt_version
     probe.close()
 
+    out = _summarize_examples(cfg, train_dir, items_path, template, cache_dir, teacher_name)
+    counts, failed_ids, failed_users, failed_errors = _tally(out)
+    _write_failures(layout.path(data_dir, layout.SUMMARY_FAILURES), failed_ids, failed_users, failed_errors)
+    first = [f"{u}: {e}" for u, e in zip(failed_ids[:FIRST_ERRORS], failed_errors[:FIRST_ERRORS], strict=True)]
+    n_in, n_failed = counts["examples_in"], counts["failed"]
+    fraction = n_failed / n_in if n_in else 0.0
+    problem = failure_verdict(n_in, n_failed, tcfg.max_failure_fraction)
+    if not problem:
+        _write_summaries(out, train_dir, data_dir)
+
+    report = {**counts, "teacher": teacher_name, "prompt_version": prompt_version,
+              "seconds": round(time.perf_counter() - t0, 3), "status": "failed" if problem else "ok",
+              "failure_fraction": round(fraction, 6), "first_errors": first}
+    _write_json(layout.path(data_dir, layout.SUMMARY_REPORT), report)
+    events.summary(f"{counts['summarized']:,} of {n_in:,} training examples summarized ({counts['cached_hits']:,} "
+                   f"from cache, {n_failed:,} failed, {counts['requests']:,} requests; "
+                   f"+{counts['skipped_no_history']:,} with no catalogued history skipped); teacher={teacher_name} "
+                   f"prompt_version={prompt_version}" + (f"; FAILED: {problem}" if problem else ""))
+    if problem:
+        where = layout.path(data_dir, layout.SUMMARY_FAILURES)
+        detail = f"; first errors: {first}; all failures in {where}" if first else ""
+        raise SummarizeError(f"summarize: {problem}{detail}")
+    return report
+
+
+def _summarize_examples(cfg: Config, train_dir: Path, items_path: Path, template: str | None, cache_dir: str,
+                        teacher_name: str) -> Any:
+    """The Ray Data job: every training example through the pool of SummarizeWorker actors.
+    -> the materialized dataset of summary rows (one per example, failures included)."""
+    tcfg = cfg.data.teacher
     events.progress("connecting to Ray")
     init_ray(cfg.ray)
     import ray
     from ray.data import ActorPoolStrategy
-    from ray.data.expressions import col
 
     use_hash_shuffle(ray.data.DataContext.get_current())
 
     events.progress(f"summarizing training examples ({teacher_name} teacher)")
     examples = ray.data.read_parquet(str(train_dir), include_paths=True).select_columns(
         ["example_id", "user_id", "history", "path"])
-    out = examples.map_batches(
+    return examples.map_batches(
         SummarizeWorker,
         fn_constructor_kwargs={"cfg": cfg, "items_path": str(items_path), "template": template,
                                "cache_dir": cache_dir},
@@ -159,6 +188,9 @@ def run_summarize(cfg: Config) -> dict[str, Any]:
         num_cpus=tcfg.cpus_per_worker,
     ).materialize()  # once: the summaries and failures below must not call the teacher again
 
+
+def _tally(out: Any) -> tuple[dict[str, int], list[str], list[str], list[str]]:
+    """The job's counts and its failures: (counts, failed example ids, their user ids, their errors)."""
     counts = {"examples_in": 0, "summarized": 0, "skipped_no_history": 0, "cached_hits": 0, "failed": 0,
               "requests": 0}
     failed_ids: list[str] = []
@@ -179,38 +211,24 @@ def run_summarize(cfg: Config) -> dict[str, Any]:
         failed_ids += [str(u) for u in b["example_id"][bad]]
         failed_users += [str(u) for u in b["user_id"][bad]]
         failed_errors += [str(e) for e in b["error"][bad]]
+    return counts, failed_ids, failed_users, failed_errors
 
-    _write_failures(layout.path(data_dir, layout.SUMMARY_FAILURES), failed_ids, failed_users, failed_errors)
-    first = [f"{u}: {e}" for u, e in zip(failed_ids[:FIRST_ERRORS], failed_errors[:FIRST_ERRORS], strict=True)]
-    n_in, n_failed = counts["examples_in"], counts["failed"]
-    fraction = n_failed / n_in if n_in else 0.0
-    problem = failure_verdict(n_in, n_failed, tcfg.max_failure_fraction)
-    if not problem:
-        summaries_dir = layout.path(data_dir, layout.SUMMARIES)
-        staging = data_dir / f".{layout.SUMMARIES}.tmp-{uuid.uuid4().hex[:8]}"
-        events.progress("writing summaries")
-        ok = (col("error") == "") & ~col("skipped")
-        # Partitioned like the training data (part=<train file stem>), one file per partition: the
-        # trainer joins each train/ file with its partition's summaries only (train/summaries.py).
-        parts = max(1, len(list(train_dir.glob("*.parquet"))))
-        out.filter(expr=ok).select_columns([*SUMMARY_COLUMNS, layout.PART_COLUMN]) \
-            .repartition(parts, keys=[layout.PART_COLUMN]) \
-            .write_parquet(str(staging), partition_cols=[layout.PART_COLUMN])
-        _publish(staging, summaries_dir)
 
-    report = {**counts, "teacher": teacher_name, "prompt_version": prompt_version,
-              "seconds": round(time.perf_counter() - t0, 3), "status": "failed" if problem else "ok",
-              "failure_fraction": round(fraction, 6), "first_errors": first}
-    _write_json(layout.path(data_dir, layout.SUMMARY_REPORT), report)
-    events.summary(f"{counts['summarized']:,} of {n_in:,} training examples summarized ({counts['cached_hits']:,} "
-                   f"from cache, {n_failed:,} failed, {counts['requests']:,} requests; "
-                   f"+{counts['skipped_no_history']:,} with no catalogued history skipped); teacher={teacher_name} "
-                   f"prompt_version={prompt_version}" + (f"; FAILED: {problem}" if problem else ""))
-    if problem:
-        where = layout.path(data_dir, layout.SUMMARY_FAILURES)
-        detail = f"; first errors: {first}; all failures in {where}" if first else ""
-        raise SummarizeError(f"summarize: {problem}{detail}")
-    return report
+def _write_summaries(out: Any, train_dir: Path, data_dir: Path) -> None:
+    """Publish the successful summaries as summaries/, replacing the previous ones whole."""
+    from ray.data.expressions import col
+
+    summaries_dir = layout.path(data_dir, layout.SUMMARIES)
+    staging = data_dir / f".{layout.SUMMARIES}.tmp-{uuid.uuid4().hex[:8]}"
+    events.progress("writing summaries")
+    ok = (col("error") == "") & ~col("skipped")
+    # Partitioned like the training data (part=<train file stem>), one file per partition: the
+    # trainer joins each train/ file with its partition's summaries only (train/summaries.py).
+    parts = max(1, len(list(train_dir.glob("*.parquet"))))
+    out.filter(expr=ok).select_columns([*SUMMARY_COLUMNS, layout.PART_COLUMN]) \
+        .repartition(parts, keys=[layout.PART_COLUMN]) \
+        .write_parquet(str(staging), partition_cols=[layout.PART_COLUMN])
+    _publish(staging, summaries_dir)
 
 
 def failure_verdict(examples_in: int, failed: int, max_failure_fraction: float) -> str:

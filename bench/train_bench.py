@@ -79,7 +79,7 @@ def plain_loop(cfg: Any, arrays: dict[str, np.ndarray], summaries: dict[str, np.
     from embsum.losses import batch_negative_scores, embsum_loss, grouped_rows
     from embsum.model import EmbSum
     from embsum.tokenization import EmbSumTokenizer
-    from train.loop import _lr_lambda
+    from train.worker import _lr_lambda
 
     torch.set_num_threads(threads)
     t = cfg.train

@@ -212,47 +212,69 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 def build_api(scorer: ScorerClient, settings: ApiSettings, observer: Observer | None = None) -> FastAPI:
     """The FastAPI app; ``settings`` carry the limits and the token (None = auth off)."""
     s = settings
-    app = FastAPI(
-        title="EmbSum recommender API",
-        version="1",
-        description=("Scores and recommendations from the EmbSum model served by Ray Serve. Known users and "
-                     "items are scored from precomputed embeddings; unknown ones given by text are encoded on "
-                     f"the fly. Limits: {s.max_candidates} candidates, {s.max_history} history items, "
-                     f"k <= {s.max_k}, {s.max_body_bytes} body bytes"
-                     + (f", {s.max_cold_items} candidates to encode per request" if s.max_cold_items is not None
-                        else "") + " (413 above). Auth: "
-                     f"{'bearer token required on /v1/* (securityScheme bearerAuth)' if s.token else 'off'}."),
-        default_response_class=AsciiJSONResponse,
-    )
+    app = FastAPI(title="EmbSum recommender API", version="1", description=_description(s),
+                  default_response_class=AsciiJSONResponse)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> AsciiJSONResponse:
         return _error(422, _validation_message(exc))
 
-    def reply(result: Any, response: Response) -> Any:
-        if isinstance(result, Rejection):
-            return _error(result.status, result.detail)
-        version = {MODEL_VERSION_HEADER: str(result.model_version)}
-        if isinstance(result, ScoreResult):  # already the documented shape: no re-validation
-            return Response(result.json_bytes(), media_type="application/json", headers=version)
-        if isinstance(result, RecommendResult):
-            return AsciiJSONResponse(result.to_json(), headers=version)
-        response.headers.update(version)
-        return result
+    _add_v1_routes(app, scorer, s)
+    _add_probes(app, scorer)
+    _document_limits(app, s)
+    # The last added runs first: timing sees every response, then auth, then the size check.
+    app.add_middleware(_BodyLimit, limit=s.max_body_bytes)
+    if s.token:
+        app.add_middleware(_BearerAuth, token=s.token)
+    if observer is not None:
+        app.add_middleware(_Timing, observer=observer)
+    return app
 
-    def over(what: str, n: int, limit: int, key: str) -> AsciiJSONResponse | None:
-        if n > limit:
-            return _error(413, f"{what}: {n} is more than serve.{key}={limit}")
-        return None
 
-    def history_limit(history: list | None) -> AsciiJSONResponse | None:
-        return over("history", len(history), s.max_history, "max_history") if history else None
+def _description(s: ApiSettings) -> str:
+    """The OpenAPI description: what the API does, this deployment's limits and its auth."""
+    return ("Scores and recommendations from the EmbSum model served by Ray Serve. Known users and "
+            "items are scored from precomputed embeddings; unknown ones given by text are encoded on "
+            f"the fly. Limits: {s.max_candidates} candidates, {s.max_history} history items, "
+            f"k <= {s.max_k}, {s.max_body_bytes} body bytes"
+            + (f", {s.max_cold_items} candidates to encode per request" if s.max_cold_items is not None
+               else "") + " (413 above). Auth: "
+            f"{'bearer token required on /v1/* (securityScheme bearerAuth)' if s.token else 'off'}.")
+
+
+def _reply(result: Any, response: Response) -> Any:
+    """A scorer's answer as the HTTP response: its error, or its body with the model version header."""
+    if isinstance(result, Rejection):
+        return _error(result.status, result.detail)
+    version = {MODEL_VERSION_HEADER: str(result.model_version)}
+    if isinstance(result, ScoreResult):  # already the documented shape: no re-validation
+        return Response(result.json_bytes(), media_type="application/json", headers=version)
+    if isinstance(result, RecommendResult):
+        return AsciiJSONResponse(result.to_json(), headers=version)
+    response.headers.update(version)
+    return result
+
+
+def _over(what: str, n: int, limit: int, key: str) -> AsciiJSONResponse | None:
+    """413 naming the field and the serve.* limit when ``n`` exceeds it, else None."""
+    if n > limit:
+        return _error(413, f"{what}: {n} is more than serve.{key}={limit}")
+    return None
+
+
+def _history_limit(history: list | None, s: ApiSettings) -> AsciiJSONResponse | None:
+    return _over("history", len(history), s.max_history, "max_history") if history else None
+
+
+def _add_v1_routes(app: FastAPI, scorer: ScorerClient, s: ApiSettings) -> None:
+    """/v1/score, /v1/recommend, /v1/users/{id}/summary and /v1/model: limits checked here (413),
+    the rest answered by the scorer."""
 
     @app.post("/v1/score", response_model=ScoreResponse, responses=ERRORS, summary="Score candidates for a user")
     async def score(body: ScoreRequest, response: Response) -> Any:
-        refused = (over("candidates", len(body.candidates), s.max_candidates, "max_candidates")
-                   or history_limit(body.history))
-        return refused or reply(await scorer.score(
+        refused = (_over("candidates", len(body.candidates), s.max_candidates, "max_candidates")
+                   or _history_limit(body.history, s))
+        return refused or _reply(await scorer.score(
             ScoreQuery(user_id=body.user_id, history=_items(body.history), candidates=_items(body.candidates) or [])),
             response)
 
@@ -261,21 +283,25 @@ def build_api(scorer: ScorerClient, settings: ApiSettings, observer: Observer | 
     async def recommend(body: RecommendRequest, response: Response) -> Any:
         if "k" not in body.model_fields_set and body.k > s.max_k:  # the default k never exceeds the limit
             body = body.model_copy(update={"k": s.max_k})
-        refused = (over("k", body.k, s.max_k, "max_k") or history_limit(body.history)
-                   or over("exclude", len(body.exclude), s.max_candidates, "max_candidates"))
-        return refused or reply(await scorer.recommend(
+        refused = (_over("k", body.k, s.max_k, "max_k") or _history_limit(body.history, s)
+                   or _over("exclude", len(body.exclude), s.max_candidates, "max_candidates"))
+        return refused or _reply(await scorer.recommend(
             RecommendQuery(user_id=body.user_id, history=_items(body.history), k=body.k, exclude=body.exclude,
                            exclude_history=body.exclude_history)), response)
 
     @app.get("/v1/users/{user_id:path}/summary", response_model=SummaryResponse, responses=ERRORS,
              summary="The user's precomputed interest summary")
     async def summary(user_id: str, response: Response) -> Any:
-        return reply(await scorer.summary(user_id), response)
+        return _reply(await scorer.summary(user_id), response)
 
     @app.get("/v1/model", response_model=ModelResponse, responses=ERRORS,
              summary="The served model version, its embeddings and the last rollout error")
     async def model(response: Response) -> Any:
-        return reply(await scorer.model_info(), response)
+        return _reply(await scorer.model_info(), response)
+
+
+def _add_probes(app: FastAPI, scorer: ScorerClient) -> None:
+    """/healthz (liveness) and /readyz (readiness: 503 until a model and its embeddings are loaded)."""
 
     @app.get("/healthz", response_model=Status, summary="Liveness: the process answers")
     async def healthz() -> Status:
@@ -291,15 +317,6 @@ def build_api(scorer: ScorerClient, settings: ApiSettings, observer: Observer | 
         if status.status != "ok":
             return AsciiJSONResponse(status.model_dump(), status_code=503)
         return status
-
-    _document_limits(app, s)
-    # The last added runs first: timing sees every response, then auth, then the size check.
-    app.add_middleware(_BodyLimit, limit=s.max_body_bytes)
-    if s.token:
-        app.add_middleware(_BearerAuth, token=s.token)
-    if observer is not None:
-        app.add_middleware(_Timing, observer=observer)
-    return app
 
 
 def _document_limits(app: FastAPI, s: ApiSettings) -> None:

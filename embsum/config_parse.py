@@ -1,4 +1,4 @@
-"""From YAML mappings and ``key=value`` overrides to the pydantic config sections of embsum/config.py.
+"""From YAML mappings and ``key=value`` overrides to the pydantic config sections of ``embsum.config``.
 
 Pydantic validates every field (type, range, choice, unknown keys; ``SECTION`` is the one set of rules:
 strict types, ``extra="forbid"``, no NaN or infinity). This module only feeds it and explains it:

@@ -50,17 +50,38 @@ def run_pipeline(cfg: Config, config_path: str, overrides: list[str], *, stage: 
     """Run ``stages`` (in STAGES order) on one Ray cluster; ``version`` is required when train is not
     among them and a later stage is. ``verbose``: this process's Ray connection forwards worker logs
     to the console too (every stage's own logs are in WORKDIR/logs/ either way)."""
-    import ray
-
-    from embsum.runtime import default_local_serve_drain, init_ray, shutdown_serve
-
     stages = select_stages(stages)
     if version is None and "train" not in stages and any(s in _NEEDS_VERSION for s in stages):
         raise ValueError(f"stages {','.join(stages)} act on one model version: give --version N (the version "
                          f"a train stage registered), or include train")
     t0 = time.perf_counter()
     own_cluster = cfg.ray.address is None
-    if own_cluster:
+    ov = _hold_cluster(cfg, overrides, console, own=own_cluster, verbose=verbose)
+    try:
+        if version is not None:  # a number or an alias -> the number, once, at the start of the run
+            from embsum.registry import Registry
+
+            version = Registry(cfg).resolve(version).version
+        out = _run_stages(cfg, config_path, ov, stage, console, stages, version)
+        out["seconds"] = time.perf_counter() - t0
+        _report(cfg, out, console)
+        if "serve" in out and keep_serving:
+            _serve_until_ctrl_c(cfg, console)
+        return out
+    finally:
+        if own_cluster:
+            _release_cluster()
+
+
+def _hold_cluster(cfg: Config, overrides: list[str], console: Console, *, own: bool, verbose: bool) -> list[str]:
+    """Start the local Ray cluster (``own``) or join the one at ``ray.address``; -> the overrides every
+    stage gets (with the local cluster's address, so each stage attaches to it as a driver)."""
+    import ray
+
+    from embsum.console import shown_path
+    from embsum.runtime import default_local_serve_drain, init_ray
+
+    if own:
         # A stopping Serve replica keeps answering for the local drain period (not Ray's 30 s, never
         # less than HAProxy takes to stop routing to it: embsum/runtime.py). The serve stage
         # forwards RAY_SERVE_* variables to the controller and replicas.
@@ -69,65 +90,68 @@ def run_pipeline(cfg: Config, config_path: str, overrides: list[str], *, stage: 
     # anything, and Ray's cluster-wide messages (e.g. the raylet's) belong in the logs, not here.
     init_ray(cfg.ray, log_to_driver=verbose)
     ov = list(overrides)
-    from embsum.console import shown_path
-
     logs = shown_path(cfg.workdir_path / "logs")
-    if own_cluster:
+    if own:
         ov.append(f"ray.address={ray.get_runtime_context().gcs_address}")
         console.print(f"local Ray cluster at {ray.get_runtime_context().gcs_address} "
                       f"({int(ray.cluster_resources().get('CPU', 0))} logical CPUs); each stage's log in {logs}/",
                       highlight=False, soft_wrap=True)
-    out: dict[str, Any] = {}
-    try:
-        if version is not None:  # a number or an alias -> the number, once, at the start of the run
-            from embsum.registry import Registry
+    return ov
 
-            version = Registry(cfg).resolve(version).version
-        for i, name in enumerate(stages, 1):
-            title = f"{i}/{len(stages)} {name}"
-            if name in ("prepare", "summarize"):
-                out[name] = stage(STAGE_PROGRAMS[name], config_path, ov, title=title)
-            elif name == "train":
-                out["train"] = stage(STAGE_PROGRAMS["train"], config_path, ov, title=title)
+
+def _release_cluster() -> None:
+    """Stop the local cluster this run started; bounded: a stuck Serve must not keep Ctrl-C waiting
+    (and Serve first: see shutdown_serve)."""
+    import ray
+
+    from embsum.runtime import shutdown_serve
+
+    shutdown_serve()
+    ray.shutdown()
+
+
+def _run_stages(cfg: Config, config_path: str, ov: list[str], stage: Callable[..., dict[str, Any]],
+                console: Console, stages: Sequence[str], version: str | None) -> dict[str, Any]:
+    """Each of ``stages`` in order, every one after train on the version train registered (or
+    ``version``); -> each stage's result by name, and the version they acted on."""
+    out: dict[str, Any] = {}
+    for i, name in enumerate(stages, 1):
+        title = f"{i}/{len(stages)} {name}"
+        if name in ("prepare", "summarize", "train"):
+            out[name] = stage(STAGE_PROGRAMS[name], config_path, ov, title=title)
+            if name == "train":
                 version = str(out["train"]["version"])
-            elif name == "evaluate":
-                assert version is not None  # select_stages: train ran, or --version was given
-                out["evaluate"] = stage(STAGE_PROGRAMS["evaluate"], config_path, ov, "--version", version,
-                                        title=title)
-            elif name == "embed":
-                assert version is not None
-                if _has_embeddings(cfg, cfg.mlflow.registered_model, version):
-                    console.rule(f"[bold]{title}")
-                    console.print(f"[green]✓[/green] {title} · embeddings for v{version} already exist at "
-                                  f"{version_dir(cfg.embeddings_dir, version)}", highlight=False, soft_wrap=True)
-                else:
-                    out["embed"] = stage(STAGE_PROGRAMS["embed"], config_path, ov, "--version", version, title=title)
-            elif name == "promote":
-                assert version is not None
+            continue
+        assert version is not None  # run_pipeline: train ran, or --version was given
+        if name == "evaluate":
+            out["evaluate"] = stage(STAGE_PROGRAMS["evaluate"], config_path, ov, "--version", version, title=title)
+        elif name == "embed":
+            if _has_embeddings(cfg, cfg.mlflow.registered_model, version):
                 console.rule(f"[bold]{title}")
-                out["promote"] = _promote(cfg, version, console)
-            else:  # serve: the version the gate left as champion, or the one given
-                served = out["promote"]["serving"] if "promote" in out else version
-                if served is None:
-                    raise ValueError(f"no version holds the alias {cfg.mlflow.alias!r} "
-                                     f"({out['promote']['reason']}); nothing to serve")
-                out["serve"] = _serve_and_ask(cfg, config_path, ov, stage, console, served, title)
-        out["version"] = version
-        out["seconds"] = time.perf_counter() - t0
-        _report(cfg, out, console)
-        if "serve" in out and keep_serving:
-            console.print(f"serving on http://{cfg.serve.host}:{cfg.serve.port} - Ctrl-C to stop")
-            try:
-                while True:
-                    time.sleep(3600)
-            except KeyboardInterrupt:
-                console.print("stopping Serve and the local Ray cluster")
-        return out
-    finally:
-        if own_cluster:
-            # Bounded: a stuck Serve must not keep Ctrl-C waiting (and Serve first: see shutdown_serve).
-            shutdown_serve()
-            ray.shutdown()
+                console.print(f"[green]✓[/green] {title} · embeddings for v{version} already exist at "
+                              f"{version_dir(cfg.embeddings_dir, version)}", highlight=False, soft_wrap=True)
+            else:
+                out["embed"] = stage(STAGE_PROGRAMS["embed"], config_path, ov, "--version", version, title=title)
+        elif name == "promote":
+            console.rule(f"[bold]{title}")
+            out["promote"] = _promote(cfg, version, console)
+        else:  # serve: the version the gate left as champion, or the one given
+            served = out["promote"]["serving"] if "promote" in out else version
+            if served is None:
+                raise ValueError(f"no version holds the alias {cfg.mlflow.alias!r} "
+                                 f"({out['promote']['reason']}); nothing to serve")
+            out["serve"] = _serve_and_ask(cfg, config_path, ov, stage, console, served, title)
+    out["version"] = version
+    return out
+
+
+def _serve_until_ctrl_c(cfg: Config, console: Console) -> None:
+    console.print(f"serving on http://{cfg.serve.host}:{cfg.serve.port} - Ctrl-C to stop")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        console.print("stopping Serve and the local Ray cluster")
 
 
 def _promote(cfg: Config, version: str, console: Console) -> dict[str, Any]:

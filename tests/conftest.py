@@ -12,7 +12,7 @@ os.environ.setdefault("DO_NOT_TRACK", "true")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# DeepSpeed JIT-builds a comm op on first use (~36 s); cache it across test sessions.
+# Where DeepSpeed would JIT-build ops (training skips its CPU comm op: train/deepspeed_setup.py).
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))), ".cache", "torch_extensions"))
 

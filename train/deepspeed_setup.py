@@ -21,6 +21,22 @@ def resolve_precision(cfg: Config) -> str:
     return p
 
 
+SHM_COMM_OP = "deepspeed_shm_comm"
+
+
+def skip_shm_comm_build() -> None:
+    """On CPU, DeepSpeed's communication backend JIT-compiles a shared-memory all-reduce op
+    (``deepspeed_shm_comm``, g++ -O2 over two C++ files) the first time a process group starts on a
+    machine: 2.6 CPU-minutes, 12 minutes of wall time on a busy 2-core machine, in every fresh
+    environment (a new pod, a CI clone). Only ``inference_all_reduce`` (tensor-parallel inference) uses
+    it; ZeRO training reduces through torch.distributed (gloo) either way. Marking the op incompatible
+    makes DeepSpeed skip the build and fall back to gloo, as it does wherever the op cannot build
+    (DeepSpeed keeps the probed table in the module so that such edits persist)."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__[SHM_COMM_OP] = False
+
+
 def load_deepspeed_config(cfg: Config) -> dict[str, Any]:
     path = Path(cfg.train.deepspeed_config)
     if not path.is_file():

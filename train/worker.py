@@ -88,7 +88,7 @@ def setup(loop_config: dict[str, Any]) -> Worker:
     from embsum.model import EmbSum, count_parameters
     from embsum.tokenization import EmbSumTokenizer
 
-    from .deepspeed_setup import build_deepspeed_config, resolve_precision, zero_stage
+    from .deepspeed_setup import build_deepspeed_config, resolve_precision, skip_shm_comm_build, zero_stage
 
     cfg = config_from_dict(loop_config["cfg"])
     t = cfg.train
@@ -111,6 +111,8 @@ def setup(loop_config: dict[str, Any]) -> Worker:
     # DeepSpeed's ZeRO-1/2 step gathers the updated partitions with torch.distributed.all_gather_into_tensor,
     # which torch 2.13 deprecates (FutureWarning, once per worker, in logs/train.log): DeepSpeed's call,
     # not ours (embsum/console.py lists what the logs hold and why).
+    if not t.use_gpu:
+        skip_shm_comm_build()
     engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                    config=ds_config, dist_init_required=False)
     tracker = _Tracker(cfg, loop_config.get("mlflow_run_id")) if rank == 0 else None

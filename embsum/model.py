@@ -38,14 +38,17 @@ class UserEncoding:
     summary_logits: torch.Tensor  # (B, S, V)
 
 
-def t5_config(cfg: ModelConfig, pad_id: int = 0, eos_id: int = 1) -> T5Config:
-    """The backbone config for ``random_init`` (t5-small's shape by default)."""
+def t5_config(cfg: ModelConfig, pad_id: int, eos_id: int) -> T5Config:
+    """The backbone config for ``random_init`` (t5-small's shape by default), with the tokenizer's ids."""
     return T5Config(
         vocab_size=cfg.vocab_size, d_model=cfg.d_model, d_kv=cfg.d_kv, d_ff=cfg.d_ff,
         num_layers=cfg.num_layers, num_decoder_layers=cfg.num_decoder_layers, num_heads=cfg.num_heads,
         dropout_rate=cfg.dropout, pad_token_id=pad_id, eos_token_id=eos_id, decoder_start_token_id=pad_id,
         feed_forward_proj="relu", tie_word_embeddings=True,
     )  # type: ignore[call-arg]  # both reach PretrainedConfig through **kwargs; T5Config's signature omits them
+
+
+T5_PAD_ID, T5_EOS_ID = 0, 1  # the T5 SentencePiece vocabulary's <pad> and </s>
 
 
 class EmbSum(nn.Module):
@@ -68,12 +71,14 @@ class EmbSum(nn.Module):
 
     # ---- construction ---------------------------------------------------------------------------
     @classmethod
-    def from_config(cls, cfg: ModelConfig, sos_id: int, *, seed: int | None = None) -> EmbSum:
-        """Pretrained backbone via ``from_pretrained(cfg.backbone)``, or random init from cfg's shape."""
+    def from_config(cls, cfg: ModelConfig, sos_id: int, *, pad_id: int = T5_PAD_ID, eos_id: int = T5_EOS_ID,
+                    seed: int | None = None) -> EmbSum:
+        """Pretrained backbone via ``from_pretrained(cfg.backbone)``, or random init from cfg's shape
+        with ``pad_id`` / ``eos_id`` (T5's SentencePiece ids unless the tokenizer says otherwise)."""
         if seed is not None:
             torch.manual_seed(seed)
         if cfg.random_init:
-            t5 = T5ForConditionalGeneration(t5_config(cfg))
+            t5 = T5ForConditionalGeneration(t5_config(cfg, pad_id, eos_id))
         else:
             try:
                 t5 = T5ForConditionalGeneration.from_pretrained(cfg.backbone, dropout_rate=cfg.dropout)

@@ -99,7 +99,11 @@ def setup(loop_config: dict[str, Any]) -> Worker:
         torch.cuda.set_device(device)
     torch.manual_seed(t.seed)
     tok = EmbSumTokenizer.from_config(cfg.model)
-    model = EmbSum.from_config(cfg.model, tok.sos_id, seed=t.seed)
+    model = EmbSum.from_config(cfg.model, tok.sos_id, pad_id=tok.pad_id, eos_id=tok.eos_id, seed=t.seed)
+    if (model.pad_id, model.eos_id) != (tok.pad_id, tok.eos_id):  # a pretrained backbone's own ids
+        raise ValueError(f"model.backbone={cfg.model.backbone!r} has pad/eos ids {model.pad_id}/{model.eos_id}, "
+                         f"the tokenizer ({cfg.model.tokenizer!r}) {tok.pad_id}/{tok.eos_id}: use the backbone's "
+                         f"own tokenizer")
     ds_config = build_deepspeed_config(cfg, world)
     stage = zero_stage(ds_config)
     model.synced_generation = stage == 3 and world > 1  # all ranks step generate() together under ZeRO-3

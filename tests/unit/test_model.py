@@ -293,3 +293,10 @@ def test_beam_summaries_are_padded_unrepeated_and_read_back_as_generated(tiny_cf
         assert beam.pad_id not in text  # padding only after EOS
         grams = list(zip(text, text[1:], strict=False))
         assert len(grams) == len(set(grams)), "a bigram repeats"
+
+
+def test_random_init_takes_the_tokenizers_special_ids(tiny_cfg, tokenizer) -> None:
+    m = EmbSum.from_config(tiny_cfg, tokenizer.sos_id, pad_id=tokenizer.pad_id, eos_id=tokenizer.eos_id, seed=0)
+    assert (m.pad_id, m.eos_id) == (tokenizer.pad_id, tokenizer.eos_id)
+    other = EmbSum.from_config(tiny_cfg, tokenizer.sos_id, pad_id=0, eos_id=2, seed=0)
+    assert other.eos_id == 2 and other.t5.config.eos_token_id == 2  # not a hard-coded 1

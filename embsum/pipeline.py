@@ -12,6 +12,8 @@ is the one ordered list; the RayJob (cluster/base/pipeline.sh) runs ``embsum run
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -24,6 +26,7 @@ from rich.text import Text
 from embsum.config import Config
 from embsum.embeddings import read_manifest, version_dir
 from embsum.metrics import METRIC_NAMES
+from embsum.runtime import SERVE_STOP_TIMEOUT_S
 
 # The pipeline, in order. Each stage after train acts on the version train registered (or --version).
 STAGES = ("prepare", "summarize", "train", "evaluate", "embed", "promote", "serve")
@@ -57,12 +60,13 @@ def run_pipeline(cfg: Config, config_path: str, overrides: list[str], *, stage: 
     t0 = time.perf_counter()
     own_cluster = cfg.ray.address is None
     ov = _hold_cluster(cfg, overrides, console, own=own_cluster, verbose=verbose)
+    started: list[str] = []  # the stages begun, in order (a failed or interrupted one included)
     try:
         if version is not None:  # a number or an alias -> the number, once, at the start of the run
             from embsum.registry import Registry
 
             version = Registry(cfg).resolve(version).version
-        out = _run_stages(cfg, config_path, ov, stage, console, stages, version)
+        out = _run_stages(cfg, config_path, ov, stage, console, stages, version, started)
         out["seconds"] = time.perf_counter() - t0
         _report(cfg, out, console)
         if "serve" in out and keep_serving:
@@ -70,7 +74,7 @@ def run_pipeline(cfg: Config, config_path: str, overrides: list[str], *, stage: 
         return out
     finally:
         if own_cluster:
-            _release_cluster()
+            _release_cluster(cfg, config_path, ov, serve_started="serve" in started)
 
 
 def _hold_cluster(cfg: Config, overrides: list[str], console: Console, *, own: bool, verbose: bool) -> list[str]:
@@ -99,23 +103,35 @@ def _hold_cluster(cfg: Config, overrides: list[str], console: Console, *, own: b
     return ov
 
 
-def _release_cluster() -> None:
-    """Stop the local cluster this run started; bounded: a stuck Serve must not keep Ctrl-C waiting
-    (and Serve first: see shutdown_serve)."""
+def _release_cluster(cfg: Config, config_path: str, ov: list[str], *, serve_started: bool) -> None:
+    """Stop the local cluster this run started. Serve first, when the serve stage started it, so its
+    proxies stop their HAProxy processes (a killed proxy would orphan them): through the serve stage
+    program (embsum/ holds no Serve code), bounded, so a stuck Serve cannot keep Ctrl-C waiting."""
     import ray
 
-    from embsum.runtime import shutdown_serve
-
-    shutdown_serve()
+    if serve_started:
+        log = cfg.workdir_path / "logs" / "serve.log"
+        cmd = [sys.executable, "-m", STAGE_PROGRAMS["serve"], "shutdown", "--config", config_path, *ov]
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with log.open("a") as f:
+            f.write(f"\n# embsum: {' '.join(cmd)}\n")
+            f.flush()
+            try:  # its own session: a second Ctrl-C at the terminal must not cut the shutdown short
+                subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                               timeout=SERVE_STOP_TIMEOUT_S + 60, start_new_session=True, check=False)
+            except subprocess.TimeoutExpired:
+                f.write("# embsum: Serve's shutdown timed out; stopping the cluster\n")
     ray.shutdown()
 
 
 def _run_stages(cfg: Config, config_path: str, ov: list[str], stage: Callable[..., dict[str, Any]],
-                console: Console, stages: Sequence[str], version: str | None) -> dict[str, Any]:
+                console: Console, stages: Sequence[str], version: str | None, started: list[str]) -> dict[str, Any]:
     """Each of ``stages`` in order, every one after train on the version train registered (or
-    ``version``); -> each stage's result by name, and the version they acted on."""
+    ``version``); -> each stage's result by name, and the version they acted on. Each stage's name
+    goes on ``started`` as it begins."""
     out: dict[str, Any] = {}
     for i, name in enumerate(stages, 1):
+        started.append(name)
         title = f"{i}/{len(stages)} {name}"
         if name in ("prepare", "summarize", "train"):
             out[name] = stage(STAGE_PROGRAMS[name], config_path, ov, title=title)

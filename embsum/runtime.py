@@ -202,27 +202,6 @@ def use_hash_shuffle(ctx: Any) -> None:
         ctx.shuffle_strategy = ShuffleStrategy.SHUFFLE_V2
 
 
-def shutdown_serve(timeout_s: float = SERVE_STOP_TIMEOUT_S) -> bool:
-    """``serve.shutdown()``, waited on for at most ``timeout_s``: False if it did not finish (a dead
-    or stuck controller: Serve retries its graceful-shutdown call forever and waits 30 s for it).
-    For a cluster this process is about to stop, where a stuck Serve must not hold the exit up;
-    Serve first, so its proxies stop their HAProxy processes (which a killed proxy would orphan)."""
-    import threading
-
-    from ray import serve
-
-    def stop() -> None:
-        try:
-            serve.shutdown()
-        except Exception:  # noqa: BLE001 - on the way out: the cluster stops next either way
-            pass
-
-    t = threading.Thread(target=stop, name="embsum-serve-shutdown", daemon=True)
-    t.start()
-    t.join(timeout_s)
-    return not t.is_alive()
-
-
 # ---- a foreground `embsum serve start`, found by `embsum serve stop` -----------------------------------
 def foreground_record(workdir: Path, port: int) -> Path:
     """Where a foreground server on ``port`` records its process (one per workdir and port)."""

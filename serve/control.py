@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 import threading
 import time
 from typing import Any
@@ -45,12 +44,13 @@ from ray import serve
 from embsum import events
 from embsum.config import Config, replace
 from embsum.registry import Registry
-from embsum.runtime import SERVE_STOP_TIMEOUT_S, default_local_serve_drain, shutdown_serve, worker_env
+from embsum.runtime import SERVE_STOP_TIMEOUT_S, default_local_serve_drain, worker_env
 
 from .app import APP_NAME, IMPORT_PATH, config_from_args, http_options
 from .auth import api_token
 from .deployment import DEPLOYMENT_NAME
 from .ingress import serve_env
+from .lifecycle import StopSignals, shutdown_serve
 
 logger = logging.getLogger(__name__)
 
@@ -150,33 +150,6 @@ def deploy(cfg: Config, blocking: bool = False, *, name: str = APP_NAME, timeout
     if blocking:
         serve_until_stopped(own_cluster=cfg.ray.address is None)
     return result
-
-
-class StopSignals:
-    """SIGINT (Ctrl-C) and SIGTERM (`embsum serve stop`, a background `serve run`, Kubernetes) set ``stopping``
-    from the moment this is entered until it exits, then the previous handlers come back. Armed before the
-    foreground record is written: a stop that finds the record always reaches this handler, never the one
-    Ray's driver installed for its local node (which would tear the node down without stopping Serve)."""
-
-    def __init__(self) -> None:
-        self.stopping = threading.Event()
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> StopSignals:
-        self._previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-        for s in self._previous:
-            signal.signal(s, lambda *_: self.stopping.set())
-        return self
-
-    def ignore(self) -> None:
-        """Further signals are ignored while stopping: a second Ctrl-C must not cut the clean-up short
-        and leave HAProxy or the cluster behind."""
-        for s in self._previous:
-            signal.signal(s, signal.SIG_IGN)
-
-    def __exit__(self, *exc: object) -> None:
-        for s, h in self._previous.items():
-            signal.signal(s, h)
 
 
 def serve_until_stopped(*, own_cluster: bool, stop_timeout_s: float = SERVE_STOP_TIMEOUT_S,
@@ -373,13 +346,16 @@ def _cli(cfg: Config, a: Any) -> dict[str, Any]:
         return out
     if a.action == "status":
         return status(cfg=cfg)
-    if a.action == "shutdown":
+    if a.action == "shutdown":  # bounded: a stuck Serve must not hold up the caller (a run's exit, Ctrl-C)
         from embsum.runtime import init_ray
 
         init_ray(cfg.ray)
-        shutdown()
-        events.summary(f"Serve shut down on the cluster at {cfg.ray.address}")
-        return {"shutdown": True}
+        _handles.clear()
+        clean = shutdown_serve()
+        where = f"on the cluster at {cfg.ray.address}"
+        events.summary(f"Serve shut down {where}" if clean else
+                       f"Serve did not shut down within {SERVE_STOP_TIMEOUT_S:.0f}s {where}")
+        return {"shutdown": clean}
     raise ValueError(f"unknown action {a.action!r}")
 
 

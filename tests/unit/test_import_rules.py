@@ -12,10 +12,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 # Our programs by both of their names: top-level in a checkout, under embsum in the wheel.
 OURS = {"train": ("train", "embsum.train"), "serve": ("serve", "embsum.serve")}
-# TODO(issue 16 point 1): the pipeline's serve stage stops Serve through embsum.runtime.shutdown_serve
-# (`from ray import serve`); point 1 moves what launches and stops Serve out of embsum/. Remove this
-# entry then: the test fails on a stale exception.
-KNOWN = {("embsum/runtime.py", "ray.serve")}
+# Known exceptions (file, module): none. A stale entry fails the test.
+KNOWN: set[tuple[str, str]] = set()
 
 
 def imports(path: Path, source: str | None = None) -> set[str]:

@@ -16,6 +16,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))), ".cache", "torch_extensions"))
 
+# A suite started as a background job (`cmd &` in a script, nohup, some CI runners) inherits SIGINT
+# ignored, and every child it starts would keep it ignored (Python leaves an ignored SIGINT ignored):
+# the Ctrl-C tests would then wait forever. Take Python's default back, as a terminal's job has it.
+import signal  # noqa: E402
+
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402

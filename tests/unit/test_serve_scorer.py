@@ -220,8 +220,11 @@ def test_a_stop_signal_after_the_record_is_armed_is_never_lost() -> None:
     import os
     import signal
 
-    from serve.control import StopSignals
+    from serve.lifecycle import StopSignals
 
+    with StopSignals() as armed:  # Ctrl-C on a foreground `embsum serve start`: the same stop
+        os.kill(os.getpid(), signal.SIGINT)
+        assert armed.stopping.wait(5)
     before = signal.getsignal(signal.SIGTERM)
     with StopSignals() as armed:
         os.kill(os.getpid(), signal.SIGTERM)

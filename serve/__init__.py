@@ -1,4 +1,5 @@
-"""The Ray Serve application: schemas, embedding store, scorer and ingress deployments, build_app.
+"""The Ray Serve application: schemas, embedding store, engine, scorer, the one deployment (HTTP ingress
+and scorer in each replica), build_app; control (deploy/rollout/status/stop) and lifecycle (stop signals).
 
-Importing the package starts nothing; ``serve.app`` and ``serve.control`` import Ray Serve.
+Importing the package starts nothing; ``serve.app``, ``serve.control`` and ``serve.lifecycle`` import Ray Serve.
 """

@@ -53,19 +53,14 @@ from embsum.data.catalog import build_catalog, cached_tokenizer
 from embsum.data.examples import KINDS, PlanSpec, plan_batch
 from embsum.data.records import (
     DUPLICATE_IMPRESSION,
-    MIND_BEHAVIOR_COLUMNS,
-    MIND_NEWS_COLUMNS,
-    CatalogSpec,
-    LogSpec,
     parse_behaviors,
     parse_catalog,
     parse_logs,
-    preflight,
 )
 from embsum.data.sources import EXPLODED_SCHEMA, explode_file
 from embsum.data.tensorize import output_schema, tensorize, write_options
 from train.prepare import OUTPUTS, TENSORIZE_ROWS, run_prepare
-from train.prepare_inputs import resolve_inputs
+from train.prepare_inputs import check_inputs
 
 REPO = Path(__file__).resolve().parents[1]
 SIZES = (200_000, 800_000, 3_200_000)
@@ -127,13 +122,9 @@ def run_baseline(cfg: Config) -> dict[str, Any]:
     """The prepare transforms in this process: pyarrow/pandas glue, one core. -> counts + seconds."""
     t0, c0 = time.perf_counter(), time.process_time()
     d = cfg.data
-    mind, inter, inter_fmt, items, items_fmt = resolve_inputs(cfg)
-    cspec = CatalogSpec.from_config(d, items_fmt)
-    lspec = None if mind else LogSpec.from_config(d, inter_fmt)
-    item_headers = preflight(items, items_fmt, cspec.required, "data.items",
-                             MIND_NEWS_COLUMNS if items_fmt == "mind" else None)
-    inter_headers = preflight(inter, "mind", (), "data.interactions", MIND_BEHAVIOR_COLUMNS) if mind else \
-        preflight(inter, inter_fmt, lspec.required, "data.interactions")  # type: ignore[union-attr]
+    inp = check_inputs(cfg)  # the prepare job's own preflight (the fingerprint is file metadata only)
+    mind, inter, inter_fmt, items, items_fmt = inp.mind, inp.inter, inp.inter_fmt, inp.items, inp.items_fmt
+    cspec, lspec, item_headers, inter_headers = inp.cspec, inp.lspec, inp.item_headers, inp.inter_headers
     out = cfg.data_dir
     for name in (layout.ITEMS, layout.QUARANTINE, *OUTPUTS.values()):  # not synthetic/: it is the input
         shutil.rmtree(out / name, ignore_errors=True)

@@ -283,6 +283,16 @@ def serve_figures(runs: list[dict[str, Any]]) -> list[Figure]:
                                f"client{'s' if c > 1 else ''}{on}", "req/s", [s[c]["rps"] for s in serve],
                                [b[c]["rps"] for b in bare], "bare FastAPI app",
                                target=1.2 if c == max(serve[0]) else None))
+    if "serve_distinct_scaled" in r:  # the same workload with the second core used by each side
+        n = (r.get("config") or {}).get("scale_out", 2)
+        serve = [_by_clients(x["serve_distinct_scaled"]) for x in runs]
+        for ref, what in (("bare_distinct_1p", "bare FastAPI app, 1 process"),
+                          ("bare_distinct_scaled", f"bare FastAPI app, {n} uvicorn workers")):
+            bare = [_by_clients(x[ref]) for x in runs]
+            for c in sorted(serve[0]):
+                figs.append(Figure("serve", f"/v1/score requests/s, distinct users x candidates, Ray Serve {n} "
+                                   f"replicas, {c} clients{on}", "req/s", [s[c]["rps"] for s in serve],
+                                   [b[c]["rps"] for b in bare], what))
     if "recommend_catalog" in r:
         rc = [x["recommend_catalog"] for x in runs]
         figs.append(Figure("serve", f"/v1/recommend p50 latency, top 10 of {rc[0]['items']:,} items, Ray Serve vs "

@@ -8,7 +8,9 @@ Workloads, each a closed loop on loopback for a bounded time: 'same', POST /v1/s
 user x the same 100 precomputed candidates at 1, 4 and 16 concurrent clients (a batch of them
 shares its candidates: scored all pairs over their union); 'distinct', every request a different
 user with a different set of 100 candidates (512 request bodies sent round robin over 20,000
-items and 1,000 users) at 1 and 16 clients (a batch gathers each request's own candidates).
+items and 1,000 users) at 1 and 16 clients (a batch gathers each request's own candidates); then,
+at 16 clients, the app at 2 replicas (the config's default max_replicas) against the bare app in 1
+process and in 2 uvicorn workers.
 Embeddings are random (scoring-only figures do not depend on their values) with t5-small's width:
 d_model = 512, M = 8 user codes, N = 4 content codes; the registered model is a random-init T5 of
 that width but one layer deep (only the cold path would run it, and these workloads have none).
@@ -72,6 +74,7 @@ TARGET_RECOMMEND_ADDED_MS = 3.0
 MODEL = dict(random_init=True, tokenizer="bundled", d_model=512, d_kv=64, d_ff=1024, num_layers=1,
              num_decoder_layers=1, num_heads=8, user_codes=8, content_codes=4, dropout=0.0)
 FLOOR_PREFIX = "/floor"
+SCALE_OUT = 2  # replicas (and bare uvicorn workers) of the scale-out point: the config's default max_replicas
 TARGET_ADDED_P50_MS = 2.0
 
 
@@ -336,6 +339,23 @@ def floor_api(response: bytes) -> FastAPI:
     return app
 
 
+BARE_ENV = "EMBSUM_BENCH_BARE_APP"  # the 2-worker bare app's workers read their config path and version here
+
+
+def bare_api_factory() -> FastAPI:
+    """The bare app in a uvicorn worker process ('api2': uvicorn starts each worker from this)."""
+    import torch
+
+    from serve.api import ApiSettings, InProcessScorer, build_api
+    from serve.bundle import load_bundle
+
+    setup_env()
+    torch.set_num_threads(1)
+    cfg_path, version = json.loads(os.environ[BARE_ENV])
+    cfg = config_from_dict(json.loads(Path(cfg_path).read_text()))
+    return build_api(InProcessScorer(load_bundle(cfg, version)), ApiSettings.from_config(cfg.serve))
+
+
 def run_bare_app(mode: str, cfg_path: str, arg: str, port: int) -> None:
     import torch
     import uvicorn
@@ -344,6 +364,11 @@ def run_bare_app(mode: str, cfg_path: str, arg: str, port: int) -> None:
     from serve.bundle import load_bundle
 
     torch.set_num_threads(1)
+    if mode == "api2":  # the same app in 2 uvicorn worker processes: what 2 replicas are compared with
+        os.environ[BARE_ENV] = json.dumps([cfg_path, arg])
+        uvicorn.run("bench.serve_bench:bare_api_factory", factory=True, workers=SCALE_OUT, host="127.0.0.1",
+                    port=port, log_level="warning", access_log=False)
+        return
     if mode == "floor":
         app = floor_api(Path(arg).read_bytes())
     else:
@@ -353,7 +378,8 @@ def run_bare_app(mode: str, cfg_path: str, arg: str, port: int) -> None:
 
 
 def bare(mode: str, cfg_path: Path, arg: str, procs: list[subprocess.Popen]) -> str:
-    """Start the bare app ('api') or the bare floor ('floor') in a subprocess (added to ``procs``)."""
+    """Start the bare app ('api'; 'api2': in 2 uvicorn workers) or the bare floor ('floor') in a
+    subprocess (added to ``procs``)."""
     port = free_port()
     procs.append(subprocess.Popen([sys.executable, "-m", "bench.serve_bench", "--bare-app", mode, str(cfg_path), arg,
                                    str(port)], cwd=REPO))
@@ -495,6 +521,34 @@ def interleaved(client: str, bodies: list[dict[str, Any]], targets: dict[str, st
     return {name: {c: combine(rs) for c, rs in by_c.items()} for name, by_c in got.items()}
 
 
+def _replicas_running(app: str, n: int, timeout_s: float = 300.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while sum(1 for p in serve_processes(app) if p.name() != "haproxy"
+              and p.cmdline()[0].startswith("ray::ServeReplica:")) != n:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"Serve app {app!r} did not reach {n} replica(s) in {timeout_s:.0f}s")
+        time.sleep(0.5)
+
+
+def scale_out_point(client: str, bodies: list[dict[str, Any]], cfg: Config, urls: dict[str, str], clients: int,
+                    seconds: float, rounds: int, procs_of: Any) -> dict[str, dict[int, dict[str, Any]]]:
+    """The distinct workload with the app at SCALE_OUT replicas (1 CPU and 1 torch thread each; the
+    config's default max_replicas, pinned so no autoscaling ramp is measured) against the bare app
+    in 1 process and in SCALE_OUT uvicorn workers: on a 2-core machine, what using the second core
+    gives each. Then the app goes back to 1 replica."""
+    from embsum.config import replace
+    from serve import control as serve_app
+
+    wide = replace(replace(cfg, "serve.max_replicas", SCALE_OUT), "serve.min_replicas", SCALE_OUT)
+    serve_app.deploy(wide)
+    _replicas_running(serve_app.APP_NAME, SCALE_OUT)
+    wait_ready(urls["serve_distinct_scaled"].removesuffix("/v1/score"))
+    got = interleaved(client, bodies, urls, [clients], seconds, rounds, procs_of)
+    serve_app.deploy(cfg)
+    _replicas_running(serve_app.APP_NAME, 1)
+    return got
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.serve_bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -563,7 +617,8 @@ def main(argv: list[str] | None = None) -> int:
                                           "distinct_bodies": N_BODIES, "workloads": workloads, "model": MODEL,
                                           "torch_threads": 1, "batch_wait_timeout_s": cfg.serve.batch_wait_timeout_s,
                                           "waits": waits, "max_batch_size": cfg.serve.max_batch_size,
-                                          "ingress": ingresses, "load_generator": client, "replicas": 1},
+                                          "ingress": ingresses, "load_generator": client, "replicas": 1,
+                                          "scale_out": SCALE_OUT},
                                "machine": machine}
     with torch.inference_mode():
         results["inprocess_score"] = timed_loop(lambda: Predictor.score(upe, cpe, key), seconds)
@@ -585,6 +640,7 @@ def main(argv: list[str] | None = None) -> int:
             check_scores(bare_url, b, w)
         (work / "response.json").write_bytes(response)
         bare_floor_url = bare("floor", cfg_path, str(work / "response.json"), procs)
+        bare2_url = bare("api2", cfg_path, version, procs)
         ray.init(address="local", num_cpus=4, include_dashboard=False)
         ray_started = True
         base = f"http://127.0.0.1:{cfg.serve.port}"
@@ -596,6 +652,8 @@ def main(argv: list[str] | None = None) -> int:
                 run_cfg = replace(bench_config(work, cfg.serve.port, batch_wait=wait, ingress=ingress),
                                   "serve.route_prefix", route)
                 serve_app.deploy(run_cfg, name=serve_app.APP_NAME if i == 0 else f"embsum-wait{i}")
+                if i == 0:
+                    primary_cfg = run_cfg  # the app at "/", the one the distinct workload hits
                 url = base + route.rstrip("/")
                 wait_ready(url)
                 check_scores(url, body, want)
@@ -607,7 +665,8 @@ def main(argv: list[str] | None = None) -> int:
 
             def procs_of(name: str, apps: dict[str, str] = apps) -> list[Any]:
                 if name.startswith("bare"):
-                    return [psutil.Process(procs[1 if "floor" in name else 0].pid)]
+                    proc = psutil.Process(procs[2 if name.endswith("_scaled") else 1 if "floor" in name else 0].pid)
+                    return [proc, *proc.children(recursive=True)]
                 return serve_processes("floor" if name.endswith("_floor") else apps.get(name, serve_app.APP_NAME))
 
             names = []
@@ -620,6 +679,11 @@ def main(argv: list[str] | None = None) -> int:
                 pair = {"bare_distinct": bare_url + "/v1/score", "serve_distinct": base + "/v1/score"}
                 results.update(interleaved(client, distinct, pair, ends, seconds, rounds, procs_of))
                 names += list(pair)
+                wide = {"bare_distinct_1p": bare_url + "/v1/score", "bare_distinct_scaled": bare2_url + "/v1/score",
+                        "serve_distinct_scaled": base + "/v1/score"}
+                results.update(scale_out_point(client, distinct, primary_cfg, wide, ends[-1], seconds, rounds,
+                                               procs_of))
+                names += list(wide)
             floors = {f"bare_floor{during}": bare_floor_url + "/v1/score",
                       f"{prefix}_floor": base + FLOOR_PREFIX + "/v1/score"}
             results.update(interleaved(client, [body], floors, ends, seconds, rounds, procs_of))

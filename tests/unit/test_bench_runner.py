@@ -70,7 +70,7 @@ def fake_results() -> dict[str, list[dict]]:
                    "single": [{"cold_items_per_s": 1000.0, "items_per_s": 1200.0, "items_steady_per_s": 1250.0,
                                "users_per_s": 50.0, "job_seconds": 45.0}],
                    "memory": {"ray": mem, "single": {"peak_rss_mb": 800.0, "peak_pss_mb": 800.0}}}],
-        "serve": [{"config": {"batch_wait_timeout_s": 0.004},
+        "serve": [{"config": {"batch_wait_timeout_s": 0.004, "scale_out": 2},
                    "inprocess_score": {"p50_ms": 0.2, "p99_ms": 4.0, "rps": 1200.0},
                    "bare": {"1": {"p50_ms": 1.5, "p99_ms": 17.0, "rps": 320.0},
                             "16": {"p50_ms": 35.0, "p99_ms": 380.0, "rps": 290.0}},
@@ -82,6 +82,9 @@ def fake_results() -> dict[str, list[dict]]:
                                      "16": {"p50_ms": 20.0, "p99_ms": 40.0, "rps": 700.0}},
                    "serve_distinct": {"1": {"p50_ms": 2.0, "p99_ms": 5.0, "rps": 450.0},
                                       "16": {"p50_ms": 15.0, "p99_ms": 35.0, "rps": 910.0}},
+                   "bare_distinct_1p": {"16": {"p50_ms": 20.0, "p99_ms": 40.0, "rps": 720.0}},
+                   "bare_distinct_scaled": {"16": {"p50_ms": 12.0, "p99_ms": 30.0, "rps": 1200.0}},
+                   "serve_distinct_scaled": {"16": {"p50_ms": 14.0, "p99_ms": 30.0, "rps": 900.0}},
                    "recommend_catalog": {"items": 200000, "inprocess_p50_ms": 20.0, "serve_p50_ms": 24.0}}],
         "quality": [{"dataset": "book-crossing", "study": {"eval_negatives": 49, "tables": {"49": {
             "random": {"auc": {"values": [0.5]}, "ndcg10": {"values": [0.1]}},
@@ -127,7 +130,11 @@ def test_figures_of_every_benchmark() -> None:
     assert rps16.ratio == pytest.approx(95 / 290) and rps16.met is False
     added = next(f for n, f in serve.items() if "in-process" in n)
     assert added.met is False  # 27 ms vs 0.2 ms: far more than +2 ms
-    distinct = next(f for n, f in serve.items() if "distinct" in n and "16 clients" in n)
+    distinct = next(f for n, f in serve.items() if "distinct" in n and "16 clients" in n and "replicas" not in n)
+    scaled = [f for f in figs["serve"] if "Ray Serve 2 replicas, 16 clients" in f.name]
+    assert [(f.ref_name, f.ratio, f.target) for f in scaled] == [  # no target: the 1.2x is the 1-replica row's
+        ("bare FastAPI app, 1 process", pytest.approx(900 / 720), None),
+        ("bare FastAPI app, 2 uvicorn workers", pytest.approx(900 / 1200), None)]
     assert distinct.ratio == pytest.approx(910 / 700) and distinct.met is True and "AMD EPYC 7B13" in distinct.name
     rec = next(f for n, f in serve.items() if "/v1/recommend" in n)
     assert rec.met is False and "200,000 items" in rec.name  # 24 vs 20 ms: more than +3 ms

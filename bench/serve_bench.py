@@ -640,7 +640,6 @@ def main(argv: list[str] | None = None) -> int:
             check_scores(bare_url, b, w)
         (work / "response.json").write_bytes(response)
         bare_floor_url = bare("floor", cfg_path, str(work / "response.json"), procs)
-        bare2_url = bare("api2", cfg_path, version, procs)
         ray.init(address="local", num_cpus=4, include_dashboard=False)
         ray_started = True
         base = f"http://127.0.0.1:{cfg.serve.port}"
@@ -679,10 +678,17 @@ def main(argv: list[str] | None = None) -> int:
                 pair = {"bare_distinct": bare_url + "/v1/score", "serve_distinct": base + "/v1/score"}
                 results.update(interleaved(client, distinct, pair, ends, seconds, rounds, procs_of))
                 names += list(pair)
+                # Its own 2-worker bare app, only for this point: each worker holds a bundle (0.6 GB here),
+                # memory the points after it (the 200k-item catalog) should not compete with.
+                bare2_url = bare("api2", cfg_path, version, procs)
                 wide = {"bare_distinct_1p": bare_url + "/v1/score", "bare_distinct_scaled": bare2_url + "/v1/score",
                         "serve_distinct_scaled": base + "/v1/score"}
-                results.update(scale_out_point(client, distinct, primary_cfg, wide, ends[-1], seconds, rounds,
-                                               procs_of))
+                try:
+                    results.update(scale_out_point(client, distinct, primary_cfg, wide, ends[-1], seconds, rounds,
+                                                   procs_of))
+                finally:
+                    procs[2].terminate()
+                    procs[2].wait(30)
                 names += list(wide)
             floors = {f"bare_floor{during}": bare_floor_url + "/v1/score",
                       f"{prefix}_floor": base + FLOOR_PREFIX + "/v1/score"}

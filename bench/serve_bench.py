@@ -342,26 +342,27 @@ def floor_api(response: bytes) -> FastAPI:
 BARE_ENV = "EMBSUM_BENCH_BARE_APP"  # the 2-worker bare app's workers read their config path and version here
 
 
+def bare_api(cfg_path: str, version: str) -> FastAPI:
+    """The API code over ``version``'s bundle in this process, no Ray: the bare app."""
+    from serve.api import ApiSettings, InProcessScorer, build_api
+    from serve.bundle import load_bundle
+
+    cfg = config_from_dict(json.loads(Path(cfg_path).read_text()))
+    return build_api(InProcessScorer(load_bundle(cfg, version)), ApiSettings.from_config(cfg.serve))
+
+
 def bare_api_factory() -> FastAPI:
     """The bare app in a uvicorn worker process ('api2': uvicorn starts each worker from this)."""
     import torch
 
-    from serve.api import ApiSettings, InProcessScorer, build_api
-    from serve.bundle import load_bundle
-
     setup_env()
     torch.set_num_threads(1)
-    cfg_path, version = json.loads(os.environ[BARE_ENV])
-    cfg = config_from_dict(json.loads(Path(cfg_path).read_text()))
-    return build_api(InProcessScorer(load_bundle(cfg, version)), ApiSettings.from_config(cfg.serve))
+    return bare_api(*json.loads(os.environ[BARE_ENV]))
 
 
 def run_bare_app(mode: str, cfg_path: str, arg: str, port: int) -> None:
     import torch
     import uvicorn
-
-    from serve.api import ApiSettings, InProcessScorer, build_api
-    from serve.bundle import load_bundle
 
     torch.set_num_threads(1)
     if mode == "api2":  # the same app in 2 uvicorn worker processes: what 2 replicas are compared with
@@ -369,11 +370,7 @@ def run_bare_app(mode: str, cfg_path: str, arg: str, port: int) -> None:
         uvicorn.run("bench.serve_bench:bare_api_factory", factory=True, workers=SCALE_OUT, host="127.0.0.1",
                     port=port, log_level="warning", access_log=False)
         return
-    if mode == "floor":
-        app = floor_api(Path(arg).read_bytes())
-    else:
-        cfg = config_from_dict(json.loads(Path(cfg_path).read_text()))
-        app = build_api(InProcessScorer(load_bundle(cfg, arg)), ApiSettings.from_config(cfg.serve))
+    app = floor_api(Path(arg).read_bytes()) if mode == "floor" else bare_api(cfg_path, arg)
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
 
 
@@ -521,10 +518,23 @@ def interleaved(client: str, bodies: list[dict[str, Any]], targets: dict[str, st
     return {name: {c: combine(rs) for c, rs in by_c.items()} for name, by_c in got.items()}
 
 
+def _replicas(app: str) -> int:
+    """Replica processes of ``app`` now (one that exits while being looked at is not counted)."""
+    import psutil
+
+    n = 0
+    for proc in serve_processes(app):
+        try:
+            cmd = proc.cmdline()
+        except psutil.Error:
+            continue
+        n += bool(cmd) and cmd[0].startswith("ray::ServeReplica:")
+    return n
+
+
 def _replicas_running(app: str, n: int, timeout_s: float = 300.0) -> None:
     deadline = time.monotonic() + timeout_s
-    while sum(1 for p in serve_processes(app) if p.name() != "haproxy"
-              and p.cmdline()[0].startswith("ray::ServeReplica:")) != n:
+    while _replicas(app) != n:
         if time.monotonic() > deadline:
             raise RuntimeError(f"Serve app {app!r} did not reach {n} replica(s) in {timeout_s:.0f}s")
         time.sleep(0.5)
@@ -640,6 +650,7 @@ def main(argv: list[str] | None = None) -> int:
             check_scores(bare_url, b, w)
         (work / "response.json").write_bytes(response)
         bare_floor_url = bare("floor", cfg_path, str(work / "response.json"), procs)
+        bare_procs = {"api": procs[0], "floor": procs[1]}  # the bare servers, by what they serve
         ray.init(address="local", num_cpus=4, include_dashboard=False)
         ray_started = True
         base = f"http://127.0.0.1:{cfg.serve.port}"
@@ -664,7 +675,8 @@ def main(argv: list[str] | None = None) -> int:
 
             def procs_of(name: str, apps: dict[str, str] = apps) -> list[Any]:
                 if name.startswith("bare"):
-                    proc = psutil.Process(procs[2 if name.endswith("_scaled") else 1 if "floor" in name else 0].pid)
+                    kind = "api2" if name.endswith("_scaled") else "floor" if "floor" in name else "api"
+                    proc = psutil.Process(bare_procs[kind].pid)
                     return [proc, *proc.children(recursive=True)]
                 return serve_processes("floor" if name.endswith("_floor") else apps.get(name, serve_app.APP_NAME))
 
@@ -681,14 +693,15 @@ def main(argv: list[str] | None = None) -> int:
                 # Its own 2-worker bare app, only for this point: each worker holds a bundle (0.6 GB here),
                 # memory the points after it (the 200k-item catalog) should not compete with.
                 bare2_url = bare("api2", cfg_path, version, procs)
+                bare_procs["api2"] = procs[-1]
                 wide = {"bare_distinct_1p": bare_url + "/v1/score", "bare_distinct_scaled": bare2_url + "/v1/score",
                         "serve_distinct_scaled": base + "/v1/score"}
                 try:
                     results.update(scale_out_point(client, distinct, primary_cfg, wide, ends[-1], seconds, rounds,
                                                    procs_of))
                 finally:
-                    procs[2].terminate()
-                    procs[2].wait(30)
+                    bare_procs["api2"].terminate()
+                    bare_procs["api2"].wait(30)
                 names += list(wide)
             floors = {f"bare_floor{during}": bare_floor_url + "/v1/score",
                       f"{prefix}_floor": base + FLOOR_PREFIX + "/v1/score"}

@@ -31,6 +31,11 @@ materialized), so each node's object store holds about its share of the rows in 
 Outputs are written under WORKDIR (a local path of the driver and the workers): on a multi-node
 cluster WORKDIR must be shared storage, as ``train.storage_path`` must. Inputs may be any URI.
 
+Concurrency: one task per core (_task_slots). The local cluster embsum starts declares more
+logical CPUs than the machine has cores (for Data beside Train); there the plan tasks ask for the
+difference and every step is capped at one task per core, which saved a sixth of the job's
+CPU-seconds on 2 cores. Read blocks and user partitions are counted in those slots.
+
 Cost (bench/prepare_bench.py, 2 cores): a hash shuffle of 200k parsed impressions costs ~1 CPU-s
 once its workers run (Ray 2.60's task-based SHUFFLE_V2; the aggregator-actor shuffle measured
 earlier cost ~12). Per-row cost and driver memory at 200k / 800k / 3.2M are in the README.
@@ -90,7 +95,8 @@ from embsum.runtime import init_ray, use_hash_shuffle
 from .prepare_inputs import Inputs, check_inputs
 from .prepare_report import build_report, summary_line
 
-BLOCKS_PER_CPU = 2  # parse blocks per cluster CPU, so a single big file is parsed by all of them
+BLOCKS_PER_SLOT = 4  # parse blocks per task slot: a single big file is parsed by all of them, and the shuffle after
+# the parse starts on the first blocks while the others are parsed
 ROWS_PER_BLOCK = (10_000, 50_000)  # ... within these bounds (smaller blocks cost more than they give)
 # Records per user partition (one plan task each): at least one partition per CPU, more when a
 # task would hold too many rows in memory, fewer when tasks would be too small to pay for themselves.
@@ -102,6 +108,7 @@ PUBLISHED = (layout.ITEMS, layout.QUARANTINE, layout.REPORT, *OUTPUTS.values()) 
 # The console's steps: after the catalog, parsing, the shuffles and the plan/write tasks stream as one.
 STEPS = {"catalog": "reading the item catalog",
          "group_plan_write": "parsing, grouping by user, planning and writing examples"}
+
 
 _OBJECTS: dict[str, Any] = {}  # per worker process: object-store values already fetched
 
@@ -168,17 +175,44 @@ def _cpus() -> int:
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
-def _ranges(src: Source, fmt: str, headed: bool, cpus: int) -> tuple[list[Chunk] | list[RowGroups], int]:
+def _task_slots(one_machine: bool, cpus: int, cores: int) -> tuple[int, float]:
+    """(tasks the job runs at once, CPUs each task asks for). One task per core: the local cluster
+    embsum starts declares more logical CPUs than the machine has cores, on purpose
+    (embsum.runtime.local_num_cpus: Data beside Train), and the prepare tasks are CPU-bound, so
+    there the plan tasks ask for logical CPUs / cores each and every step runs at most one task per
+    core. At 200k impressions on 2 cores (4 logical CPUs) the job spent 26-27 CPU-s instead of
+    30-34, and 15.8-16.9 s instead of 17.1-19.0 (bench/prepare_bench.py's Ray side, A/B).
+    ``one_machine``: the cluster is this machine (_on_one_machine); elsewhere (KubeRay pods, whose
+    logical CPUs are their cores) one task per CPU. ``cpus``: the cluster's; ``cores``: this machine's."""
+    if one_machine and cpus > cores:
+        return cores, cpus / cores
+    return cpus, 1.0
+
+
+def _on_one_machine(cfg: Config) -> bool:
+    """The cluster is a single node started on this machine (``ray.address`` null): its CPUs and
+    this process's cores are the same hardware."""
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) > 0]
+    return cfg.ray.address is None and len(nodes) == 1
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _ranges(src: Source, fmt: str, headed: bool, slots: int) -> tuple[list[Chunk] | list[RowGroups], int]:
     """(read ranges, estimated rows): enough ranges that all CPUs parse, each within
     ROWS_PER_BLOCK rows (text: estimated from the first file's head; parquet: from the footers)."""
     lo, hi = ROWS_PER_BLOCK
     if fmt == "parquet":
         groups = split_row_groups(src, lo)  # fine-grained first: the footers give exact rows
         rows = sum(g.rows for g in groups)
-        per_block = min(hi, max(lo, math.ceil(rows / (BLOCKS_PER_CPU * cpus))))
+        per_block = min(hi, max(lo, math.ceil(rows / (BLOCKS_PER_SLOT * slots))))
         return (split_row_groups(src, per_block) if per_block > lo else groups), rows
     rows = estimate_rows(src)
-    per_block = min(hi, max(lo, math.ceil(rows / (BLOCKS_PER_CPU * cpus))))
+    per_block = min(hi, max(lo, math.ceil(rows / (BLOCKS_PER_SLOT * slots))))
     total = sum(f.size for f in src.files)
     chunks = split_lines(src, math.ceil(per_block * total / rows), headed)
     f = src.files[0]  # no bytes at all: one empty chunk, so the job still runs (and writes empty outputs)
@@ -186,19 +220,33 @@ def _ranges(src: Source, fmt: str, headed: bool, cpus: int) -> tuple[list[Chunk]
 
 
 def _parsed(src: Source, fmt: str, headed: bool, parse: Callable[..., pa.Table], kwargs: dict,
-            columns: list[str] | None = None) -> tuple[Any, int, int]:
+            slots: tuple[int, float], columns: list[str] | None = None) -> tuple[Any, int, int]:
     """(a Dataset of ``parse`` applied to the numbered rows of every file, estimated rows, read
-    blocks). Parquet reads only ``columns`` (None: all)."""
+    blocks). Parquet reads only ``columns`` (None: all). ``slots``: see _task_slots."""
     import ray.data
 
     from .numbered_rows import NumberedRows
 
-    ranges, rows = _ranges(src, fmt, headed, _cpus())
+    ranges, rows = _ranges(src, fmt, headed, slots[0])
     ds = ray.data.read_datasource(NumberedRows(src.filesystem, ranges, columns), override_num_blocks=len(ranges))
-    return ds.map_batches(parse, fn_kwargs=kwargs, batch_format="pyarrow", batch_size=None), rows, len(ranges)
+    return _map(ds, parse, slots, **kwargs), rows, len(ranges)
 
 
-def _catalog_rows(items: Source, items_fmt: str, cspec: CatalogSpec, headers: dict, cfg: Config) -> pa.Table:
+def _map(ds: Any, fn: Callable[..., pa.Table], slots: tuple[int, float], *, heavy: bool = False,
+         **kwargs: Any) -> Any:
+    """``ds.map_batches(fn)`` on whole blocks as Arrow, at most ``slots[0]`` tasks at once (see
+    _task_slots). Only the ``heavy`` step (plan + write) asks for ``slots[1]`` CPUs per task: the
+    others ask for one, because Ray Data reserves one task's CPUs for every operator that can run
+    and the parse stage shares the cluster with the shuffle's map tasks (2-CPU parse tasks ran one
+    at a time on 4 logical CPUs)."""
+    if slots[1] == 1.0:  # one task per CPU is one per core: Ray Data's defaults
+        return ds.map_batches(fn, fn_kwargs=kwargs, batch_format="pyarrow", batch_size=None)
+    return ds.map_batches(fn, fn_kwargs=kwargs, batch_format="pyarrow", batch_size=None,
+                          num_cpus=slots[1] if heavy else 1.0, concurrency=slots[0])
+
+
+def _catalog_rows(items: Source, items_fmt: str, cspec: CatalogSpec, headers: dict, cfg: Config,
+                  slots: tuple[int, float]) -> pa.Table:
     """Parsed catalog rows (collected: the driver builds the index every task looks items up in).
     One chunk's worth is parsed here: the tokenizer is already loaded here (a worker would first
     import transformers: CPU-seconds)."""
@@ -207,19 +255,33 @@ def _catalog_rows(items: Source, items_fmt: str, cspec: CatalogSpec, headers: di
     kwargs: dict[str, Any] = dict(spec=cspec, headers=headers, model=cfg.model)
     fmt, headed = ("tsv" if items_fmt == "mind" else items_fmt), items_fmt in ("csv", "tsv")
     if fmt != "parquet":
-        chunks, _ = _ranges(items, fmt, headed, _cpus())
+        chunks, _ = _ranges(items, fmt, headed, slots[0])
         if len(chunks) == 1:
             # A text format's range is a Chunk (RowGroups are parquet's).
             table = read_chunk(items.filesystem, chunks[0])  # type: ignore[arg-type]
             return _parse_catalog_task(table, **kwargs).cast(CATALOG_SCHEMA)
-    ds, _, _ = _parsed(items, fmt, headed, _parse_catalog_task, kwargs)
+    ds, _, _ = _parsed(items, fmt, headed, _parse_catalog_task, kwargs, slots)
     tables = [t for t in ray.get(ds.to_arrow_refs()) if t.num_rows]
     return pa.concat_tables(tables).cast(CATALOG_SCHEMA) if tables else CATALOG_SCHEMA.empty_table()
 
 
-def _partitions(rows: int, cpus: int) -> int:
+def _data_settings(one_machine: bool) -> dict[str, Any]:
+    """Ray Data settings of this job (DataContext attributes). On one machine the shuffles' shards
+    never cross a network, so they are compressed with lz4 rather than Ray's default zstd (cheaper
+    per byte, still about halving what the object store holds); a cluster of several nodes keeps
+    Ray's default (its shards travel)."""
+    return {"shuffle_compression": "lz4"} if one_machine else {}
+
+
+def _partitions(rows: int, slots: int) -> int:
+    """User partitions (plan tasks): within ROWS_PER_PARTITION rows each, at least one per task
+    slot, and a whole number of waves of ``slots`` tasks when there are more (3 tasks on 2 slots
+    leave one core idle through the last one)."""
     lo, hi = ROWS_PER_PARTITION
-    return max(1, min(max(cpus, math.ceil(rows / hi)), math.ceil(rows / lo)))
+    most = math.ceil(rows / lo)
+    n = max(1, min(max(slots, math.ceil(rows / hi)), most))
+    waves = math.ceil(n / slots) * slots
+    return waves if waves <= most else n
 
 
 class _Steps:
@@ -237,11 +299,11 @@ class _Steps:
             events.progress(STEPS[following], len(self.seconds), len(STEPS), "steps")
 
 
-def _stage_catalog(cfg: Config, inp: Inputs, staging: Path) -> Catalog:
+def _stage_catalog(cfg: Config, inp: Inputs, staging: Path, slots: tuple[int, float]) -> Catalog:
     """2. catalog: parse + tokenize, dedupe on the driver; write items.parquet, its quarantine rows
     and the (empty) output folders into ``staging``."""
     tok = cached_tokenizer(cfg.model)
-    catalog = build_catalog(_catalog_rows(inp.items, inp.items_fmt, inp.cspec, inp.item_headers, cfg), tok)
+    catalog = build_catalog(_catalog_rows(inp.items, inp.items_fmt, inp.cspec, inp.item_headers, cfg, slots), tok)
     if len(catalog.index) == 0:
         raise ValueError(f"data.items: no valid item in {[f.uri for f in inp.items.files]} "
                          f"({catalog.quarantine.num_rows} rows quarantined: "
@@ -255,7 +317,8 @@ def _stage_catalog(cfg: Config, inp: Inputs, staging: Path) -> Catalog:
     return catalog
 
 
-def _plan_and_write(cfg: Config, inp: Inputs, index_ref: Any, staging: Path) -> tuple[Counter, int, int]:
+def _plan_and_write(cfg: Config, inp: Inputs, index_ref: Any, staging: Path,
+                    slots: tuple[int, float]) -> tuple[Counter, int, int]:
     """3-5, streamed from shuffle to shuffle: parse the interactions in their read tasks, mark
     duplicate impression ids, group by user, then plan + tensorize + write one partition per task.
     -> (the partitions' summed counts, partitions, read blocks)."""
@@ -263,18 +326,14 @@ def _plan_and_write(cfg: Config, inp: Inputs, index_ref: Any, staging: Path) -> 
     parsed, est_rows, read_blocks = _parsed(inp.inter, inp.inter_fmt, not mind and inp.inter_fmt in ("csv", "tsv"),
                                             _parse_interactions_task,
                                             dict(mind=mind, spec=lspec, headers=inp.inter_headers, index_ref=index_ref),
-                                            columns=None if mind else list(lspec.required))  # type: ignore[union-attr]
-    n_parts = _partitions(est_rows, _cpus())
+                                            slots, columns=None if mind else list(lspec.required))  # type: ignore[union-attr]
+    n_parts = _partitions(est_rows, slots[0])
     if mind or (lspec is not None and lspec.impression_col):  # a shuffle by impression id marks duplicates
-        parsed = parsed.map_batches(impression_route, batch_format="pyarrow", batch_size=None) \
-            .repartition(n_parts, keys=[ROUTE]) \
-            .map_batches(_mark_duplicates_task, fn_kwargs=dict(mind=mind), batch_format="pyarrow",
-                         batch_size=None)
-    out = parsed.map_batches(user_route, batch_format="pyarrow", batch_size=None) \
-        .repartition(n_parts, keys=[ROUTE]) \
-        .map_batches(_plan_write_task, batch_format="pyarrow", batch_size=None, fn_kwargs=dict(
-            spec=PlanSpec.from_config(cfg, mind), index_ref=index_ref, negatives=cfg.data.negatives,
-            out=str(staging)))
+        parsed = _map(_map(parsed, impression_route, slots).repartition(n_parts, keys=[ROUTE]),
+                      _mark_duplicates_task, slots, mind=mind)
+    out = _map(_map(parsed, user_route, slots).repartition(n_parts, keys=[ROUTE]), _plan_write_task, slots,
+               heavy=True, spec=PlanSpec.from_config(cfg, mind), index_ref=index_ref, negatives=cfg.data.negatives,
+               out=str(staging))
     stats: Counter = Counter()
     partitions = 0
     for s in out.iter_rows():  # one row per user partition, as it finishes
@@ -306,17 +365,23 @@ def run_prepare(cfg: Config) -> dict[str, Any]:
     init_ray(cfg.ray)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = True
+    one_machine = _on_one_machine(cfg)
+    settings = _data_settings(one_machine)
+    saved = {k: getattr(ctx, k) for k in settings}  # put back when the job ends: later stages share ctx
+    for k, v in settings.items():
+        setattr(ctx, k, v)
     use_hash_shuffle(ctx)
+    slots = _task_slots(one_machine, _cpus(), _cores())
     steps = _Steps()
     data_dir = cfg.data_dir
     data_dir.mkdir(parents=True, exist_ok=True)
     staging = data_dir / f".prepare-{uuid.uuid4().hex[:8]}"
     staging.mkdir()
     try:
-        catalog = _stage_catalog(cfg, inp, staging)
+        catalog = _stage_catalog(cfg, inp, staging, slots)
         index_ref = ray.put(catalog.index)
         steps.lap("catalog")
-        stats, partitions, read_blocks = _plan_and_write(cfg, inp, index_ref, staging)
+        stats, partitions, read_blocks = _plan_and_write(cfg, inp, index_ref, staging, slots)
         _write_empty_outputs(cfg, staging)
         steps.lap("group_plan_write")
         report = build_report(cfg, inp.fingerprint, inp.inter, inp.items, catalog, stats,
@@ -324,6 +389,7 @@ def run_prepare(cfg: Config) -> dict[str, Any]:
         report["stage_seconds"] = steps.seconds
         report["cluster_cpus"] = ray.cluster_resources().get("CPU")
         report["plan_partitions"] = partitions
+        report["task_slots"] = slots[0]
         report["read_blocks"] = read_blocks
         report["parsed_bytes"] = stats.get("input.bytes", 0)
         (staging / layout.REPORT).write_text(json.dumps(report, indent=2, sort_keys=True))
@@ -331,6 +397,8 @@ def run_prepare(cfg: Config) -> dict[str, Any]:
             _replace(staging / name, data_dir / name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        for k, v in saved.items():
+            setattr(ctx, k, v)
     events.summary(summary_line(report))
     return report
 

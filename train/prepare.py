@@ -32,9 +32,9 @@ Outputs are written under WORKDIR (a local path of the driver and the workers): 
 cluster WORKDIR must be shared storage, as ``train.storage_path`` must. Inputs may be any URI.
 
 Concurrency: one task per core (_task_slots). The local cluster embsum starts declares more
-logical CPUs than the machine has cores (for Data beside Train); there the plan tasks ask for the
-difference and every step is capped at one task per core, which saved a sixth of the job's
-CPU-seconds on 2 cores. Read blocks and user partitions are counted in those slots.
+logical CPUs than the machine has cores (for Data beside Train); there the job caps Ray Data's
+CPUs at the cores, which saved about a seventh of the job's CPU-seconds on 2 cores. Read blocks
+and user partitions are counted in those slots.
 
 Cost (bench/prepare_bench.py, 2 cores): a hash shuffle of 200k parsed impressions costs ~1 CPU-s
 once its workers run (Ray 2.60's task-based SHUFFLE_V2; the aggregator-actor shuffle measured
@@ -175,18 +175,15 @@ def _cpus() -> int:
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
-def _task_slots(one_machine: bool, cpus: int, cores: int) -> tuple[int, float]:
-    """(tasks the job runs at once, CPUs each task asks for). One task per core: the local cluster
-    embsum starts declares more logical CPUs than the machine has cores, on purpose
-    (embsum.runtime.local_num_cpus: Data beside Train), and the prepare tasks are CPU-bound, so
-    there the plan tasks ask for logical CPUs / cores each and every step runs at most one task per
-    core. At 200k impressions on 2 cores (4 logical CPUs) the job spent 26-27 CPU-s instead of
-    30-34, and 15.8-16.9 s instead of 17.1-19.0 (bench/prepare_bench.py's Ray side, A/B).
-    ``one_machine``: the cluster is this machine (_on_one_machine); elsewhere (KubeRay pods, whose
-    logical CPUs are their cores) one task per CPU. ``cpus``: the cluster's; ``cores``: this machine's."""
-    if one_machine and cpus > cores:
-        return cores, cpus / cores
-    return cpus, 1.0
+def _task_slots(one_machine: bool, cpus: int, cores: int) -> int:
+    """Tasks the job runs at once: one per core. The local cluster embsum starts declares more
+    logical CPUs than the machine has cores, on purpose (embsum.runtime.local_num_cpus: Data
+    beside Train); the prepare tasks are CPU-bound, so there the job caps Ray Data at the cores
+    (run_prepare). On 2 cores (4 logical CPUs), 800k impressions: 111 CPU-s and 69 s capped
+    against 128-134 CPU-s and 70-83 s with 3 or 4 tasks at once. ``one_machine``: the cluster is
+    this machine (_on_one_machine); elsewhere (KubeRay pods, whose logical CPUs are their cores)
+    one task per CPU. ``cpus``: the cluster's; ``cores``: this machine's."""
+    return cores if one_machine and cpus > cores else cpus
 
 
 def _on_one_machine(cfg: Config) -> bool:
@@ -220,33 +217,28 @@ def _ranges(src: Source, fmt: str, headed: bool, slots: int) -> tuple[list[Chunk
 
 
 def _parsed(src: Source, fmt: str, headed: bool, parse: Callable[..., pa.Table], kwargs: dict,
-            slots: tuple[int, float], columns: list[str] | None = None) -> tuple[Any, int, int]:
+            slots: int, columns: list[str] | None = None) -> tuple[Any, int, int]:
     """(a Dataset of ``parse`` applied to the numbered rows of every file, estimated rows, read
     blocks). Parquet reads only ``columns`` (None: all). ``slots``: see _task_slots."""
     import ray.data
 
     from .numbered_rows import NumberedRows
 
-    ranges, rows = _ranges(src, fmt, headed, slots[0])
+    ranges, rows = _ranges(src, fmt, headed, slots)
     ds = ray.data.read_datasource(NumberedRows(src.filesystem, ranges, columns), override_num_blocks=len(ranges))
-    return _map(ds, parse, slots, **kwargs), rows, len(ranges)
+    return _map(ds, parse, **kwargs), rows, len(ranges)
 
 
-def _map(ds: Any, fn: Callable[..., pa.Table], slots: tuple[int, float], *, heavy: bool = False,
-         **kwargs: Any) -> Any:
-    """``ds.map_batches(fn)`` on whole blocks as Arrow, at most ``slots[0]`` tasks at once (see
-    _task_slots). Only the ``heavy`` step (plan + write) asks for ``slots[1]`` CPUs per task: the
-    others ask for one, because Ray Data reserves one task's CPUs for every operator that can run
-    and the parse stage shares the cluster with the shuffle's map tasks (2-CPU parse tasks ran one
-    at a time on 4 logical CPUs)."""
-    if slots[1] == 1.0:  # one task per CPU is one per core: Ray Data's defaults
-        return ds.map_batches(fn, fn_kwargs=kwargs, batch_format="pyarrow", batch_size=None)
-    return ds.map_batches(fn, fn_kwargs=kwargs, batch_format="pyarrow", batch_size=None,
-                          num_cpus=slots[1] if heavy else 1.0, concurrency=slots[0])
+def _map(ds: Any, fn: Callable[..., pa.Table], **kwargs: Any) -> Any:
+    """``ds.map_batches(fn)`` on whole blocks as Arrow, with Ray Data's default resources, so each
+    step fuses into the read or the shuffle before it (any ``num_cpus`` or ``concurrency`` of its
+    own would make it an operator of its own, each block then making an extra trip through the
+    object store, and the plan tasks waiting for CPUs the shuffle's reduce tasks hold)."""
+    return ds.map_batches(fn, fn_kwargs=kwargs, batch_format="pyarrow", batch_size=None)
 
 
 def _catalog_rows(items: Source, items_fmt: str, cspec: CatalogSpec, headers: dict, cfg: Config,
-                  slots: tuple[int, float]) -> pa.Table:
+                  slots: int) -> pa.Table:
     """Parsed catalog rows (collected: the driver builds the index every task looks items up in).
     One chunk's worth is parsed here: the tokenizer is already loaded here (a worker would first
     import transformers: CPU-seconds)."""
@@ -255,7 +247,7 @@ def _catalog_rows(items: Source, items_fmt: str, cspec: CatalogSpec, headers: di
     kwargs: dict[str, Any] = dict(spec=cspec, headers=headers, model=cfg.model)
     fmt, headed = ("tsv" if items_fmt == "mind" else items_fmt), items_fmt in ("csv", "tsv")
     if fmt != "parquet":
-        chunks, _ = _ranges(items, fmt, headed, slots[0])
+        chunks, _ = _ranges(items, fmt, headed, slots)
         if len(chunks) == 1:
             # A text format's range is a Chunk (RowGroups are parquet's).
             table = read_chunk(items.filesystem, chunks[0])  # type: ignore[arg-type]
@@ -299,7 +291,7 @@ class _Steps:
             events.progress(STEPS[following], len(self.seconds), len(STEPS), "steps")
 
 
-def _stage_catalog(cfg: Config, inp: Inputs, staging: Path, slots: tuple[int, float]) -> Catalog:
+def _stage_catalog(cfg: Config, inp: Inputs, staging: Path, slots: int) -> Catalog:
     """2. catalog: parse + tokenize, dedupe on the driver; write items.parquet, its quarantine rows
     and the (empty) output folders into ``staging``."""
     tok = cached_tokenizer(cfg.model)
@@ -318,7 +310,7 @@ def _stage_catalog(cfg: Config, inp: Inputs, staging: Path, slots: tuple[int, fl
 
 
 def _plan_and_write(cfg: Config, inp: Inputs, index_ref: Any, staging: Path,
-                    slots: tuple[int, float]) -> tuple[Counter, int, int]:
+                    slots: int) -> tuple[Counter, int, int]:
     """3-5, streamed from shuffle to shuffle: parse the interactions in their read tasks, mark
     duplicate impression ids, group by user, then plan + tensorize + write one partition per task.
     -> (the partitions' summed counts, partitions, read blocks)."""
@@ -327,12 +319,12 @@ def _plan_and_write(cfg: Config, inp: Inputs, index_ref: Any, staging: Path,
                                             _parse_interactions_task,
                                             dict(mind=mind, spec=lspec, headers=inp.inter_headers, index_ref=index_ref),
                                             slots, columns=None if mind else list(lspec.required))  # type: ignore[union-attr]
-    n_parts = _partitions(est_rows, slots[0])
+    n_parts = _partitions(est_rows, slots)
     if mind or (lspec is not None and lspec.impression_col):  # a shuffle by impression id marks duplicates
-        parsed = _map(_map(parsed, impression_route, slots).repartition(n_parts, keys=[ROUTE]),
-                      _mark_duplicates_task, slots, mind=mind)
-    out = _map(_map(parsed, user_route, slots).repartition(n_parts, keys=[ROUTE]), _plan_write_task, slots,
-               heavy=True, spec=PlanSpec.from_config(cfg, mind), index_ref=index_ref, negatives=cfg.data.negatives,
+        parsed = _map(_map(parsed, impression_route).repartition(n_parts, keys=[ROUTE]), _mark_duplicates_task,
+                      mind=mind)
+    out = _map(_map(parsed, user_route).repartition(n_parts, keys=[ROUTE]), _plan_write_task,
+               spec=PlanSpec.from_config(cfg, mind), index_ref=index_ref, negatives=cfg.data.negatives,
                out=str(staging))
     stats: Counter = Counter()
     partitions = 0
@@ -365,13 +357,16 @@ def run_prepare(cfg: Config) -> dict[str, Any]:
     init_ray(cfg.ray)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = True
-    one_machine = _on_one_machine(cfg)
+    one_machine, cpus = _on_one_machine(cfg), _cpus()
+    slots = _task_slots(one_machine, cpus, _cores())
     settings = _data_settings(one_machine)
-    saved = {k: getattr(ctx, k) for k in settings}  # put back when the job ends: later stages share ctx
+    # This job's settings are put back when it ends: the pipeline's later stages share the context.
+    saved, saved_limits = {k: getattr(ctx, k) for k in settings}, ctx.execution_options.resource_limits
     for k, v in settings.items():
         setattr(ctx, k, v)
+    if slots < cpus:
+        ctx.execution_options.resource_limits = saved_limits.copy(cpu=slots)
     use_hash_shuffle(ctx)
-    slots = _task_slots(one_machine, _cpus(), _cores())
     steps = _Steps()
     data_dir = cfg.data_dir
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -389,7 +384,7 @@ def run_prepare(cfg: Config) -> dict[str, Any]:
         report["stage_seconds"] = steps.seconds
         report["cluster_cpus"] = ray.cluster_resources().get("CPU")
         report["plan_partitions"] = partitions
-        report["task_slots"] = slots[0]
+        report["task_slots"] = slots
         report["read_blocks"] = read_blocks
         report["parsed_bytes"] = stats.get("input.bytes", 0)
         (staging / layout.REPORT).write_text(json.dumps(report, indent=2, sort_keys=True))
@@ -399,6 +394,7 @@ def run_prepare(cfg: Config) -> dict[str, Any]:
         shutil.rmtree(staging, ignore_errors=True)
         for k, v in saved.items():
             setattr(ctx, k, v)
+        ctx.execution_options.resource_limits = saved_limits
     events.summary(summary_line(report))
     return report
 

@@ -43,8 +43,18 @@ def _check_torch_batches(ray, cfg: Config, name: str, negatives: int) -> int:
 
 
 def test_synthetic_end_to_end_rerun_and_determinism(ray_cluster, tmp_path):
+    import os
+
+    import ray.data
+
     cfg = _synthetic(tmp_path)
+    ctx = ray.data.DataContext.get_current()
+    before = (ctx.execution_options.resource_limits, ctx.shuffle_compression)
     rep = run_prepare(cfg)
+    # One task per core on this one-machine cluster (its logical CPUs may outnumber the cores), and
+    # the job's Ray Data settings are put back for the stages after it.
+    assert rep["task_slots"] == min(rep["cluster_cpus"], len(os.sched_getaffinity(0)))
+    assert (ctx.execution_options.resource_limits, ctx.shuffle_compression) == before
     assert rep["rows_in"] == rep["rows_out"] == 300 and rep["quarantined"] == 0 and rep["items"]["items"] == 120
     assert rep["examples"]["train"] > 100 and rep["users"]["total"] == len(set(_table(cfg, layout.USERS)
                                                                                .column("user_id").to_pylist()))

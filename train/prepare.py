@@ -31,10 +31,10 @@ materialized), so each node's object store holds about its share of the rows in 
 Outputs are written under WORKDIR (a local path of the driver and the workers): on a multi-node
 cluster WORKDIR must be shared storage, as ``train.storage_path`` must. Inputs may be any URI.
 
-Concurrency: one task per core (_task_slots). The local cluster embsum starts declares more
-logical CPUs than the machine has cores (for Data beside Train); there the job caps Ray Data's
-CPUs at the cores, which saved about a seventh of the job's CPU-seconds on 2 cores. Read blocks
-and user partitions are counted in those slots.
+Concurrency: one task per core (train/prepare_slots.py). The local cluster embsum starts
+declares more logical CPUs than the machine has cores (for Data beside Train); there the job caps
+Ray Data's CPUs at the cores, which saved about a seventh of the job's CPU-seconds on 2 cores.
+Read blocks and user partitions are counted in those slots.
 
 Cost (bench/prepare_bench.py, 2 cores): a hash shuffle of 200k parsed impressions costs ~1 CPU-s
 once its workers run (Ray 2.60's task-based SHUFFLE_V2; the aggregator-actor shuffle measured
@@ -94,6 +94,7 @@ from embsum.runtime import init_ray, use_hash_shuffle
 
 from .prepare_inputs import Inputs, check_inputs
 from .prepare_report import build_report, summary_line
+from .prepare_slots import cluster_cpus, data_settings, machine_cores, on_one_machine, task_slots
 
 BLOCKS_PER_SLOT = 4  # parse blocks per task slot: a single big file is parsed by all of them, and the shuffle after
 # the parse starts on the first blocks while the others are parsed
@@ -169,36 +170,6 @@ def _plan_write_task(batch: pa.Table, spec: PlanSpec, index_ref: Any, negatives:
 
 # ---- driver ---------------------------------------------------------------------------------
 
-def _cpus() -> int:
-    import ray
-
-    return max(1, int(ray.cluster_resources().get("CPU", 1)))
-
-
-def _task_slots(one_machine: bool, cpus: int, cores: int) -> int:
-    """Tasks the job runs at once: one per core. The local cluster embsum starts declares more
-    logical CPUs than the machine has cores, on purpose (embsum.runtime.local_num_cpus: Data
-    beside Train); the prepare tasks are CPU-bound, so there the job caps Ray Data at the cores
-    (run_prepare). On 2 cores (4 logical CPUs), 800k impressions: 111 CPU-s and 69 s capped
-    against 128-134 CPU-s and 70-83 s with 3 or 4 tasks at once. ``one_machine``: the cluster is
-    this machine (_on_one_machine); elsewhere (KubeRay pods, whose logical CPUs are their cores)
-    one task per CPU. ``cpus``: the cluster's; ``cores``: this machine's."""
-    return cores if one_machine and cpus > cores else cpus
-
-
-def _on_one_machine(cfg: Config) -> bool:
-    """The cluster is a single node started on this machine (``ray.address`` null): its CPUs and
-    this process's cores are the same hardware."""
-    import ray
-
-    nodes = [n for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) > 0]
-    return cfg.ray.address is None and len(nodes) == 1
-
-
-def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
 def _ranges(src: Source, fmt: str, headed: bool, slots: int) -> tuple[list[Chunk] | list[RowGroups], int]:
     """(read ranges, estimated rows): enough ranges that all CPUs parse, each within
     ROWS_PER_BLOCK rows (text: estimated from the first file's head; parquet: from the footers)."""
@@ -219,7 +190,7 @@ def _ranges(src: Source, fmt: str, headed: bool, slots: int) -> tuple[list[Chunk
 def _parsed(src: Source, fmt: str, headed: bool, parse: Callable[..., pa.Table], kwargs: dict,
             slots: int, columns: list[str] | None = None) -> tuple[Any, int, int]:
     """(a Dataset of ``parse`` applied to the numbered rows of every file, estimated rows, read
-    blocks). Parquet reads only ``columns`` (None: all). ``slots``: see _task_slots."""
+    blocks). Parquet reads only ``columns`` (None: all). ``slots``: see prepare_slots.task_slots."""
     import ray.data
 
     from .numbered_rows import NumberedRows
@@ -255,14 +226,6 @@ def _catalog_rows(items: Source, items_fmt: str, cspec: CatalogSpec, headers: di
     ds, _, _ = _parsed(items, fmt, headed, _parse_catalog_task, kwargs, slots)
     tables = [t for t in ray.get(ds.to_arrow_refs()) if t.num_rows]
     return pa.concat_tables(tables).cast(CATALOG_SCHEMA) if tables else CATALOG_SCHEMA.empty_table()
-
-
-def _data_settings(one_machine: bool) -> dict[str, Any]:
-    """Ray Data settings of this job (DataContext attributes). On one machine the shuffles' shards
-    never cross a network, so they are compressed with lz4 rather than Ray's default zstd (cheaper
-    per byte, still about halving what the object store holds); a cluster of several nodes keeps
-    Ray's default (its shards travel)."""
-    return {"shuffle_compression": "lz4"} if one_machine else {}
 
 
 def _partitions(rows: int, slots: int) -> int:
@@ -357,9 +320,9 @@ def run_prepare(cfg: Config) -> dict[str, Any]:
     init_ray(cfg.ray)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = True
-    one_machine, cpus = _on_one_machine(cfg), _cpus()
-    slots = _task_slots(one_machine, cpus, _cores())
-    settings = _data_settings(one_machine)
+    one_machine, cpus = on_one_machine(cfg), cluster_cpus()
+    slots = task_slots(one_machine, cpus, machine_cores())
+    settings = data_settings(one_machine)
     # This job's settings are put back when it ends: the pipeline's later stages share the context.
     saved, saved_limits = {k: getattr(ctx, k) for k in settings}, ctx.execution_options.resource_limits
     for k, v in settings.items():

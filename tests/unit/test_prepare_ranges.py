@@ -40,9 +40,9 @@ def test_one_file_is_cut_for_every_slot_within_the_block_bounds(tmp_path, rows, 
     (False, 8, 2, 8),  # several nodes, or given by address: its CPUs are its nodes' cores
 ])
 def test_prepare_runs_one_task_per_core_on_the_local_cluster(one_machine, cpus, cores, expected):
-    from train.prepare import _task_slots
+    from train.prepare_slots import task_slots
 
-    assert _task_slots(one_machine, cpus, cores) == expected
+    assert task_slots(one_machine, cpus, cores) == expected
 
 
 @pytest.mark.parametrize("rows, slots, expected", [
@@ -53,7 +53,7 @@ def test_prepare_runs_one_task_per_core_on_the_local_cluster(one_machine, cpus, 
     (3_200_000, 2, 32),
     (3_200_000, 3, 33),
 ])
-def test_user_partitions_fill_whole_waves_of_task_slots(rows, slots, expected):
+def test_user_partitions_fill_whole_waves_oftask_slots(rows, slots, expected):
     from train.prepare import ROWS_PER_PARTITION, _partitions
 
     n = _partitions(rows, slots)
@@ -63,7 +63,7 @@ def test_user_partitions_fill_whole_waves_of_task_slots(rows, slots, expected):
 
 
 def test_the_jobs_data_settings_compress_shuffles_cheaply_where_they_do_not_travel():
-    from train.prepare import _data_settings
+    from train.prepare_slots import data_settings
 
-    assert _data_settings(True) == {"shuffle_compression": "lz4"}  # one machine: the cheaper codec
-    assert _data_settings(False) == {}  # shards travel between nodes: Ray's default codec stays
+    assert data_settings(True) == {"shuffle_compression": "lz4"}  # one machine: the cheaper codec
+    assert data_settings(False) == {}  # shards travel between nodes: Ray's default codec stays

@@ -96,10 +96,11 @@ from .prepare_inputs import Inputs, check_inputs
 from .prepare_report import build_report, summary_line
 from .prepare_slots import cluster_cpus, data_settings, machine_cores, on_one_machine, task_slots
 
-BLOCKS_PER_SLOT = 4  # parse blocks per task slot: a single big file is parsed by all of them, and the shuffle after
-# the parse starts on the first blocks while the others are parsed
+# Parse blocks per task slot: one big file is parsed by every slot, and the shuffle after the parse
+# starts on the first blocks while the others are parsed.
+BLOCKS_PER_SLOT = 4
 ROWS_PER_BLOCK = (10_000, 50_000)  # ... within these bounds (smaller blocks cost more than they give)
-# Records per user partition (one plan task each): at least one partition per CPU, more when a
+# Records per user partition (one plan task each): at least one partition per task slot, more when a
 # task would hold too many rows in memory, fewer when tasks would be too small to pay for themselves.
 ROWS_PER_PARTITION = (5_000, 100_000)
 TENSORIZE_ROWS = 8192  # plan rows tensorized (and written as one parquet row group) at a time
@@ -171,7 +172,7 @@ def _plan_write_task(batch: pa.Table, spec: PlanSpec, index_ref: Any, negatives:
 # ---- driver ---------------------------------------------------------------------------------
 
 def _ranges(src: Source, fmt: str, headed: bool, slots: int) -> tuple[list[Chunk] | list[RowGroups], int]:
-    """(read ranges, estimated rows): enough ranges that all CPUs parse, each within
+    """(read ranges, estimated rows): enough ranges that every task slot parses, each within
     ROWS_PER_BLOCK rows (text: estimated from the first file's head; parquet: from the footers)."""
     lo, hi = ROWS_PER_BLOCK
     if fmt == "parquet":

@@ -321,7 +321,7 @@ def run_prepare(cfg: Config) -> dict[str, Any]:
     init_ray(cfg.ray)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = True
-    one_machine, cpus = on_one_machine(cfg), cluster_cpus()
+    one_machine, cpus = on_one_machine(), cluster_cpus()
     slots = task_slots(one_machine, cpus, machine_cores())
     settings = data_settings(one_machine)
     # This job's settings are put back when it ends: the pipeline's later stages share the context.

@@ -6,8 +6,6 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from embsum.config import Config
-
 
 def cluster_cpus() -> int:
     import ray
@@ -26,13 +24,15 @@ def task_slots(one_machine: bool, cpus: int, cores: int) -> int:
     return cores if one_machine and cpus > cores else cpus
 
 
-def on_one_machine(cfg: Config) -> bool:
-    """The cluster is a single node started on this machine (``ray.address`` null): its CPUs and
-    this process's cores are the same hardware."""
+def on_one_machine() -> bool:
+    """The cluster is a single node (with CPUs), and it is this process's machine: its CPUs and this
+    process's cores are the same hardware. True for the local cluster ``embsum run`` starts, which
+    its stages reach by address; False for several nodes, or one node elsewhere (a Ray Client)."""
     import ray
+    from ray.util import get_node_ip_address
 
     nodes = [n for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) > 0]
-    return cfg.ray.address is None and len(nodes) == 1
+    return len(nodes) == 1 and nodes[0].get("NodeManagerAddress") == get_node_ip_address()
 
 
 def machine_cores() -> int:

@@ -260,7 +260,7 @@ def side_ray(n_imp: int, work: Path) -> dict[str, Any]:
     return {"seconds": rep["seconds"], "cpu_seconds": round(ray_cpu, 3), "examples": n,
             "examples_per_s": round(n / rep["seconds"], 1), "rows_in": rep["rows_in"],
             "quarantined": rep["quarantined"], "stage_seconds": rep.get("stage_seconds"),
-            "plan_partitions": rep.get("plan_partitions"), "cluster_cpus": cpus,
+            "plan_partitions": rep.get("plan_partitions"), "task_slots": rep.get("task_slots"), "cluster_cpus": cpus,
             "warmup_seconds": round(warm_s, 1), "driver_peak_rss_mb": _driver_peak_mb(),
             "driver_peak_rss_mb_through_warmup": warmup_peak_mb, "driver_peak_reset_after_warmup": peak_reset,
             "object_store": stores,

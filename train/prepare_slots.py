@@ -41,7 +41,7 @@ def machine_cores() -> int:
 
 def data_settings(one_machine: bool) -> dict[str, Any]:
     """Ray Data settings of this job (DataContext attributes). On one machine the shuffles' shards
-    never cross a network, so they are compressed with lz4 rather than Ray's default zstd (cheaper
-    per byte, still about halving what the object store holds); a cluster of several nodes keeps
-    Ray's default (its shards travel)."""
+    never cross a network, so they are compressed with lz4, cheaper per byte than Ray's default zstd
+    (the 200k job's object-store peak: 321-442 MB with lz4, 171-231 MB with zstd); a cluster of
+    several nodes keeps Ray's default (its shards travel)."""
     return {"shuffle_compression": "lz4"} if one_machine else {}

@@ -181,8 +181,7 @@ class Lab:
                 extra = batch_negative_scores(out.upe, out.cpe, out.cpe_key, b["candidate_ids"], b["labels"]) \
                     if r.in_batch else None
                 rows, extra = grouped_rows(out.scores, b["labels"], 1 + r.negatives, extra)
-                parts = embsum_loss(rows, out.summary_logits, b["summary_ids"], r.summary_weight, self.tok.pad_id,
-                                    temp, extra)
+                parts = embsum_loss(rows, out.summary_nll, r.summary_weight, temp, extra)
                 opt.zero_grad()
                 parts.total.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -109,7 +109,7 @@ def plain_loop(cfg: Any, arrays: dict[str, np.ndarray], summaries: dict[str, np.
         out = model(sess, cand, summ)  # the same step as train/loop.py's train_step
         extra = batch_negative_scores(out.upe, out.cpe, out.cpe_key, cand, labels) if t.in_batch_negatives else None
         rows, extra = grouped_rows(out.scores, labels, 1 + cfg.data.negatives, extra)
-        parts = embsum_loss(rows, out.summary_logits, summ, t.summary_weight, tok.pad_id, temperature, extra)
+        parts = embsum_loss(rows, out.summary_nll, t.summary_weight, temperature, extra)
         parts.total.backward()
         if t.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)

@@ -2,7 +2,8 @@
 
 L = L_NCE + lambda * L_sum. L_NCE is the softmax cross-entropy of the positive (candidate 0)
 against K negatives; L_sum is the teacher-forced token cross-entropy of the summary, padding
-ignored.
+ignored (``summary_loss`` on logits; the model's forward computes it without materializing them,
+embsum/linear_cross_entropy.py).
 """
 
 from __future__ import annotations
@@ -82,9 +83,11 @@ def summary_loss(logits: torch.Tensor, summary_ids: torch.Tensor, pad_id: int = 
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
 
 
-def embsum_loss(scores: torch.Tensor, logits: torch.Tensor, summary_ids: torch.Tensor,
-                summary_weight: float = 0.05, pad_id: int = 0, temperature: float = 1.0,
-                batch_negatives: torch.Tensor | None = None) -> LossParts:
+def embsum_loss(scores: torch.Tensor, summary_nll: torch.Tensor | None, summary_weight: float = 0.05,
+                temperature: float = 1.0, batch_negatives: torch.Tensor | None = None) -> LossParts:
+    """scores (B, 1 + K) and the teacher-forced summary's NLL (``EmbSumOutput.summary_nll``, the model
+    computes it fused with its LM head) -> L_NCE + lambda * L_sum."""
+    if summary_nll is None:
+        raise ValueError("summary_nll is None: the training forward must be teacher-forced (pass summary_ids)")
     nce = nce_loss(scores, temperature, batch_negatives)
-    summ = summary_loss(logits, summary_ids, pad_id)
-    return LossParts(total=nce + summary_weight * summ, nce=nce, summary=summ)
+    return LossParts(total=nce + summary_weight * summary_nll, nce=nce, summary=summary_nll)

@@ -18,6 +18,8 @@ from transformers import T5Config, T5ForConditionalGeneration
 from transformers.modeling_outputs import BaseModelOutput
 
 from embsum.config import ModelConfig
+from embsum.linear_cross_entropy import IGNORE, linear_cross_entropy
+from embsum.losses import summary_loss
 from embsum.poly_attention import PolyAttention
 from embsum.scoring import score
 
@@ -25,7 +27,7 @@ from embsum.scoring import score
 @dataclass
 class EmbSumOutput:
     scores: torch.Tensor  # (B, C); candidate 0 is the positive in training batches
-    summary_logits: torch.Tensor  # (B, S, V) teacher-forced
+    summary_nll: torch.Tensor | None  # () teacher-forced summary's mean token NLL; None when generated
     upe: torch.Tensor  # (B, M, D)
     cpe: torch.Tensor  # (B, C, N, D) the candidates' content poly-embeddings
     cpe_key: torch.Tensor  # (B, C, N, D) gelu(B W_s): with cpe, what in-batch negatives are scored with
@@ -35,7 +37,7 @@ class EmbSumOutput:
 class UserEncoding:
     upe: torch.Tensor  # (B, M, D)
     summary_ids: torch.Tensor  # (B, S) the summary the global vector was read from
-    summary_logits: torch.Tensor  # (B, S, V)
+    summary_states: torch.Tensor  # (B, S, D) the LM head's inputs (``summary_logits`` makes the logits)
 
 
 def t5_config(cfg: ModelConfig, pad_id: int, eos_id: int) -> T5Config:
@@ -134,7 +136,9 @@ class EmbSum(nn.Module):
     # ---- 2. summary decoding -------------------------------------------------------------------------
     def decode_summary(self, states: torch.Tensor, mask: torch.Tensor,
                        summary_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Teacher-forced decoder over all sessions' states -> global vector (B, D), logits (B, S, V)."""
+        """Teacher-forced decoder over all sessions' states -> global vector (B, D) and the LM head's
+        inputs (B, S, D). The logits themselves (B, S, V) are made only where needed: ``summary_logits``,
+        or fused into the training loss (``summary_nll``); the user embedding needs neither."""
         b = states.shape[0]
         enc = states.reshape(b, -1, states.shape[-1])  # (B, G*L, D)
         enc_mask = mask.reshape(b, -1)  # (B, G*L)
@@ -144,10 +148,25 @@ class EmbSum(nn.Module):
         ).last_hidden_state  # (B, S, D)
         seq = hidden * self.d_model**-0.5 if getattr(self.t5.config, "scale_decoder_outputs",
                                                      self.t5.config.tie_word_embeddings) else hidden
-        logits = self.t5.lm_head(seq)  # (B, S, V)
         eos_at = self._eos_index(summary_ids)  # (B,)
         glob = hidden[torch.arange(b, device=hidden.device), eos_at]  # (B, D) the state that emits EOS
-        return glob, logits
+        return glob, seq
+
+    def summary_logits(self, seq: torch.Tensor) -> torch.Tensor:
+        """The LM head's inputs (B, S, D) -> logits (B, S, V)."""
+        logits: torch.Tensor = self.t5.lm_head(seq)  # (B, S, V)
+        return logits
+
+    def summary_nll(self, seq: torch.Tensor, summary_ids: torch.Tensor) -> torch.Tensor:
+        """Mean token NLL of the teacher summary (B, S) under the logits of ``seq`` (B, S, D), padding
+        ignored (0 if all padding): the LM head and the cross-entropy fused a chunk at a time, so the
+        (B, S, V) logits never exist at once. Under ZeRO-3 the head's weight is gathered only inside
+        the head's own forward, so there the logits are made by it."""
+        labels = summary_ids.long().masked_fill(summary_ids == self.pad_id, IGNORE)  # (B, S)
+        weight = self.t5.lm_head.weight  # (V, D)
+        if hasattr(weight, "ds_id"):  # a ZeRO-3 partitioned parameter
+            return summary_loss(self.summary_logits(seq), summary_ids, self.pad_id)
+        return linear_cross_entropy(seq.reshape(-1, seq.shape[-1]), weight, labels.reshape(-1))  # ()
 
     def _eos_index(self, summary_ids: torch.Tensor) -> torch.Tensor:
         """First EOS per row; if none (generation hit the bound), the last non-pad token; else 0."""
@@ -189,12 +208,12 @@ class EmbSum(nn.Module):
         states, mask = self.encode_sessions(session_ids)  # (B, G, L, D), (B, G, L)
         if summary_ids is None:
             summary_ids = self.generate_summary_ids(states, mask)  # (B, S)
-        glob, logits = self.decode_summary(states, mask, summary_ids)  # (B, D), (B, S, V)
+        glob, seq = self.decode_summary(states, mask, summary_ids)  # (B, D), (B, S, D)
         items, item_mask = self.item_states(session_ids, states)  # (B, G*P, D), (B, G*P)
         z = torch.cat([items, glob[:, None, :]], dim=1)  # (B, G*P+1, D)
         z_mask = F.pad(item_mask, (0, 1), value=True)  # (B, G*P+1) the global vector is always valid
         upe = self.user_poly(z, z_mask)  # (B, M, D)
-        return UserEncoding(upe=upe, summary_ids=summary_ids, summary_logits=logits)
+        return UserEncoding(upe=upe, summary_ids=summary_ids, summary_states=seq)
 
     def encode_user(self, session_ids: torch.Tensor, summary_ids: torch.Tensor | None = None) -> torch.Tensor:
         """session_ids (B, G, L) [, summary_ids (B, S)] -> UPE (B, M, D)."""
@@ -219,17 +238,21 @@ class EmbSum(nn.Module):
     # ---- 5. scoring candidates ---------------------------------------------------------------------------
     def forward(self, session_ids: torch.Tensor, candidate_ids: torch.Tensor,
                 summary_ids: torch.Tensor | None = None) -> EmbSumOutput:
-        """session_ids (B, G, L), candidate_ids (B, C, Lc) [, summary_ids (B, S)] -> scores (B, C) + logits.
+        """session_ids (B, G, L), candidate_ids (B, C, Lc) [, summary_ids (B, S)] -> scores (B, C) [+ the
+        summary's NLL].
 
-        With summary_ids: teacher-forced (training). Without: the summary is generated, as at inference
-        (validation scores what evaluation and serving will score)."""
+        With summary_ids: teacher-forced (training), and the summary loss is computed here, where a
+        ZeRO-3 engine has the LM head gathered. Without: the summary is generated, as at inference
+        (validation scores what evaluation and serving will score), and no NLL."""
         b, c, lc = candidate_ids.shape
+        forced = summary_ids is not None
         user = self.user_encoding(session_ids, summary_ids)
+        nll = self.summary_nll(user.summary_states, user.summary_ids) if forced else None  # ()
         cpe, key = self.encode_content(candidate_ids.reshape(b * c, lc))  # (B*C, N, D) x2
         n, d = cpe.shape[-2:]
         cpe, key = cpe.view(b, c, n, d), key.view(b, c, n, d)  # (B, C, N, D) x2
         scores = score(user.upe, cpe, key)  # (B, C)
-        return EmbSumOutput(scores=scores, summary_logits=user.summary_logits, upe=user.upe, cpe=cpe, cpe_key=key)
+        return EmbSumOutput(scores=scores, summary_nll=nll, upe=user.upe, cpe=cpe, cpe_key=key)
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -75,8 +75,7 @@ def train_step(w: Worker, b: dict[str, Any]) -> None:
         extra = batch_negative_scores(out.upe, out.cpe, out.cpe_key, b["candidate_ids"], b["labels"]) \
             if t.in_batch_negatives else None
     scores, extra = grouped_rows(out.scores, b["labels"], 1 + w.cfg.data.negatives, extra)  # (R, C), (R, X)
-    parts = embsum_loss(scores, out.summary_logits, b["summary_ids"], t.summary_weight, w.tok.pad_id,
-                        w.temperature, extra)
+    parts = embsum_loss(scores, out.summary_nll, t.summary_weight, w.temperature, extra)
     w.engine.backward(parts.total)
     w.engine.step()  # DeepSpeed accumulates; it steps optimizer + schedule on the boundary
     w.examples += b["session_ids"].shape[0]

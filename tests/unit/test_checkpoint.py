@@ -66,8 +66,8 @@ def test_round_trip_gives_identical_scores_and_ids(saved: Path, trained: EmbSum,
         assert torch.equal(model.generate_summary_ids(*model.encode_sessions(s)),
                            trained.generate_summary_ids(*trained.encode_sessions(s)))
         y = torch.as_tensor(tok.summary("likes cake")).long()[None].repeat(len(HISTORIES), 1)
-        torch.testing.assert_close(model.user_encoding(s, y).summary_logits,
-                                   trained.user_encoding(s, y).summary_logits, atol=0, rtol=0)
+        torch.testing.assert_close(model.summary_logits(model.user_encoding(s, y).summary_states),
+                                   trained.summary_logits(trained.user_encoding(s, y).summary_states), atol=0, rtol=0)
     np.testing.assert_array_equal(tok.sessions_from_texts(HISTORIES), tokenizer.sessions_from_texts(HISTORIES))
     np.testing.assert_array_equal(tok.content_from_texts(ITEMS), tokenizer.content_from_texts(ITEMS))
     np.testing.assert_array_equal(tok.summary("likes cake"), tokenizer.summary("likes cake"))

@@ -64,11 +64,14 @@ def test_total_is_nce_plus_lambda_summary() -> None:
     g = torch.Generator().manual_seed(1)
     scores, logits = torch.randn(3, 5, generator=g), torch.randn(3, 4, 13, generator=g)
     labels = torch.tensor([[5, 6, 1, 0], [2, 1, 0, 0], [9, 9, 9, 1]])
-    parts = embsum_loss(scores, logits, labels, summary_weight=0.05)
+    nll = summary_loss(logits, labels)
+    parts = embsum_loss(scores, nll, summary_weight=0.05)
     torch.testing.assert_close(parts.nce, nce_loss(scores))
-    torch.testing.assert_close(parts.summary, summary_loss(logits, labels))
+    torch.testing.assert_close(parts.summary, nll)
     assert float(parts.total) == pytest.approx(float(parts.nce) + 0.05 * float(parts.summary), rel=1e-6)
-    assert float(embsum_loss(scores, logits, labels, summary_weight=0.0).total) == pytest.approx(float(parts.nce))
+    assert float(embsum_loss(scores, nll, summary_weight=0.0).total) == pytest.approx(float(parts.nce))
+    with pytest.raises(ValueError, match="teacher-forced"):
+        embsum_loss(scores, None)
 
 
 def _batch(tok: EmbSumTokenizer, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -89,7 +92,7 @@ def test_gradients_reach_every_trainable_parameter(tiny_cfg: ModelConfig, tokeni
     model = EmbSum.from_config(tiny_cfg, tokenizer.sos_id, seed=0).train()
     s, cands, y = _batch(tokenizer)
     out = model(s, cands, y)
-    loss = embsum_loss(out.scores, out.summary_logits, y, summary_weight=0.05).total
+    loss = embsum_loss(out.scores, out.summary_nll, summary_weight=0.05).total
     loss.backward()
     dead = [n for n, p in model.named_parameters()
             if p.requires_grad and (p.grad is None or not bool((p.grad != 0).any()))]
@@ -104,14 +107,14 @@ def test_adamw_steps_reduce_the_loss(tiny_cfg: ModelConfig, tokenizer: EmbSumTok
     losses = []
     for _ in range(8):
         out = model(s, cands, y)
-        parts = embsum_loss(out.scores, out.summary_logits, y, summary_weight=0.05)
+        parts = embsum_loss(out.scores, out.summary_nll, summary_weight=0.05)
         opt.zero_grad()
         parts.total.backward()
         opt.step()
         losses.append(parts.total.item())
     with torch.no_grad():
         out = model(s, cands, y)
-        final = float(embsum_loss(out.scores, out.summary_logits, y, summary_weight=0.05).total)
+        final = float(embsum_loss(out.scores, out.summary_nll, summary_weight=0.05).total)
     assert final < 0.8 * losses[0], losses + [final]
 
 

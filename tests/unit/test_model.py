@@ -10,6 +10,7 @@ import torch
 from torch.nn import functional as F
 
 from embsum.config import ModelConfig
+from embsum.losses import summary_loss
 from embsum.model import EmbSum, count_parameters
 from embsum.scoring import score
 from embsum.tokenization import EmbSumTokenizer
@@ -61,12 +62,14 @@ def test_shapes_through_every_public_method(model: EmbSum, batch, tokenizer: Emb
         items, item_mask = model.item_states(s, states)
         assert items.shape == (b, gp, d) and item_mask.shape == (b, gp)
         assert item_mask.sum(-1).tolist() == [min(n, gp) for n in batch["n_items"]]
-        glob, logits = model.decode_summary(states, mask, y)
-        assert glob.shape == (b, d) and logits.shape == (b, c.summary_tokens, v)
+        glob, seq = model.decode_summary(states, mask, y)
+        logits = model.summary_logits(seq)
+        assert glob.shape == (b, d) and seq.shape == (b, c.summary_tokens, d)
+        assert logits.shape == (b, c.summary_tokens, v)
         gen = model.generate_summary_ids(states, mask)
         assert gen.shape == (b, c.summary_tokens) and gen.dtype == torch.long
         enc = model.user_encoding(s, y)
-        assert enc.upe.shape == (b, c.user_codes, d) and enc.summary_logits.shape == (b, c.summary_tokens, v)
+        assert enc.upe.shape == (b, c.user_codes, d) and enc.summary_states.shape == (b, c.summary_tokens, d)
         assert torch.equal(enc.summary_ids, y)
         assert model.encode_user(s, y).shape == (b, c.user_codes, d)
         assert model.encode_user(s).shape == (b, c.user_codes, d)
@@ -77,7 +80,8 @@ def test_shapes_through_every_public_method(model: EmbSum, batch, tokenizer: Emb
         assert cpe.shape == key.shape == (b * n_cand, c.content_codes, d)
         out = model(s, cands, y)
         assert out.scores.shape == (b, n_cand) and out.upe.shape == (b, c.user_codes, d)
-        assert out.summary_logits.shape == (b, c.summary_tokens, v)
+        assert out.summary_nll is not None and out.summary_nll.shape == ()
+        assert model(s, cands).summary_nll is None  # generating mode: no teacher, no summary loss
         for t in (states, items, glob, logits, enc.upe, cpe, key, out.scores):
             assert torch.isfinite(t).all()
 
@@ -121,7 +125,7 @@ def test_generation_is_greedy_on_the_teacher_forced_logits(model: EmbSum, batch)
     with torch.no_grad():
         states, mask = model.encode_sessions(batch["sessions"])
         gen = model.generate_summary_ids(states, mask)
-        _, logits = model.decode_summary(states, mask, gen)  # causal: step t sees gen[:t] only
+        logits = model.summary_logits(model.decode_summary(states, mask, gen)[1])  # causal: step t sees gen[:t] only
     n = model.cfg.summary_no_repeat_ngram
     assert n == 3  # the default guard is on in this test
     for r, row in enumerate(gen.tolist()):
@@ -147,12 +151,15 @@ def test_decode_summary_matches_hf_t5(model: EmbSum, batch) -> None:
     y = batch["summaries"]
     with torch.no_grad():
         states, mask = model.encode_sessions(batch["sessions"])
-        glob, logits = model.decode_summary(states, mask, y)
+        glob, seq = model.decode_summary(states, mask, y)
+        logits = model.summary_logits(seq)
+        nll = model.summary_nll(seq, y)
         b = y.shape[0]
         enc = states.reshape(b, -1, states.shape[-1])
         ref = model.t5(encoder_outputs=(enc,), attention_mask=mask.reshape(b, -1).long(), labels=y,
                        output_hidden_states=True)
     assert_f32_close(logits, ref.logits)
+    assert_f32_close(nll, summary_loss(ref.logits, y, model.pad_id))  # the fused head + loss, on HF's logits
     hidden = ref.decoder_hidden_states[-1]  # (B, S, D), after the final layer norm
     for i, row in enumerate(y.tolist()):
         eos_at = row.index(model.eos_id)  # every teacher summary here has an EOS

@@ -94,7 +94,7 @@ from embsum.runtime import init_ray, use_hash_shuffle
 
 from .prepare_inputs import Inputs, check_inputs
 from .prepare_report import build_report, summary_line
-from .prepare_slots import cluster_cpus, data_settings, machine_cores, on_one_machine, task_slots
+from .prepare_slots import cluster_cpus, data_settings, job_settings, machine_cores, on_one_machine, task_slots
 
 # Parse blocks per task slot: one big file is parsed by every slot, and the shuffle after the parse
 # starts on the first blocks while the others are parsed.
@@ -323,13 +323,16 @@ def run_prepare(cfg: Config) -> dict[str, Any]:
     ctx.enable_progress_bars = True
     one_machine, cpus = on_one_machine(), cluster_cpus()
     slots = task_slots(one_machine, cpus, machine_cores())
-    settings = data_settings(one_machine)
-    # This job's settings are put back when it ends: the pipeline's later stages share the context.
-    saved, saved_limits = {k: getattr(ctx, k) for k in settings}, ctx.execution_options.resource_limits
-    for k, v in settings.items():
-        setattr(ctx, k, v)
-    if slots < cpus:
-        ctx.execution_options.resource_limits = saved_limits.copy(cpu=slots)
+    with job_settings(ctx, data_settings(one_machine), slots if slots < cpus else None):
+        report = _run_job(cfg, inp, ctx, slots)
+    events.summary(summary_line(report))
+    return report
+
+
+def _run_job(cfg: Config, inp: Inputs, ctx: Any, slots: int) -> dict[str, Any]:
+    """The job itself, staged in a temporary folder and published at the end -> its report."""
+    import ray
+
     use_hash_shuffle(ctx)
     steps = _Steps()
     data_dir = cfg.data_dir
@@ -356,10 +359,6 @@ def run_prepare(cfg: Config) -> dict[str, Any]:
             _replace(staging / name, data_dir / name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-        for k, v in saved.items():
-            setattr(ctx, k, v)
-        ctx.execution_options.resource_limits = saved_limits
-    events.summary(summary_line(report))
     return report
 
 

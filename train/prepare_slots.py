@@ -4,6 +4,8 @@ the Ray Data settings it runs with. No Ray at import; the helpers that ask Ray i
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 
@@ -45,3 +47,20 @@ def data_settings(one_machine: bool) -> dict[str, Any]:
     (the 200k job's object-store peak: 321-442 MB with lz4, 171-231 MB with zstd); a cluster of
     several nodes keeps Ray's default (its shards travel)."""
     return {"shuffle_compression": "lz4"} if one_machine else {}
+
+
+@contextmanager
+def job_settings(ctx: Any, settings: dict[str, Any], cpu_limit: int | None) -> Iterator[None]:
+    """Ray Data ``settings`` (DataContext attributes) and a CPU cap (None: none) on ``ctx`` for the
+    job's duration, put back however it ends: the pipeline's later stages share the context."""
+    saved, limits = {k: getattr(ctx, k) for k in settings}, ctx.execution_options.resource_limits
+    for k, v in settings.items():
+        setattr(ctx, k, v)
+    if cpu_limit is not None:
+        ctx.execution_options.resource_limits = limits.copy(cpu=cpu_limit)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            setattr(ctx, k, v)
+        ctx.execution_options.resource_limits = limits

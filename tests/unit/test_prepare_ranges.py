@@ -67,3 +67,19 @@ def test_the_jobs_data_settings_compress_shuffles_cheaply_where_they_do_not_trav
 
     assert data_settings(True) == {"shuffle_compression": "lz4"}  # one machine: the cheaper codec
     assert data_settings(False) == {}  # shards travel between nodes: Ray's default codec stays
+
+
+def test_the_jobs_settings_are_put_back_even_when_the_job_fails():
+    from ray.data import DataContext
+
+    from train.prepare_slots import job_settings
+
+    ctx = DataContext()
+    codec, limits = ctx.shuffle_compression, ctx.execution_options.resource_limits
+    with pytest.raises(RuntimeError, match="job failed"):
+        with job_settings(ctx, {"shuffle_compression": "lz4"}, cpu_limit=2):
+            assert ctx.shuffle_compression == "lz4" and ctx.execution_options.resource_limits.cpu == 2
+            raise RuntimeError("job failed")
+    assert ctx.shuffle_compression == codec and ctx.execution_options.resource_limits == limits
+    with job_settings(ctx, {}, cpu_limit=None):  # nothing to change: nothing changed
+        assert ctx.execution_options.resource_limits == limits

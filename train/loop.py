@@ -20,7 +20,6 @@ differently shuffled pass, which for step-based training is statistically the sa
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import os
@@ -34,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from .validation_set import fixed_batches
 from .worker import Worker, setup
 
 # Ray Train routes worker logging (and re-routes print) to the driver; logging directly avoids
@@ -108,18 +108,18 @@ def auc_total(scored: Iterable[tuple[np.ndarray, np.ndarray]]) -> tuple[float, i
 
 
 def validate(w: Worker) -> dict[str, float]:
-    """Mean AUC of the valid examples (``validation_scores``, ``auc_total``), over all ranks."""
+    """Mean AUC over all ranks of this rank's fixed validation batches (``validation_scores``, ``auc_total``)."""
     import torch
     import torch.distributed as dist
 
-    if w.valid_shard is None:
+    if w.valid_dir is None:
         return {}
     t = w.cfg.train
-    batches = w.valid_shard.iter_torch_batches(batch_size=t.eval_batch_size or t.batch_size,
-                                               collate_fn=w.collate, drop_last=False)
+    if w.valid_batches is None:  # read once: the same rows at every validation (train/validation_set.py)
+        w.valid_batches = fixed_batches(w.valid_dir, w.rank, w.world, t.eval_batches,
+                                        t.eval_batch_size or t.batch_size, w.collate)
     w.engine.eval()
-    total, n = auc_total(validation_scores(w.engine.module, itertools.islice(batches, t.eval_batches),
-                                           lambda: _autocast(w)))
+    total, n = auc_total(validation_scores(w.engine.module, w.valid_batches, lambda: _autocast(w)))
     w.engine.train()
     tot = torch.tensor([total, float(n)], dtype=torch.float64)
     dist.all_reduce(tot)  # every rank contributes its shard; all ranks see the mean

@@ -95,6 +95,7 @@ def run_train(cfg: Config, *, register: bool = True) -> dict[str, Any]:
     registry.log_params(run_id, {**cfg.flat(), "deepspeed": ds_config})
     loop_config = {
         "cfg": cfg.to_dict(), "probe": probe, "run_name": run_name,
+        "valid_dir": str(cfg.data_dir / layout.VALID_EXAMPLES),  # each worker reads its fixed validation rows
         "mlflow_run_id": run_id, "fail_marker": str(Path(tempfile.gettempdir()) / f"embsum-fail-{run_name}"),
     }
     events.progress(f"starting {t.num_workers} workers", 0, t.max_steps, "steps")
@@ -136,7 +137,7 @@ def _check_inputs(cfg: Config) -> bool:
 
 
 def _datasets(cfg: Config, summarized: bool) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """The train and valid Ray Datasets, and the probe batch."""
+    """The train Ray Dataset, and the probe batch."""
     import ray.data
 
     from embsum.tokenization import EmbSumTokenizer
@@ -151,8 +152,8 @@ def _datasets(cfg: Config, summarized: bool) -> tuple[dict[str, Any], dict[str, 
     train_ds = ray.data.read_parquet(str(data_dir / layout.TRAIN), include_paths=summarized)
     if summarized:
         train_ds = with_summaries(train_ds, data_dir, empty)
-    valid_ds = ray.data.read_parquet(str(data_dir / layout.VALID_EXAMPLES))
-    return {"train": train_ds, "valid": valid_ds}, probe_batch(data_dir / layout.VALID_EXAMPLES, empty)
+    # Validation is not a Ray dataset: each worker reads its fixed rows itself (train/validation_set.py).
+    return {"train": train_ds}, probe_batch(data_dir / layout.VALID_EXAMPLES, empty)
 
 
 def _run_tags(cfg: Config, run_name: str, ds_config: dict[str, Any]) -> dict[str, str]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -65,8 +66,9 @@ class Worker:
     temperature: float
     collate: Any
     train_shard: Any
-    valid_shard: Any
+    valid_dir: Path | None  # the validation examples (None: no validation), read by train/validation_set.py
     tracker: _Tracker | None
+    valid_batches: list[dict[str, Any]] | None = None  # this rank's, read at the first validation
     step: int = 0  # optimizer steps
     micro: int = 0  # micro-batches (grad_accum of them make a step)
     epoch: int = 0
@@ -126,7 +128,7 @@ def setup(loop_config: dict[str, Any]) -> Worker:
                temperature=t.nce_temperature or math.sqrt(model.d_model),
                collate=_collate(tok.empty_summary(), device),
                train_shard=ray.train.get_dataset_shard("train"),
-               valid_shard=ray.train.get_dataset_shard("valid") if t.eval_batches > 0 else None, tracker=tracker)
+               valid_dir=Path(loop_config["valid_dir"]) if t.eval_batches > 0 else None, tracker=tracker)
     if tracker:
         tracker.log({"params_total": count_parameters(model)}, 0)
     return w

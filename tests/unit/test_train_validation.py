@@ -4,6 +4,8 @@ generating mode (what evaluation and serving score), AUC by embsum.metrics, equa
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 import torch
@@ -72,3 +74,65 @@ def test_examples_without_a_negative_are_left_out() -> None:
     scores = np.array([[0.9, 0.1, 0.5], [0.3, 0.2, 0.1]], np.float32)
     assert auc_total([(labels, scores)]) == (1.0, 1)
     assert auc_total([]) == (0.0, 0)
+
+
+# ---- the fixed validation set (train/validation_set.py) ---------------------------------------------------------
+def _numbered(n: int) -> dict[str, np.ndarray]:
+    ids = np.arange(n)
+    return {"row": ids, "pair": np.stack([ids, -ids], axis=1)}  # an id column and a (rows, 2) column
+
+
+@pytest.mark.parametrize("n, world", [(20, 2), (21, 3), (7, 2), (3, 4), (0, 2)])
+def test_rank_rows_are_disjoint_equal_strides(n: int, world: int) -> None:
+    from train.validation_set import rank_rows
+
+    parts = [rank_rows(_numbered(n), r, world) for r in range(world)]
+    want = n // world
+    seen: list[int] = []
+    for r, part in enumerate(parts):
+        rows = part["row"]
+        assert len(rows) == want  # every rank the same count: ZeRO-3 ranks forward in lockstep
+        assert rows.tolist() == list(range(r, world * want, world))
+        assert part["pair"].tolist() == [[x, -x] for x in rows]  # columns stay aligned
+        seen += rows.tolist()
+    assert sorted(seen) == list(range(want * world))  # disjoint, none of the first rows skipped
+    with pytest.raises(ValueError, match="rank 2"):
+        rank_rows(_numbered(10), 2, 2)
+
+
+def _valid_dir(tmp_path: Any, n: int, files: int = 3) -> Any:
+    """``n`` validation examples in ``files`` parquet files, as prepare writes them (fixed-shape tensors)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    d = tmp_path / "valid_examples"
+    d.mkdir()
+    ids = np.arange(n)
+    for f, part in enumerate(np.array_split(ids, files)):
+        sessions = np.repeat(part, 2 * 3).reshape(-1, 2, 3).astype(np.int32)  # (n, G=2, L=3): the row id
+        cands = np.repeat(part, 2 * 4).reshape(-1, 2, 4).astype(np.int32)  # (n, C=2, Lc=4)
+        table = pa.table({"session_ids": pa.FixedShapeTensorArray.from_numpy_ndarray(sessions),
+                          "candidate_ids": pa.FixedShapeTensorArray.from_numpy_ndarray(cands),
+                          "labels": pa.array([[1, 0]] * len(part), pa.list_(pa.int8()))})
+        pq.write_table(table, d / f"part-{f:03d}.parquet")
+    return d
+
+
+def test_fixed_batches_read_the_first_rows_in_file_order_strided_by_rank(tmp_path: Any) -> None:
+    from train.validation_set import fixed_batches
+
+    d = _valid_dir(tmp_path, 40)
+
+    def collate(b: dict[str, np.ndarray]) -> dict[str, Any]:
+        return {"row": torch.as_tensor(b["session_ids"][:, 0, 0]), "cand": torch.as_tensor(b["candidate_ids"][:, 0, 0]),
+                "labels": torch.as_tensor(np.stack([np.asarray(x) for x in b["labels"]]))}
+
+    got = [fixed_batches(d, r, 2, eval_batches=3, batch_size=4, collate=collate) for r in (0, 1)]
+    assert [[len(b["row"]) for b in g] for g in got] == [[4, 4, 4], [4, 4, 4]]  # 24 of the 40 rows read
+    assert torch.cat([b["row"] for b in got[1]]).tolist() == list(range(1, 24, 2))  # across the files, in order
+    assert all(torch.equal(b["row"], b["cand"]) for g in got for b in g)  # the columns of one example together
+    assert got[0][0]["labels"].tolist() == [[1, 0]] * 4
+    again = fixed_batches(d, 1, 2, eval_batches=3, batch_size=4, collate=collate)
+    assert [b["row"].tolist() for b in again] == [b["row"].tolist() for b in got[1]]  # the same set every time
+    short = [fixed_batches(d, r, 3, eval_batches=10, batch_size=8, collate=collate) for r in range(3)]
+    assert [[len(b["row"]) for b in g] for g in short] == [[8, 5]] * 3  # 40 rows: 13 each, one left out

@@ -233,7 +233,9 @@ def _report(cfg: Config, out: dict[str, Any], console: Console) -> None:
     if tr:
         auc = tr.get("val_auc")
         console.print(f"trained: run {tr.get('run_name')} best step {tr.get('step')} val_auc="
-                      f"{f'{auc:.4f}' if isinstance(auc, float) else auc}; registered v{tr.get('version')}")
+                      f"{f'{auc:.4f}' if isinstance(auc, float) else auc}; registered v{tr.get('version')} (val_auc: "
+                      f"training's checkpoint choice, each validation example's positive against its sampled "
+                      f"negatives; the table above ranks whole impressions)")
     pr = out.get("promote")
     if pr:
         console.print(f"gate: {pr['reason']}")

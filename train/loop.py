@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from .validation_set import fixed_batches
+from .validation_set import collated, fixed_rows
 from .worker import Worker, setup
 
 # Ray Train routes worker logging (and re-routes print) to the driver; logging directly avoids
@@ -115,11 +115,12 @@ def validate(w: Worker) -> dict[str, float]:
     if w.valid_dir is None:
         return {}
     t = w.cfg.train
-    if w.valid_batches is None:  # read once: the same rows at every validation (train/validation_set.py)
-        w.valid_batches = fixed_batches(w.valid_dir, w.rank, w.world, t.eval_batches,
-                                        t.eval_batch_size or t.batch_size, w.collate)
+    bs = t.eval_batch_size or t.batch_size
+    if w.valid_rows is None:  # read once: the same rows at every validation (train/validation_set.py)
+        w.valid_rows = fixed_rows(w.valid_dir, w.rank, w.world, t.eval_batches, bs)
     w.engine.eval()
-    total, n = auc_total(validation_scores(w.engine.module, w.valid_batches, lambda: _autocast(w)))
+    total, n = auc_total(validation_scores(w.engine.module, collated(w.valid_rows, bs, w.collate),
+                                           lambda: _autocast(w)))
     w.engine.train()
     tot = torch.tensor([total, float(n)], dtype=torch.float64)
     dist.all_reduce(tot)  # every rank contributes its shard; all ranks see the mean

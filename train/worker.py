@@ -68,7 +68,7 @@ class Worker:
     train_shard: Any
     valid_dir: Path | None  # the validation examples (None: no validation), read by train/validation_set.py
     tracker: _Tracker | None
-    valid_batches: list[dict[str, Any]] | None = None  # this rank's, read at the first validation
+    valid_rows: dict[str, np.ndarray] | None = None  # this rank's validation rows, read at the first validation
     step: int = 0  # optimizer steps
     micro: int = 0  # micro-batches (grad_accum of them make a step)
     epoch: int = 0

@@ -77,27 +77,44 @@ def test_examples_without_a_negative_are_left_out() -> None:
 
 
 # ---- the fixed validation set (train/validation_set.py) ---------------------------------------------------------
-def _numbered(n: int) -> dict[str, np.ndarray]:
+def _numbered(n: int, batch: int) -> list[dict[str, np.ndarray]]:
+    """Rows 0..n-1 in numpy column batches of ``batch``: an id column and a (rows, 2) column."""
     ids = np.arange(n)
-    return {"row": ids, "pair": np.stack([ids, -ids], axis=1)}  # an id column and a (rows, 2) column
+    return [{"row": ids[i:i + batch], "pair": np.stack([ids[i:i + batch], -ids[i:i + batch]], axis=1)}
+            for i in range(0, n, batch)]
 
 
-@pytest.mark.parametrize("n, world", [(20, 2), (21, 3), (7, 2), (3, 4), (0, 2)])
-def test_rank_rows_are_disjoint_equal_strides(n: int, world: int) -> None:
+@pytest.mark.parametrize("n, batch, world, limit", [(100, 7, 2, 20), (100, 4, 3, 21), (7, 3, 2, 40), (3, 1, 4, 8),
+                                                    (0, 4, 2, 8), (50, 64, 3, 50)])
+def test_rank_rows_are_disjoint_equal_strides_of_the_first_rows(n: int, batch: int, world: int, limit: int) -> None:
     from train.validation_set import rank_rows
 
-    parts = [rank_rows(_numbered(n), r, world) for r in range(world)]
-    want = n // world
+    parts = [rank_rows(iter(_numbered(n, batch)), r, world, limit) for r in range(world)]
+    want = min(n, limit) // world
     seen: list[int] = []
     for r, part in enumerate(parts):
-        rows = part["row"]
+        rows = part.get("row", np.zeros(0, int))
         assert len(rows) == want  # every rank the same count: ZeRO-3 ranks forward in lockstep
         assert rows.tolist() == list(range(r, world * want, world))
-        assert part["pair"].tolist() == [[x, -x] for x in rows]  # columns stay aligned
+        assert part.get("pair", np.zeros((0, 2), int)).tolist() == [[x, -x] for x in rows]  # columns stay aligned
         seen += rows.tolist()
     assert sorted(seen) == list(range(want * world))  # disjoint, none of the first rows skipped
     with pytest.raises(ValueError, match="rank 2"):
-        rank_rows(_numbered(10), 2, 2)
+        rank_rows(iter(_numbered(10, 5)), 2, 2, 4)
+
+
+def test_rank_rows_reads_no_further_than_it_needs() -> None:
+    from train.validation_set import rank_rows
+
+    pulled = []
+
+    def batches():
+        for b in _numbered(1000, 10):
+            pulled.append(b)
+            yield b
+
+    assert len(rank_rows(batches(), 1, 2, 30)["row"]) == 15
+    assert len(pulled) == 3  # 30 rows wanted, batches of 10
 
 
 def _valid_dir(tmp_path: Any, n: int, files: int = 3) -> Any:
@@ -107,32 +124,31 @@ def _valid_dir(tmp_path: Any, n: int, files: int = 3) -> Any:
 
     d = tmp_path / "valid_examples"
     d.mkdir()
-    ids = np.arange(n)
-    for f, part in enumerate(np.array_split(ids, files)):
+    for f, part in enumerate(np.array_split(np.arange(n), files)):
         sessions = np.repeat(part, 2 * 3).reshape(-1, 2, 3).astype(np.int32)  # (n, G=2, L=3): the row id
         cands = np.repeat(part, 2 * 4).reshape(-1, 2, 4).astype(np.int32)  # (n, C=2, Lc=4)
         table = pa.table({"session_ids": pa.FixedShapeTensorArray.from_numpy_ndarray(sessions),
                           "candidate_ids": pa.FixedShapeTensorArray.from_numpy_ndarray(cands),
                           "labels": pa.array([[1, 0]] * len(part), pa.list_(pa.int8()))})
-        pq.write_table(table, d / f"part-{f:03d}.parquet")
+        pq.write_table(table, d / f"part-{f:03d}.parquet", row_group_size=5)
     return d
 
 
-def test_fixed_batches_read_the_first_rows_in_file_order_strided_by_rank(tmp_path: Any) -> None:
-    from train.validation_set import fixed_batches
+def test_fixed_rows_are_the_first_rows_in_file_order_strided_by_rank(tmp_path: Any) -> None:
+    from train.validation_set import collated, fixed_rows, read_batches
 
     d = _valid_dir(tmp_path, 40)
+    assert np.concatenate([b["session_ids"][:, 0, 0] for b in read_batches(d, 8)]).tolist() == list(range(40))
 
     def collate(b: dict[str, np.ndarray]) -> dict[str, Any]:
         return {"row": torch.as_tensor(b["session_ids"][:, 0, 0]), "cand": torch.as_tensor(b["candidate_ids"][:, 0, 0]),
                 "labels": torch.as_tensor(np.stack([np.asarray(x) for x in b["labels"]]))}
 
-    got = [fixed_batches(d, r, 2, eval_batches=3, batch_size=4, collate=collate) for r in (0, 1)]
+    got = [list(collated(fixed_rows(d, r, 2, eval_batches=3, batch_size=4), 4, collate)) for r in (0, 1)]
     assert [[len(b["row"]) for b in g] for g in got] == [[4, 4, 4], [4, 4, 4]]  # 24 of the 40 rows read
     assert torch.cat([b["row"] for b in got[1]]).tolist() == list(range(1, 24, 2))  # across the files, in order
     assert all(torch.equal(b["row"], b["cand"]) for g in got for b in g)  # the columns of one example together
     assert got[0][0]["labels"].tolist() == [[1, 0]] * 4
-    again = fixed_batches(d, 1, 2, eval_batches=3, batch_size=4, collate=collate)
-    assert [b["row"].tolist() for b in again] == [b["row"].tolist() for b in got[1]]  # the same set every time
-    short = [fixed_batches(d, r, 3, eval_batches=10, batch_size=8, collate=collate) for r in range(3)]
-    assert [[len(b["row"]) for b in g] for g in short] == [[8, 5]] * 3  # 40 rows: 13 each, one left out
+    assert fixed_rows(d, 1, 2, 3, 4)["session_ids"].dtype == np.int32  # kept as read; collated per validation
+    short = [fixed_rows(d, r, 3, eval_batches=10, batch_size=8) for r in range(3)]
+    assert [len(s["session_ids"]) for s in short] == [13, 13, 13]  # 40 rows: 13 each, one left out

@@ -99,9 +99,9 @@ class TrainConfig:
         default=200, ge=1, le=100_000_000, description="Save (collectively) every N steps; also at the end.")
     keep_checkpoints: int = Field(default=2, ge=1, le=1000, description="Checkpoints kept, best by validation AUC.")
     eval_batches: int = Field(
-        default=20, ge=0, le=1_000_000, description="Validation batches per worker and checkpoint: the first eval_batches "
-                                                    "x eval_batch_size x workers validation examples, the same at every "
-                                                    "checkpoint (0 = no validation).")
+        default=20, ge=0, le=1_000_000,
+        description="Validation batches per worker and checkpoint: the first eval_batches x eval_batch_size x workers "
+                    "validation examples, the same at every checkpoint (0 = no validation).")
     eval_batch_size: int = Field(
         default=0, ge=0, le=65536, description="Validation micro-batch per worker (0 = batch_size). Validation has no "
                                                "backward pass, so a larger batch reads more of the valid set for the "

@@ -5,7 +5,8 @@ Every rank streams its own shard, steps, and saves + reports collectively (DeepS
 are collective, and every rank must call ``ray.train.report`` the same number of times).
 
 Named steps: ``setup`` (train/worker.py: model, engine, data shards), ``resume``, ``train_step`` (within ``train_pass``,
-one pass over the shard), ``validate`` (the model's own scores, ``embsum.metrics``' AUC) and
+one pass over the shard), ``validate`` (the model's own scores on this rank's fixed validation rows,
+train/validation_set.py; ``embsum.metrics``' AUC) and
 ``save_and_report``; ``train_loop_per_worker`` strings them together.
 
 A checkpoint holds: ``ds/`` (DeepSpeed engine: weights, optimizer, scheduler, client state),
@@ -123,7 +124,7 @@ def validate(w: Worker) -> dict[str, float]:
                                            lambda: _autocast(w)))
     w.engine.train()
     tot = torch.tensor([total, float(n)], dtype=torch.float64)
-    dist.all_reduce(tot)  # every rank contributes its shard; all ranks see the mean
+    dist.all_reduce(tot)  # every rank contributes its rows; all ranks see the mean
     return {"val_auc": float(tot[0] / tot[1])} if tot[1] > 0 else {}
 
 

@@ -19,7 +19,6 @@ from typing import Any
 import numpy as np
 
 from embsum import events
-from embsum.arrow_tensors import table_tensor
 from embsum.config import Config
 from embsum.data import layout
 from embsum.resources import preflight_train
@@ -56,17 +55,17 @@ def load_summaries(data_dir: Path) -> dict[str, np.ndarray]:
 def probe_batch(valid_dir: Path, empty: np.ndarray, n: int = 4) -> dict[str, np.ndarray]:
     """A few fixed examples whose scores are recorded at each checkpoint and rechecked after
     registration, so a serialization bug can never ship silently. The first rows of the validation
-    examples, read from the parquet footers and first row group (a Ray Data execution for four
-    rows took 5-14 s of start-up on 2 cores)."""
-    import pyarrow.dataset as pads
+    examples, read as the workers read their validation rows (train/validation_set.py: straight
+    from the parquet files; a Ray Data execution for four rows took 5-14 s of start-up on 2 cores)."""
+    from .validation_set import rank_rows, read_batches
 
-    rows = pads.dataset(str(valid_dir), format="parquet").head(n, columns=["session_ids", "candidate_ids"])
-    if rows.num_rows == 0:
+    rows = rank_rows(read_batches(valid_dir, n), 0, 1, n)  # the first n rows, in file order
+    if not rows:
         raise ValueError(f"{valid_dir} has no validation examples: run `embsum prepare` first")
     return {
-        "session_ids": table_tensor(rows, "session_ids", np.int32),
-        "candidate_ids": table_tensor(rows, "candidate_ids", np.int32),
-        "summary_ids": np.stack([empty] * rows.num_rows).astype(np.int32),  # (n, S) EOS-only: no teacher here
+        "session_ids": rows["session_ids"].astype(np.int32, copy=False),  # (n, G, L)
+        "candidate_ids": rows["candidate_ids"].astype(np.int32, copy=False),  # (n, C, Lc)
+        "summary_ids": np.stack([empty] * len(rows["session_ids"])).astype(np.int32),  # (n, S) EOS-only
     }
 
 

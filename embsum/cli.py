@@ -261,6 +261,9 @@ def _error(msg: str) -> None:
 
 
 def main() -> None:
+    from embsum.runtime import process_env
+
+    process_env()
     argv = sys.argv[1:]
     if "--debug" in argv:
         argv.remove("--debug")

@@ -41,6 +41,7 @@ from packaging.specifiers import SpecifierSet
 
 from embsum.config import Config, load_config
 from embsum.pipeline import select_stages
+from embsum.runtime import PROCESS_ENV
 
 REPO = Path(__file__).resolve().parents[2]
 CLUSTER = REPO / "cluster"
@@ -420,6 +421,8 @@ def test_dockerfile_installs_and_configures_the_project():
     assert "requirements/lock-cpu.txt" in text, "install with the lock as constraints"
     assert re.search(r"ENV[^\n]*(\\\n[^\n]*)*RAY_USAGE_STATS_ENABLED=0", text)
     assert "MLFLOW_DISABLE_TELEMETRY=true" in text
+    for k, v in PROCESS_ENV.items():  # what every embsum process and Ray worker runs with
+        assert re.search(rf"ENV[^\n]*(\\\n[^\n]*)*\b{k}={v}\b", text), f"cluster/Dockerfile must set {k}={v}"
     assert re.search(r"^WORKDIR /app$", text, re.M) and IMAGE_CONFIG == "/app/ray_config.yaml"
     copied = [src for line in re.findall(r"^COPY (?:--\S+ )*(.+)$", text, re.M) for src in line.split()[:-1]]
     for src in copied:

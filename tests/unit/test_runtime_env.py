@@ -26,3 +26,21 @@ def test_local_cluster_env_defaults_and_the_callers_setting_wins(monkeypatch: py
     local_cluster_env()
     assert env["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == LOCAL_CLUSTER_ENV["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"]
     assert env["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0" and env["MAX_JOBS"] == "8"
+
+
+def test_process_env_reaches_this_process_and_workers_and_the_callers_setting_wins(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from embsum.runtime import PROCESS_ENV, process_env, setup_env, worker_env
+
+    env: dict[str, str] = {}
+    monkeypatch.setattr(os, "environ", env)
+    process_env()
+    assert env == PROCESS_ENV and env["ARROW_DEFAULT_MEMORY_POOL"] == "system"
+    env.clear()
+    setup_env()
+    assert all(env[k] == v for k, v in PROCESS_ENV.items())
+    assert all(worker_env()[k] == v for k, v in PROCESS_ENV.items())  # a cluster reached by address
+    env["ARROW_DEFAULT_MEMORY_POOL"] = "jemalloc"
+    process_env()
+    setup_env()
+    assert env["ARROW_DEFAULT_MEMORY_POOL"] == worker_env()["ARROW_DEFAULT_MEMORY_POOL"] == "jemalloc"

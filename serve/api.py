@@ -145,7 +145,9 @@ class _BearerAuth:
 
 
 class _Timing:
-    """Reports route template, status code and seconds of every response to the observer."""
+    """Reports route template, status code and seconds of every response to the observer, and tells
+    the client how long the app took before it answered: ``Server-Timing: app;dur=<ms>`` (W3C Server
+    Timing), so a caller can tell the app's time from the network's and the ingress's."""
 
     def __init__(self, app: Any, observer: Observer) -> None:
         self.app, self.observer = app, observer
@@ -159,6 +161,8 @@ class _Timing:
             nonlocal code
             if msg["type"] == "http.response.start":
                 code = msg["status"]
+                dur = f"app;dur={(time.perf_counter() - t0) * 1e3:.3f}".encode()
+                msg = {**msg, "headers": [*msg.get("headers", ()), (b"server-timing", dur)]}
             await send(msg)
 
         try:

@@ -228,6 +228,8 @@ def test_recommend_is_the_true_top_k_excluding_history(served):
     assert [x["item_id"] for x in got] == want
     assert_f32_close([x["score"] for x in got], [full[s.item_index[i]] for i in want])
     assert got[0]["text"] == s.item_texts[s.item_index[want[0]]]
+    app_ms = float(r.headers["server-timing"].removeprefix("app;dur="))  # the replica's own time, through Serve
+    assert 0.0 < app_ms < r.elapsed.total_seconds() * 1e3
     kept = _post(served, "/v1/recommend", {"user_id": "U5", "k": 20, "exclude_history": False}).json()["items"]
     assert [x["item_id"] for x in kept] == [s.item_ids[i] for i in np.argsort(-full, kind="stable")[:20]]
 

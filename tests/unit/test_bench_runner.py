@@ -85,7 +85,8 @@ def fake_results() -> dict[str, list[dict]]:
                    "bare_distinct_1p": {"16": {"p50_ms": 20.0, "p99_ms": 40.0, "rps": 720.0}},
                    "bare_distinct_scaled": {"16": {"p50_ms": 12.0, "p99_ms": 30.0, "rps": 1200.0}},
                    "serve_distinct_scaled": {"16": {"p50_ms": 14.0, "p99_ms": 30.0, "rps": 900.0}},
-                   "recommend_catalog": {"items": 200000, "inprocess_p50_ms": 20.0, "serve_p50_ms": 24.0}}],
+                   "recommend_catalog": {"items": 200000, "inprocess_p50_ms": 20.0, "serve_p50_ms": 24.0,
+                                         "serve_app_p50_ms": 21.0, "serve_path_p50_ms": 1.5}}],
         "quality": [{"dataset": "book-crossing", "study": {"eval_negatives": 49, "tables": {"49": {
             "random": {"auc": {"values": [0.5]}, "ndcg10": {"values": [0.1]}},
             "popularity": {"auc": {"values": [0.8]}, "ndcg10": {"values": [0.3]}},
@@ -136,8 +137,12 @@ def test_figures_of_every_benchmark() -> None:
         ("bare FastAPI app, 1 process", pytest.approx(900 / 720), None),
         ("bare FastAPI app, 2 uvicorn workers", pytest.approx(900 / 1200), None)]
     assert distinct.ratio == pytest.approx(910 / 700) and distinct.met is True and "AMD EPYC 7B13" in distinct.name
-    rec = next(f for n, f in serve.items() if "/v1/recommend" in n)
+    rec, path = (f for n, f in serve.items() if "/v1/recommend" in n)
     assert rec.met is False and "200,000 items" in rec.name  # 24 vs 20 ms: more than +3 ms
+    assert path.value == pytest.approx(22.5) and path.ratio == pytest.approx(21 / 22.5) and "own time" in path.name
+    no_path = runner.figures_for("serve", [{**fake_results()["serve"][0], "recommend_catalog": {
+        "items": 200000, "inprocess_p50_ms": 20.0, "serve_p50_ms": 24.0}}])  # results from before Server-Timing
+    assert sum("/v1/recommend" in f.name for f in no_path) == 1
     gemm = next(f for n, f in serve.items() if "GFLOP/s" in n)
     assert gemm.ratio == pytest.approx(2.0) and gemm.met is True
     q = {(f.ref_name, f.unit): f for f in figs["quality"]}

@@ -131,6 +131,31 @@ def test_metrics_observer_sees_route_templates_and_codes(bundle):
                     ("/v1/score", 200), ("other", 404)]
 
 
+def test_responses_say_how_long_the_app_took(bundle, monkeypatch):
+    """``Server-Timing: app;dur=<ms>`` on every response of a served app (an observer is given):
+    the time until the response started, here at least a scorer's deliberate delay."""
+    import re
+    import time
+
+    from serve.metrics import IngressMetrics
+
+    scorer = InProcessScorer(bundle)
+    slow = scorer.score
+
+    async def score(*a, **k):
+        time.sleep(0.05)  # blocks the loop, as a busy scorer does
+        return await slow(*a, **k)
+
+    monkeypatch.setattr(scorer, "score", score)
+    app = TestClient(build_api(scorer, LIMITS, observer=IngressMetrics()))
+    r = app.post("/v1/score", json={"user_id": "U1", "candidates": [{"item_id": "n1"}]})
+    fast = app.get("/nope")
+    durs = [re.fullmatch(r"app;dur=(\d+\.\d{3})", x.headers["server-timing"]) for x in (r, fast)]
+    assert r.status_code == 200 and fast.status_code == 404 and all(durs), [x.headers for x in (r, fast)]
+    assert float(durs[0][1]) >= 50.0 > float(durs[1][1]) >= 0.0
+    assert "server-timing" not in TestClient(build_api(InProcessScorer(bundle), LIMITS)).get("/nope").headers
+
+
 def test_bearer_auth(secured):
     body = {"user_id": "U1", "candidates": [{"item_id": "n1"}]}
     none = secured.post("/v1/score", json=body)

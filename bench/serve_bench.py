@@ -447,12 +447,17 @@ def catalog_point(work: Path, port: int, n_items: int, requests: int) -> dict[st
             order = (0, 1) if i % 2 == 0 else (1, 0)
             for side in order:
                 t0 = time.perf_counter()
-                app_ms = call() if side else (inprocess(), 0.0)[1]
+                if side:
+                    app_ms = call()
+                else:
+                    inprocess()
                 dt = (time.perf_counter() - t0) * 1e3
-                if i >= 4 and side:
+                if i < 4:
+                    continue
+                if side:
                     served.append(dt)
                     app.append(app_ms)
-                elif i >= 4:
+                else:
                     local.append(dt)
     serve_app.shutdown("catalog")
     p50_local, p50_served = float(np.median(local)), float(np.median(served))

@@ -26,7 +26,7 @@ QUIET_ENV = {
 # Process settings every embsum process and Ray worker gets (setdefault: a user's setting wins).
 # Arrow's default memory pool in pyarrow's wheels (mimalloc) keeps the pages it frees for reuse, so
 # a process that once held blocks keeps their memory while it lives: Ray Data's read worker, idle
-# between reads at the training peak, held 275 MB PSS instead of 172 (bench/train_memory.py). With
+# between reads at the training peak, held 267-271 MB PSS instead of 171-177 (bench/train_memory.py). With
 # the C library's allocator, freed blocks go back to the system, and on the prepare job (200k
 # impressions, 2 runs each, AMD EPYC) the tree peaked at 3,175-3,276 MB PSS instead of 3,394-3,505,
 # the Ray job took 16.5-17.1 s instead of 17.0-24.1 and the one-process pandas baseline 19.9-21.4 s

@@ -167,6 +167,20 @@ def _resolve_user(b: Bundle, user_id: str | None, history: list[Item] | None) ->
     return _User(texts=texts, history_rows=rows)
 
 
+def _distinct_users(users: list[_User]) -> tuple[list[_User], np.ndarray]:
+    """-> (the batch's distinct users, (U,) each request's index among them). Known users are the
+    same user when they have the same UPE row; a cold user (encoded from its history) is its own."""
+    distinct: list[_User] = []
+    first: dict[int, int] = {}
+    at = np.empty(len(users), dtype=np.int64)  # (U,)
+    for j, u in enumerate(users):
+        k = len(distinct) if u.row is None else first.setdefault(u.row, len(distinct))
+        if k == len(distinct):
+            distinct.append(u)
+        at[j] = k
+    return distinct, at
+
+
 def _user_matrix(b: Bundle, users: list[_User], stats: BatchStats) -> np.ndarray:
     """-> UPE (U, M, D) for the batch; all cold users encoded in one Predictor call."""
     cold = [u.texts for u in users if u.row is None and u.texts is not None]  # _resolve_user: cold ones have texts
@@ -236,7 +250,9 @@ def score_batch(b: Bundle, requests: Sequence[ScoreQuery], max_cold_items: int |
     Every candidate is a key: its catalog row, or a negative index into the batch's distinct cold
     texts. The batch's union of keys (one ``np.unique``, which also gives each candidate its
     column) is scored all pairs when that wastes little (``UNION_WASTE``), else each request's own
-    candidates are gathered into a padded (U, C, N, D) block straight from the store.
+    candidates are gathered into a padded (U, C, N, D) block straight from the store. Requests of
+    the batch that name the same known user share one UPE row: the all-pairs score then costs
+    (distinct users x union), not (requests x union).
     """
     store = b.store
     stats = BatchStats(size=len(requests))
@@ -256,21 +272,24 @@ def score_batch(b: Bundle, requests: Sequence[ScoreQuery], max_cold_items: int |
         users.append(user)
     if not live:
         return out, stats  # type: ignore[return-value]
-    upe = _user_matrix(b, users, stats)  # (U, M, D)
+    distinct, user_at = _distinct_users(users)
+    upe = _user_matrix(b, distinct, stats)  # (Ud, M, D), one row per distinct user
     cold = b.predictor.encode_item_texts(list(texts)) if texts else None  # one T5 call for the batch's cold items
     stats.cold_items += len(texts)
     union, column = np.unique(np.concatenate(keys), return_inverse=True)  # (I,) sorted: cold texts first
     n_cold = int(np.searchsorted(union, 0))
     ends = np.cumsum([len(k) for k in keys])
-    if len(keys) * len(union) <= UNION_WASTE * int(ends[-1]):
+    if len(distinct) * len(union) <= UNION_WASTE * int(ends[-1]):
         rows = union[n_cold:]
         cpe_u, key_u = store.cpe[rows], store.cpe_key[rows]  # (Ik, N, D) x2
         if cold is not None:
             at = -1 - union[:n_cold]  # rows of cold
             cpe_u, key_u = np.concatenate([cold.cpe[at], cpe_u]), np.concatenate([cold.key[at], key_u])  # (I, N, D)
-        pair = _score(upe, cpe_u, key_u)  # (U, I) all pairs over the union
-        per_req = [pair[j, c] for j, c in enumerate(np.split(column, ends[:-1]))]
+        pair = _score(upe, cpe_u, key_u)  # (Ud, I) all pairs over the union
+        per_req = [pair[user_at[j], c] for j, c in enumerate(np.split(column, ends[:-1]))]
     else:
+        if len(distinct) < len(users):  # (all distinct: user_at is the identity)
+            upe = upe[user_at]  # (U, M, D): each request's own user
         cmax = max(len(k) for k in keys)
         pad = np.zeros((len(keys), cmax), dtype=np.int64)  # (U, Cmax) keys, padded with row 0
         for j, k in enumerate(keys):
@@ -316,7 +335,8 @@ def top_k(scores: np.ndarray, k: int, exclude: np.ndarray | None = None) -> np.n
 
 def recommend_batch(b: Bundle, requests: Sequence[RecommendQuery]
                     ) -> tuple[list[RecommendResult | Rejection], BatchStats]:
-    """Rank the whole catalog for every request with one chunked ``score`` over the catalog."""
+    """Rank the whole catalog for every request with one chunked ``score`` over the catalog, once
+    per distinct user of the batch."""
     store = b.store
     stats = BatchStats(size=len(requests))
     out: list[RecommendResult | Rejection | None] = [None] * len(requests)
@@ -328,16 +348,17 @@ def recommend_batch(b: Bundle, requests: Sequence[RecommendQuery]
         except _Rejected as e:
             out[i] = e.rejection
     if live:
-        upe = _user_matrix(b, users, stats)  # (U, M, D)
-        scores = catalog_scores(upe, store.cpe, store.cpe_key)  # (U, I)
+        distinct, user_at = _distinct_users(users)
+        upe = _user_matrix(b, distinct, stats)  # (Ud, M, D)
+        scores = catalog_scores(upe, store.cpe, store.cpe_key)  # (Ud, I)
         for j, i in enumerate(live):
-            req = requests[i]
+            req, row = requests[i], scores[user_at[j]]  # (I,) this request's user
             excl = [r for r in (store.item_index.get(x) for x in req.exclude) if r is not None]
             if req.exclude_history:
                 excl.extend(users[j].history_rows)
-            best = top_k(scores[j], req.k, np.unique(np.asarray(excl, dtype=np.int64)))
+            best = top_k(row, req.k, np.unique(np.asarray(excl, dtype=np.int64)))
             out[i] = RecommendResult(model_version=b.version, user_id=req.user_id, user_encoded=users[j].row is None,
-                                     item_ids=[store.item_ids[r] for r in best], scores=scores[j, best].tolist(),
+                                     item_ids=[store.item_ids[r] for r in best], scores=row[best].tolist(),
                                      texts=[store.item_texts[r] for r in best])
     return out, stats  # type: ignore[return-value]
 

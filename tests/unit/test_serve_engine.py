@@ -55,6 +55,36 @@ def test_batch_scores_equal_offline_score(bundle, monkeypatch, waste):
         assert_f32_close(r.scores, w)
 
 
+@pytest.mark.parametrize("waste", [engine.UNION_WASTE, 0.0])  # all pairs over the union / padded per user
+def test_a_repeated_user_is_scored_once_per_batch(bundle, monkeypatch, waste):
+    """Requests naming the same known user share its UPE row: the all-pairs score runs over the
+    distinct users (the padded path still gives each request its own row), and every request gets
+    its own candidates' scores. A cold user (history given) is never merged with a known one."""
+    monkeypatch.setattr(engine, "UNION_WASTE", waste)
+    rows_scored: list[int] = []
+    real = engine._score
+    monkeypatch.setattr(engine, "_score", lambda upe, cpe, key: rows_scored.append(len(upe)) or real(upe, cpe, key))
+    sets = [["n1", "n2", "n3"], ["n3", "n1"], ["n4", "n1", "n2"], ["n2"], ["n5", "n1"]]
+    users = ["U3", "U1", "U3", "U3", "U1"]
+    reqs = [sq(u, refs(c)) for u, c in zip(users, sets, strict=True)]
+    reqs.append(sq(None, refs(["n1", "n2"]), history=refs(history_of(3))))  # U3's history, encoded cold
+    out, stats = engine.score_batch(bundle, reqs)
+    assert rows_scored == ([3] if waste else [6])  # U3, U1 and the cold user / one row per request
+    for r, u, c in zip(out[:5], users, sets, strict=True):
+        assert r.item_ids == c and not r.user_encoded
+        assert_f32_close(r.scores, offline(bundle, u, c))
+    assert out[5].user_encoded and stats.cold_users == 1 and len(out[5].scores) == 2
+    rows_scored.clear()
+    recs, _ = engine.recommend_batch(bundle, [rq("U3", k=4), rq("U1", k=4), rq("U3", k=4, exclude=["n1"])])
+    assert rows_scored == [2]  # the catalog is scored once per distinct user
+    solo = [engine.recommend_batch(bundle, [q])[0][0] for q in (rq("U3", k=4), rq("U1", k=4),
+                                                             rq("U3", k=4, exclude=["n1"]))]
+    for got, want in zip(recs, solo, strict=True):
+        assert got.item_ids == want.item_ids
+        assert_f32_close(got.scores, want.scores)
+    assert "n1" not in recs[2].item_ids
+
+
 def test_a_rejected_request_does_not_fail_its_batch(bundle):
     reqs = [sq("U1", refs(["n1", "n2"])), sq("nobody", refs(["n1"])),
             sq("U2", refs(["n3", "zz9", "zz8", "zz9"])), sq("U2", refs(["n4"]))]

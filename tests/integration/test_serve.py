@@ -263,6 +263,56 @@ def test_summary_model_and_health(served):
     assert served.http.get("/readyz").json() == {"status": "ok", "model_version": v1}
 
 
+def _samples(text: str, name: str, **labels: str) -> float:
+    """Sum of the Prometheus exposition samples ``name{...}`` whose labels include ``labels``."""
+    import re
+
+    total = 0.0
+    for m in re.finditer(rf"^{re.escape(name)}\{{(.*?)\}} (\S+)$", text, re.MULTILINE):
+        have = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', m.group(1)))
+        if all(have.get(k) == v for k, v in labels.items()):
+            total += float(m.group(2))
+    return total
+
+
+def test_the_apps_metrics_reach_rays_prometheus_endpoint(served):
+    """serve/metrics.py's per-request counters and histograms, as a Prometheus scrape of the node's
+    metrics port sees them (Ray exports every few seconds: polled, bounded)."""
+    import httpx
+    import ray
+
+    node = next(n for n in ray.nodes() if n["Alive"])
+    url = f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+    summary = "/v1/users/{user_id}/summary"  # the route template: a raw path never becomes a label
+
+    def requests(text: str) -> dict[str, float]:
+        return {"ok": _samples(text, "ray_embsum_requests_total", route="/v1/score", code="200"),
+                "missing": _samples(text, "ray_embsum_requests_total", route="/v1/score", code="404"),
+                "summary": _samples(text, "ray_embsum_requests_total", route=summary, code="200")}
+
+    before = requests(httpx.get(url, timeout=10).text)
+    n = 6
+    for u in range(n):
+        r = _post(served, "/v1/score", {"user_id": f"U{u}", "candidates": [{"item_id": "n1"}, {"item_id": "n2"}]})
+        assert r.status_code == 200, r.text
+    assert _post(served, "/v1/score", {"user_id": "nobody", "candidates": [{"item_id": "n1"}]}).status_code == 404
+    assert served.http.get("/v1/users/U2/summary").status_code == 200
+    deadline = time.monotonic() + 90
+    while True:
+        text = httpx.get(url, timeout=10).text
+        got = {k: v - before[k] for k, v in requests(text).items()} | {
+            "latency": _samples(text, "ray_embsum_request_latency_ms_count", route="/v1/score", code="200"),
+            "batches": _samples(text, "ray_embsum_batch_size_count", kind="score"),
+        }
+        if got["ok"] >= n and got["missing"] >= 1 and got["summary"] >= 1 and got["latency"] >= n \
+                and got["batches"] >= 1:
+            break
+        assert time.monotonic() < deadline, f"metrics not exported within 90 s: {got}; " + "; ".join(
+            line for line in text.splitlines() if line.startswith("ray_embsum"))[:2000]
+        time.sleep(2)
+    assert 'route="/v1/users/U' not in text
+
+
 def test_embed_job_reports_its_throughput_to_the_version_run(served):
     """run_embed's report: counts, the one pool's start-up (paid once for items and users), rates
     end to end and once running; the same figures on the version's MLflow run."""

@@ -68,10 +68,11 @@ def process_env() -> None:
 
 def setup_env(offline: bool = True) -> None:
     """QUIET_ENV and PROCESS_ENV for this process and a local cluster it starts, unless set."""
-    for k, v in {**QUIET_ENV, **PROCESS_ENV}.items():
+    for k, v in QUIET_ENV.items():
         if not offline and k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
             continue
         os.environ.setdefault(k, v)
+    process_env()
 
 
 def worker_env() -> dict[str, str]:

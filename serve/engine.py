@@ -181,8 +181,10 @@ def _distinct_users(users: list[_User]) -> tuple[list[_User], np.ndarray]:
     return distinct, at
 
 
-def _user_matrix(b: Bundle, users: list[_User], stats: BatchStats) -> np.ndarray:
-    """-> UPE (U, M, D) for the batch; all cold users encoded in one Predictor call."""
+def _user_matrix(b: Bundle, users: list[_User], stats: BatchStats) -> tuple[np.ndarray, np.ndarray]:
+    """-> (UPE (Ud, M, D) of the batch's distinct users, (U,) each request's row in it); all cold
+    users encoded in one Predictor call."""
+    users, at = _distinct_users(users)
     cold = [u.texts for u in users if u.row is None and u.texts is not None]  # _resolve_user: cold ones have texts
     cold_upe = b.predictor.encode_user_texts(cold).upe if cold else None  # (Uc, M, D)
     stats.cold_users += len(cold)
@@ -194,7 +196,7 @@ def _user_matrix(b: Bundle, users: list[_User], stats: BatchStats) -> np.ndarray
             assert cold_upe is not None  # a user without a row is cold
             out.append(cold_upe[j])
             j += 1
-    return np.stack(out)  # (U, M, D)
+    return np.stack(out), at  # (Ud, M, D), (U,)
 
 
 def _score(upe: np.ndarray, cpe: np.ndarray, key: np.ndarray) -> np.ndarray:
@@ -272,14 +274,13 @@ def score_batch(b: Bundle, requests: Sequence[ScoreQuery], max_cold_items: int |
         users.append(user)
     if not live:
         return out, stats  # type: ignore[return-value]
-    distinct, user_at = _distinct_users(users)
-    upe = _user_matrix(b, distinct, stats)  # (Ud, M, D), one row per distinct user
+    upe, user_at = _user_matrix(b, users, stats)  # (Ud, M, D), one row per distinct user; (U,)
     cold = b.predictor.encode_item_texts(list(texts)) if texts else None  # one T5 call for the batch's cold items
     stats.cold_items += len(texts)
     union, column = np.unique(np.concatenate(keys), return_inverse=True)  # (I,) sorted: cold texts first
     n_cold = int(np.searchsorted(union, 0))
     ends = np.cumsum([len(k) for k in keys])
-    if len(distinct) * len(union) <= UNION_WASTE * int(ends[-1]):
+    if len(upe) * len(union) <= UNION_WASTE * int(ends[-1]):
         rows = union[n_cold:]
         cpe_u, key_u = store.cpe[rows], store.cpe_key[rows]  # (Ik, N, D) x2
         if cold is not None:
@@ -288,7 +289,7 @@ def score_batch(b: Bundle, requests: Sequence[ScoreQuery], max_cold_items: int |
         pair = _score(upe, cpe_u, key_u)  # (Ud, I) all pairs over the union
         per_req = [pair[user_at[j], c] for j, c in enumerate(np.split(column, ends[:-1]))]
     else:
-        if len(distinct) < len(users):  # (all distinct: user_at is the identity)
+        if len(upe) < len(users):  # (all distinct: user_at is the identity)
             upe = upe[user_at]  # (U, M, D): each request's own user
         cmax = max(len(k) for k in keys)
         pad = np.zeros((len(keys), cmax), dtype=np.int64)  # (U, Cmax) keys, padded with row 0
@@ -348,8 +349,7 @@ def recommend_batch(b: Bundle, requests: Sequence[RecommendQuery]
         except _Rejected as e:
             out[i] = e.rejection
     if live:
-        distinct, user_at = _distinct_users(users)
-        upe = _user_matrix(b, distinct, stats)  # (Ud, M, D)
+        upe, user_at = _user_matrix(b, users, stats)  # (Ud, M, D), (U,)
         scores = catalog_scores(upe, store.cpe, store.cpe_key)  # (Ud, I)
         for j, i in enumerate(live):
             req, row = requests[i], scores[user_at[j]]  # (I,) this request's user

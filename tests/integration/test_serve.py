@@ -265,14 +265,10 @@ def test_summary_model_and_health(served):
 
 def _samples(text: str, name: str, **labels: str) -> float:
     """Sum of the Prometheus exposition samples ``name{...}`` whose labels include ``labels``."""
-    import re
+    from prometheus_client.parser import text_string_to_metric_families
 
-    total = 0.0
-    for m in re.finditer(rf"^{re.escape(name)}\{{(.*?)\}} (\S+)$", text, re.MULTILINE):
-        have = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', m.group(1)))
-        if all(have.get(k) == v for k, v in labels.items()):
-            total += float(m.group(2))
-    return total
+    return sum(x.value for family in text_string_to_metric_families(text) for x in family.samples
+               if x.name == name and all(x.labels.get(k) == v for k, v in labels.items()))
 
 
 def test_the_apps_metrics_reach_rays_prometheus_endpoint(served):

@@ -309,6 +309,33 @@ def test_the_apps_metrics_reach_rays_prometheus_endpoint(served):
     assert 'route="/v1/users/U' not in text
 
 
+def test_the_served_version_gauge_outlives_rays_gauge_ttl(served):
+    """ray_embsum_model_version and ray_embsum_catalog_items stay in the scrape long after the
+    rollout that set them: Ray drops a gauge series no report refreshed for two report intervals
+    (set once, they were gone ~20 s after the rollout), so the replica keeps setting them."""
+    import httpx
+    import ray
+
+    from serve.metrics import report_interval_s
+
+    node = next(n for n in ray.nodes() if n["Alive"])
+    url = f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+    model = served.http.get("/v1/model").json()
+    version, items = model["model_version"], model["embeddings"]["items"]
+    ttl = 2 * report_interval_s()
+    time.sleep(max(0.0, model["loaded_at"] + 1.5 * ttl - time.time()))  # past the TTL of a one-time set
+    deadline = time.monotonic() + 3 * ttl
+    while True:
+        text = httpx.get(url, timeout=10).text
+        served_by = _samples(text, "ray_embsum_model_version", version=version)
+        if served_by >= 1 and _samples(text, "ray_embsum_catalog_items") >= items:
+            break
+        assert time.monotonic() < deadline, f"v{version} gauges not in the scrape {1.5 * ttl:.0f} s after its " \
+            f"rollout: " + "; ".join(line for line in text.splitlines() if "embsum_model_version" in line
+                                     or "embsum_catalog_items" in line)[:2000]
+        time.sleep(2)
+
+
 def test_embed_job_reports_its_throughput_to_the_version_run(served):
     """run_embed's report: counts, the one pool's start-up (paid once for items and users), rates
     end to end and once running; the same figures on the version's MLflow run."""

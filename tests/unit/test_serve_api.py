@@ -260,3 +260,38 @@ def test_the_declarative_app_is_pinned_for_its_builder_and_its_replicas() -> Non
     assert app["args"]["values"]["serve"]["model_version"] == "3"
     scorer = next(d for d in app["deployments"] if d["name"] == DEPLOYMENT_NAME)
     assert scorer["user_config"] == {"model_version": "3"}
+
+
+def test_the_served_version_gauges_are_set_again_until_the_next_rollout():
+    """Ray drops a gauge series no report refreshed for two report intervals, so ScorerMetrics sets
+    the served version and catalog size again every ``refresh_s``; a rolled-out-of version is set
+    to 0 once and then left to expire, and ``close`` stops the refreshing."""
+    import time
+
+    from serve.metrics import ScorerMetrics, report_interval_s
+
+    sets: list[tuple[str, float, str | None]] = []
+
+    class Seen:  # stands in for Ray's Gauge: records what a set would export
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def set(self, value: float, tags: dict[str, str] | None = None) -> None:
+            sets.append((self.name, value, (tags or {}).get("version")))
+
+    m = ScorerMetrics(refresh_s=0.05)
+    assert ScorerMetrics().refresh_s == report_interval_s() / 2 == 5.0  # Ray's default 10 s interval
+    m.version, m.items = Seen("version"), Seen("items")  # type: ignore[assignment]
+    m.serving("3", 120)
+    time.sleep(0.5)
+    assert sets.count(("version", 1, "3")) >= 4 and sets.count(("items", 120, None)) >= 4
+    sets.clear()
+    m.serving("4", 130)
+    time.sleep(0.5)
+    assert sets.count(("version", 0, "3")) == 1  # the old version: once, not refreshed
+    assert ("version", 1, "3") not in sets and sets.count(("version", 1, "4")) >= 4
+    m.close()
+    time.sleep(0.2)
+    n = len(sets)
+    time.sleep(0.3)
+    assert len(sets) == n

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -263,6 +264,30 @@ def test_summary_model_and_health(served):
     assert served.http.get("/readyz").json() == {"status": "ok", "model_version": v1}
 
 
+def _metrics_url() -> str:
+    """The Prometheus endpoint of the (first live) node's Ray metrics agent."""
+    import ray
+
+    node = next(n for n in ray.nodes() if n["Alive"])
+    return f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+
+
+def _scrape_until(url: str, done: Callable[[str], bool], seconds: float, what: str,
+                  show: Callable[[str], bool]) -> str:
+    """Scrape ``url`` every 2 s until ``done(text)`` (Ray exports every few seconds): -> the text;
+    fails after ``seconds`` naming ``what`` and the scrape's lines that ``show`` keeps."""
+    import httpx
+
+    deadline = time.monotonic() + seconds
+    while True:
+        text = httpx.get(url, timeout=10).text
+        if done(text):
+            return text
+        assert time.monotonic() < deadline, f"{what}: " + "; ".join(
+            line for line in text.splitlines() if show(line))[:2000]
+        time.sleep(2)
+
+
 def _samples(text: str, name: str, **labels: str) -> float:
     """Sum of the Prometheus exposition samples ``name{...}`` whose labels include ``labels``."""
     from prometheus_client.parser import text_string_to_metric_families
@@ -275,10 +300,8 @@ def test_the_apps_metrics_reach_rays_prometheus_endpoint(served):
     """serve/metrics.py's per-request counters and histograms, as a Prometheus scrape of the node's
     metrics port sees them (Ray exports every few seconds: polled, bounded)."""
     import httpx
-    import ray
 
-    node = next(n for n in ray.nodes() if n["Alive"])
-    url = f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+    url = _metrics_url()
     summary = "/v1/users/{user_id}/summary"  # the route template: a raw path never becomes a label
 
     def requests(text: str) -> dict[str, float]:
@@ -293,19 +316,19 @@ def test_the_apps_metrics_reach_rays_prometheus_endpoint(served):
         assert r.status_code == 200, r.text
     assert _post(served, "/v1/score", {"user_id": "nobody", "candidates": [{"item_id": "n1"}]}).status_code == 404
     assert served.http.get("/v1/users/U2/summary").status_code == 200
-    deadline = time.monotonic() + 90
-    while True:
-        text = httpx.get(url, timeout=10).text
-        got = {k: v - before[k] for k, v in requests(text).items()} | {
+
+    def got(text: str) -> dict[str, float]:
+        return {k: v - before[k] for k, v in requests(text).items()} | {
             "latency": _samples(text, "ray_embsum_request_latency_ms_count", route="/v1/score", code="200"),
             "batches": _samples(text, "ray_embsum_batch_size_count", kind="score"),
         }
-        if got["ok"] >= n and got["missing"] >= 1 and got["summary"] >= 1 and got["latency"] >= n \
-                and got["batches"] >= 1:
-            break
-        assert time.monotonic() < deadline, f"metrics not exported within 90 s: {got}; " + "; ".join(
-            line for line in text.splitlines() if line.startswith("ray_embsum"))[:2000]
-        time.sleep(2)
+
+    def exported(text: str) -> bool:
+        g = got(text)
+        return g["ok"] >= n and g["missing"] >= 1 and g["summary"] >= 1 and g["latency"] >= n and g["batches"] >= 1
+
+    text = _scrape_until(url, exported, 90, "metrics not exported within 90 s",
+                         lambda line: line.startswith("ray_embsum"))
     assert 'route="/v1/users/U' not in text
 
 
@@ -313,27 +336,17 @@ def test_the_served_version_gauge_outlives_rays_gauge_ttl(served):
     """ray_embsum_model_version and ray_embsum_catalog_items stay in the scrape long after the
     rollout that set them: Ray drops a gauge series no report refreshed for two report intervals
     (set once, they were gone ~20 s after the rollout), so the replica keeps setting them."""
-    import httpx
-    import ray
-
     from serve.metrics import report_interval_s
 
-    node = next(n for n in ray.nodes() if n["Alive"])
-    url = f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
     model = served.http.get("/v1/model").json()
     version, items = model["model_version"], model["embeddings"]["items"]
     ttl = 2 * report_interval_s()
     time.sleep(max(0.0, model["loaded_at"] + 1.5 * ttl - time.time()))  # past the TTL of a one-time set
-    deadline = time.monotonic() + 3 * ttl
-    while True:
-        text = httpx.get(url, timeout=10).text
-        served_by = _samples(text, "ray_embsum_model_version", version=version)
-        if served_by >= 1 and _samples(text, "ray_embsum_catalog_items") >= items:
-            break
-        assert time.monotonic() < deadline, f"v{version} gauges not in the scrape {1.5 * ttl:.0f} s after its " \
-            f"rollout: " + "; ".join(line for line in text.splitlines() if "embsum_model_version" in line
-                                     or "embsum_catalog_items" in line)[:2000]
-        time.sleep(2)
+    _scrape_until(_metrics_url(),
+                  lambda text: _samples(text, "ray_embsum_model_version", version=version) >= 1
+                  and _samples(text, "ray_embsum_catalog_items") >= items,
+                  3 * ttl, f"v{version} gauges not in the scrape {1.5 * ttl:.0f} s after its rollout",
+                  lambda line: "embsum_model_version" in line or "embsum_catalog_items" in line)
 
 
 def test_embed_job_reports_its_throughput_to_the_version_run(served):

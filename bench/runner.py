@@ -60,7 +60,7 @@ class Figure:
     ref_name: str
     higher_is_better: bool = True
     target: float | None = None  # on the ratio (oriented: > 1 = better), on value - reference if delta, on value
-    target_kind: str = "ratio>="  # 'ratio>=' | 'ratio>' | 'delta<=' | 'value<='
+    target_kind: str = "ratio>="  # 'ratio>=' | 'ratio>' | 'delta<=' | 'value<=' | 'value>='
     spread_kind: str = "half-range"  # how the spread is computed: 'half-range' of ratios, or 'std' of values
     note: str = ""
     ratio: float | None = field(default=None, init=False)
@@ -90,6 +90,8 @@ class Figure:
         if self.target is not None:
             if self.target_kind == "value<=" and self.value is not None:
                 self.met = self.value <= self.target
+            elif self.target_kind == "value>=" and self.value is not None:
+                self.met = self.value >= self.target
             elif self.target_kind == "delta<=" and self.value is not None and self.reference is not None:
                 self.met = self.value - self.reference <= self.target
             elif self.target_kind == "ratio>" and self.ratio is not None:
@@ -109,8 +111,8 @@ class Figure:
             return ""
         if self.target_kind == "delta<=":
             return f"<= +{self.target:g} {self.unit} over ref"
-        if self.target_kind == "value<=":
-            return f"<= {self.target:g} {self.unit}"
+        if self.target_kind in ("value<=", "value>="):
+            return f"{self.target_kind[-2:]} {self.target:g}{'' if self.unit == 'x' else ' '}{self.unit}"
         return f"{'>' if self.target_kind == 'ratio>' else '>='} {self.target:g}x"
 
     def spread_text(self) -> str:
@@ -128,6 +130,8 @@ def _finite(x: Any) -> bool:
 def _num(x: float | None, unit: str) -> str:
     if x is None:
         return "n/a"
+    if unit == "x":  # a ratio
+        return f"{x:.2f}x"
     if unit in ("AUC", "nDCG@10", "MRR"):
         return f"{x:.4f}"
     mag = abs(x)
@@ -522,15 +526,35 @@ def run_script(name: str, quick: bool, out: Path, extra: list[str], log_dir: Pat
     return {"cmd": " ".join(["python", *cmd[1:]]), "rc": rc, "wall_s": round(wall, 1), "log": str(log), **m}
 
 
+def recorded_results(name: str, quick: bool, recorded: list[str]) -> list[Path]:
+    """The result files a summary recorded for ``name``, found in this checkout's results directory:
+    a summary written in another checkout (or on another machine) records its own absolute paths, and
+    a path that is not here must not silently drop the benchmark's rows. None recorded, or none
+    found: the benchmark's results in the results directory."""
+    d = harness.results_dir(quick)
+    paths = [p if p.is_absolute() else harness.REPO / p for p in map(Path, recorded)]
+    found = [p if p.is_file() else d / p.name for p in paths]
+    return [p for p in found if p.is_file()] or existing_results(name, quick)
+
+
 def collect(names: list[str], quick: bool, runner: dict[str, Any]) -> tuple[list[Figure], dict[str, Any]]:
+    from bench import before_after
+
     figs: list[Figure] = []
     results: dict[str, Any] = {}
     for name in names:
-        paths = [Path(p) for p in runner.get(name, {}).get("results", [])] or existing_results(name, quick)
-        runs = [json.loads(p.read_text()) for p in paths if p.is_file()]
-        results[name] = [str(p) for p in paths if p.is_file()]
+        paths = recorded_results(name, quick, runner.get(name, {}).get("results", []))
+        runs = [json.loads(p.read_text()) for p in paths]
+        results[name] = [_repo_relative(p) for p in paths]
         figs += figures_for(name, runs)
+        if runs and not quick:  # what each change moved (bench/before_after.py): full runs only
+            figs += before_after.figures(harness.results_dir(quick), [name])
     return figs + memory_figures({n: runner[n] for n in names if n in runner}), results
+
+
+def _repo_relative(p: Path) -> str:
+    """A path under the checkout as the summary records it: relative, so it reads the same anywhere."""
+    return str(p.relative_to(harness.REPO)) if p.is_relative_to(harness.REPO) else str(p)
 
 
 def log_mlflow(summary: dict[str, Any], figs: list[Figure], files: list[Path], tracking_uri: str) -> str | None:
@@ -629,7 +653,7 @@ def main(argv: list[str] | None = None) -> int:
             if not paths:
                 print(f"[bench] {name}: no earlier result in {out_dir}; skipped", flush=True)
                 continue
-            runner[name] = {**previous.get(name, {}), "results": [str(p) for p in paths], "reused": True}
+            runner[name] = {**previous.get(name, {}), "results": [_repo_relative(p) for p in paths], "reused": True}
             continue
         n_runs = a.runs or BENCHMARKS[name][1][1 if a.quick else 0]
         paths = result_paths(name, a.quick, n_runs)
@@ -641,7 +665,7 @@ def main(argv: list[str] | None = None) -> int:
         if a.what == name and "--cached-only" in extra and before:  # keep the memory and time of the run that trained
             peak = {k: v for k, v in before[0].items() if k.startswith("peak_") or k == "wall_s"}
             runs = [{**r, **peak} for r in runs]
-        runner[name] = {"runs": runs, "results": [str(p) for p in paths if p.is_file()], "reused": False}
+        runner[name] = {"runs": runs, "results": [_repo_relative(p) for p in paths if p.is_file()], "reused": False}
     figs, results = collect(list(runner), a.quick, runner)
     summary = {
         "command_name": a.what, "quick": a.quick, "benchmarks": list(runner), "runner": runner, "results": results,
@@ -649,6 +673,8 @@ def main(argv: list[str] | None = None) -> int:
         "machine": harness.machine(), "loadavg_range": f"{min(loads):.1f}-{max(loads):.1f}",
         "git_commit": _git_commit(), "wall_seconds": round(time.perf_counter() - t0, 1),
     }
+    if a.what == "table" and prev_path.is_file():  # nothing ran: the load the measurements ran under
+        summary["loadavg_range"] = json.loads(prev_path.read_text()).get("loadavg_range", summary["loadavg_range"])
     if a.what not in ("all", "table") and prev_path.is_file():
         # One benchmark rerun: keep the other benchmarks' rows from the last summary.
         old = json.loads(prev_path.read_text())
@@ -666,7 +692,7 @@ def main(argv: list[str] | None = None) -> int:
     if not a.no_mlflow:
         uri = a.tracking_uri or _config_uri(a.config) or f"sqlite:///{harness.bench_root() / 'mlflow' / 'mlflow.db'}"
         files = [out_dir / "summary.json", out_dir / "summary.md",
-                 *(Path(p) for v in summary["results"].values() for p in v)]
+                 *(harness.REPO / p for v in summary["results"].values() for p in v)]
         rid = log_mlflow(summary, figs, files, uri)
         if rid:
             print(f"[bench] logged to MLflow experiment 'benchmarks' (run {rid}) at {uri}", flush=True)

@@ -242,3 +242,20 @@ def test_fleet_figures_count_lost_requests_per_policy() -> None:
     assert "from the load dropping to one client to 1 replica" in lfigs[3].name
     down = next(f for f in lfigs if "while scaling 2 -> 1 under a light load" in f.name)
     assert down.value == 0.0 and down.reference == pytest.approx(20.0)  # per 10k
+
+
+def test_a_summary_from_another_checkout_keeps_every_benchmarks_rows(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A summary records where its results were; written in another checkout, those paths are not
+    here, and the benchmark's rows must come from this checkout's file of the same name (they were
+    silently dropped: the README's table lost its embed rows that way)."""
+    monkeypatch.setattr(harness, "RESULTS", tmp_path)
+    r = fake_results()["train"][0]
+    (tmp_path / "train.json").write_text(json.dumps(r))
+    runner_info = {"train": {"results": ["/elsewhere/checkout/bench/results/train.json"], "reused": True}}
+    figs, results = runner.collect(["train"], False, runner_info)
+    assert any(f.name.startswith("training examples/s") for f in figs)
+    assert results["train"] == [str(tmp_path / "train.json")]  # outside the checkout: kept absolute
+    assert runner.recorded_results("train", False, []) == [tmp_path / "train.json"]
+    inside = harness.REPO / "bench" / "results" / "x.json"
+    assert runner._repo_relative(inside) == "bench/results/x.json"

@@ -5,7 +5,7 @@
 
 Same model (``EmbSum.from_config`` with the quality study's config: random-init T5, d_model 64,
 2+2 layers), same data (the Book-Crossing training shards written by the prepare job, with the
-offline teacher's summaries), same global batch per optimizer step (2 x 16 = 32 examples), same
+offline teacher's summaries), same global batch per optimizer step (2 x 4 histories of 4 targets: 32 targets), same
 loss (``embsum.losses.embsum_loss``, lambda 0.05, NCE temperature sqrt(d_model)), same AdamW
 (parameter groups, lr schedule, gradient clipping 1.0), same total threads:
 
@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from bench import harness
+from train.deepspeed_setup import build_deepspeed_config, zero_stage
 
 # Before torch or Ray start: Ray workers inherit the driver's environment, so each Train worker's
 # torch uses one intra-op thread (1 CPU each); the plain loop sets its own 2 threads explicitly.
@@ -180,7 +181,8 @@ def _ray_fit_main(cfg_json: str, repeat: str, warmup: str, window: str, out: str
     cfg = config_from_dict(json.loads(Path(cfg_json).read_text()))
     init_ray(cfg.ray)
     try:
-        fit = {**ray_fit(cfg, int(repeat), int(warmup), int(window)), "worker_torch_threads": worker_threads()}
+        threads = worker_threads()  # first: its worker exits before the fit, out of the tree's peak
+        fit = {**ray_fit(cfg, int(repeat), int(warmup), int(window)), "worker_torch_threads": threads}
     finally:
         ray.shutdown()
     Path(out).write_text(json.dumps(fit))
@@ -188,10 +190,12 @@ def _ray_fit_main(cfg_json: str, repeat: str, warmup: str, window: str, out: str
 
 
 def worker_threads() -> int:
-    """torch's intra-op threads in a 1-CPU Ray task: what each Train worker gets."""
+    """torch's intra-op threads in a 1-CPU Ray task: what each Train worker gets. Run before the fit,
+    in a worker that exits after it (``max_calls=1``), so a worker with torch imported for the probe
+    cannot be part of the training tree's peak."""
     import ray
 
-    @ray.remote(num_cpus=1)
+    @ray.remote(num_cpus=1, max_calls=1)
     def probe() -> int:
         import torch
 
@@ -253,6 +257,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"(fit {fits[-1]['fit_wall_seconds']:.0f} s)", flush=True)
     finally:
         ray.shutdown()
+    # The stage the run trained with: train.zero_stage, else the DeepSpeed config file's (None in the config).
+    stage = zero_stage(build_deepspeed_config(cfg, cfg.train.num_workers))
     p = harness.spread([x["examples_per_s"] for x in plain])
     q = harness.spread([x["examples_per_s"] for x in fits])
     ratio = harness.spread([f["examples_per_s"] / x["examples_per_s"] for f, x in zip(fits, plain, strict=True)])
@@ -262,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         "ray_examples_per_s": q, "plain_examples_per_s": p,
         "ratio": q["median"] / p["median"], "ratio_per_repeat": ratio, "target": 0.95,
         "ray": fits, "plain": plain, "ray_worker_torch_threads": threads, "plain_torch_threads": 2,
-        "ray_workers": cfg.train.num_workers, "zero_stage": cfg.train.zero_stage,
+        "ray_workers": cfg.train.num_workers, "zero_stage": stage,
         "memory": {"ray": max(mem_rays, key=lambda m: m["peak_rss_mb"]), "plain": mem_plain.report(),
                    "ray_per_repeat": [m["peak_rss_mb"] for m in mem_rays]},
         "data": {"train_examples": (data["prepare"].get("examples") or {}).get("train"), "reused": data["reused"]},
@@ -271,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": harness.machine(), "wall_seconds": round(time.perf_counter() - t_start, 1),
     }
     path = harness.write_result("train", res, args.out, quick=args.quick)
-    print(f"train bench: Ray Train + DeepSpeed ZeRO-{cfg.train.zero_stage} ({cfg.train.num_workers} workers x "
+    print(f"train bench: Ray Train + DeepSpeed ZeRO-{stage} ({cfg.train.num_workers} workers x "
           f"{threads} thread) {q['median']:.1f} ex/s vs plain PyTorch (1 process x 2 threads) {p['median']:.1f} ex/s | "
           f"ratio {res['ratio']:.3f} (target >= 0.95) | spread ray ±{(q['rel_spread'] or 0):.1%} plain "
           f"±{(p['rel_spread'] or 0):.1%} | peak RSS ray tree {res['memory']['ray']['peak_rss_mb']:.0f} MB "

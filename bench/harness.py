@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import platform
 import statistics
@@ -109,26 +110,35 @@ class TreeMemory:
     The tree is the root process and all its descendants (``psutil.Process.children(recursive=True)``):
     a local Ray cluster started by ``ray.init`` (GCS, raylet, dashboard agents) and every Ray worker,
     actor and Train worker it forks descend from the driver, so they are counted; another user's
-    Ray cluster on the same machine is not. Per sample the tree's total RSS and total PSS are summed
-    (PSS splits shared pages, e.g. the object store's shared memory, between the processes that map
-    them, so summed PSS does not double-count them; summed RSS does). The peaks are the largest
-    sums seen, plus the largest single process. ``breakdown``: at the sample with the largest
+    Ray cluster on the same machine is not. Per sample the tree's total RSS is summed, and its total
+    PSS where the sample reads it (at a new peak of the summed RSS, every ``pss_interval`` s, at
+    start and stop; see ``sample``: reading PSS at every sample cost the measured workload a tenth of
+    a 2-core machine): PSS splits shared pages, e.g. the object store's shared memory, between the
+    processes that map them, so summed PSS does not double-count them; summed RSS does. The peaks
+    are the largest sums seen, plus the largest single process. ``breakdown``: at the sample with the largest
     summed RSS, the processes grouped by what they are (``process_label``: gcs_server, raylet,
     ``ray::TrainWorker``, an idle worker, the driver ...) with their count, RSS and PSS.
     """
 
-    def __init__(self, pid: int | None = None, interval: float = 0.5) -> None:
+    def __init__(self, pid: int | None = None, interval: float = 0.5, pss_interval: float = 5.0) -> None:
         self.pid = pid or os.getpid()
         self.interval = interval
+        self.pss_interval = pss_interval
         self.peak_rss = self.peak_pss = self.peak_single_rss = 0
         self.max_processes = 0
-        self.samples = 0
+        self.samples = self.pss_samples = 0
+        self._last_pss = -math.inf
         self.seen: set[tuple[int, float]] = set()
         self.breakdown: dict[str, dict[str, float]] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def sample(self) -> None:
+    def sample(self, full: bool = False) -> None:
+        """One sample: every process's RSS (/proc/PID/statm, cheap); and their PSS and labels
+        (/proc/PID/smaps_rollup, which makes the kernel walk each process's page tables: about 3 ms
+        a Ray process, 0.17 of a core for a 30-process tree at 2 samples a second, taken from the
+        workload being measured) only at a new peak of the summed RSS, every ``pss_interval`` s,
+        and when ``full``."""
         import psutil
 
         try:
@@ -136,37 +146,39 @@ class TreeMemory:
             procs = [root, *root.children(recursive=True)]
         except psutil.Error:
             return
-        rss = pss = single = 0
-        n = 0
-        groups: dict[str, dict[str, float]] = {}
+        live: list[tuple[Any, int]] = []
         for p in procs:
             try:
-                mem = p.memory_full_info()  # PSS from /proc/PID/smaps_rollup
-                key = (p.pid, p.create_time())
-            except psutil.AccessDenied:
-                try:
-                    mem = p.memory_info()
-                    key = (p.pid, p.create_time())
-                except psutil.Error:
-                    continue
+                live.append((p, p.memory_info().rss))
+                self.seen.add((p.pid, p.create_time()))  # create_time: read when psutil made the Process
             except psutil.Error:
                 continue
-            n += 1
-            self.seen.add(key)
-            rss += mem.rss
-            pss += getattr(mem, "pss", mem.rss)
-            single = max(single, mem.rss)
+        rss = sum(r for _, r in live)
+        self.samples += 1
+        self.peak_single_rss = max([self.peak_single_rss, *(r for _, r in live)])
+        self.max_processes = max(self.max_processes, len(live))
+        now = time.monotonic()
+        if not (full or rss > self.peak_rss or now - self._last_pss >= self.pss_interval):
+            return
+        self._last_pss, self.pss_samples = now, self.pss_samples + 1
+        pss = 0
+        groups: dict[str, dict[str, float]] = {}
+        for p, r in live:
+            try:
+                pp = getattr(p.memory_full_info(), "pss", r)  # PSS from /proc/PID/smaps_rollup
+            except psutil.AccessDenied:
+                pp = r
+            except psutil.Error:
+                continue
+            pss += pp
             g = groups.setdefault(process_label(p, root=p.pid == self.pid), {"n": 0, "rss_mb": 0.0, "pss_mb": 0.0})
             g["n"] += 1
-            g["rss_mb"] += mem.rss / 2**20
-            g["pss_mb"] += getattr(mem, "pss", mem.rss) / 2**20
-        self.samples += 1
+            g["rss_mb"] += r / 2**20
+            g["pss_mb"] += pp / 2**20
         if rss > self.peak_rss:
             self.breakdown = {k: {**v, "rss_mb": round(v["rss_mb"], 1), "pss_mb": round(v["pss_mb"], 1)}
                               for k, v in sorted(groups.items(), key=lambda kv: -kv[1]["rss_mb"])}
         self.peak_rss, self.peak_pss = max(self.peak_rss, rss), max(self.peak_pss, pss)
-        self.peak_single_rss = max(self.peak_single_rss, single)
-        self.max_processes = max(self.max_processes, n)
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval):
@@ -174,7 +186,7 @@ class TreeMemory:
 
     def start(self) -> TreeMemory:
         """Start (or restart: peaks accumulate over every start/stop period) sampling."""
-        self.sample()
+        self.sample(full=True)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True, name="tree-memory")
         self._thread.start()
@@ -185,7 +197,7 @@ class TreeMemory:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
-        self.sample()
+        self.sample(full=True)
         return self.report()
 
     def report(self) -> dict[str, Any]:
@@ -193,7 +205,8 @@ class TreeMemory:
         return {"peak_rss_mb": round(self.peak_rss / mb, 1), "peak_pss_mb": round(self.peak_pss / mb, 1),
                 "peak_single_process_rss_mb": round(self.peak_single_rss / mb, 1),
                 "max_processes": self.max_processes, "processes_seen": len(self.seen), "samples": self.samples,
-                "interval_s": self.interval, "breakdown_at_peak": self.breakdown}
+                "pss_samples": self.pss_samples, "interval_s": self.interval, "pss_interval_s": self.pss_interval,
+                "breakdown_at_peak": self.breakdown}
 
     def __enter__(self) -> TreeMemory:
         return self.start()

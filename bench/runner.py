@@ -457,7 +457,8 @@ def markdown(summary: dict[str, Any], figs: list[Figure]) -> str:
         "quality: the mean over seeds, ratio of the means); the spread is the half-range of the per-repeat ratios "
         "(std over seeds for quality). Peak RSS sums the "
         "resident memory of every process in the benchmark's tree (the script, its local Ray cluster and all "
-        "workers); PSS de-duplicates shared pages.", "",
+        "workers); PSS de-duplicates shared pages (read at each new peak of the summed RSS and every 5 s: "
+        "bench/harness.py TreeMemory).", "",
         markdown_table(figs), "",
         "Where the project beats or trails each reference:", "", *verdicts(figs), "",
         "Commands (from the repository root; data is read from ../shared/data or $EMBSUM_SHARED_DATA):", "",

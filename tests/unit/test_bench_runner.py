@@ -212,6 +212,35 @@ def test_tree_memory_measures_this_process() -> None:
     assert rep["peak_rss_mb"] > 10 and rep["max_processes"] >= 1
 
 
+def test_tree_memory_reads_pss_at_new_rss_peaks_only(tmp_path: Path) -> None:
+    """PSS (the expensive read) at start, at a new peak of the tree's summed RSS, not at a lower one."""
+    import subprocess
+    import sys
+    import time
+
+    mem = harness.TreeMemory(interval=3600, pss_interval=3600)  # sampled by hand below
+    mem.sample(full=True)
+    assert mem.pss_samples == 1
+    ready = tmp_path / "ready"
+    child = subprocess.Popen([sys.executable, "-c", "import pathlib, sys, time\n"
+                              "x = bytearray(300 * 2**20); x[::4096] = b'1' * len(x[::4096])\n"
+                              f"pathlib.Path({str(ready)!r}).touch(); time.sleep(60)"])
+    try:
+        for _ in range(600):
+            if ready.exists():
+                break
+            time.sleep(0.05)
+        mem.sample()  # the child's 300 MB: a new RSS peak, so PSS is read too
+        assert mem.pss_samples == 2 and mem.peak_pss / 2**20 > 300, mem.report()
+    finally:
+        child.kill()
+        child.wait()
+    mem.sample()  # 300 MB less than the peak: RSS only
+    rep = mem.report()
+    assert rep["pss_samples"] == 2 and rep["samples"] == 3 and rep["max_processes"] == 2
+    assert any(k.startswith("python") for k in rep["breakdown_at_peak"]), rep["breakdown_at_peak"]
+
+
 def test_fleet_figures_count_lost_requests_per_policy() -> None:
     def run(policy: str, failed: int, window_failed: int) -> dict:
         def t(requests: int, f: int) -> dict:

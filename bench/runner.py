@@ -8,8 +8,9 @@
 Each script runs as a subprocess (its output goes to bench/results/logs/), so the peak memory of
 its whole process tree can be measured from here: the script, the local Ray cluster it starts
 (GCS, raylet, agents) and every Ray worker and actor, all of which descend from it (see
-``harness.TreeMemory``: psutil children of the subprocess, sampled every 0.5 s; summed RSS and
-summed PSS, which does not double-count shared memory such as Ray's object store).
+``harness.TreeMemory``: psutil children of the subprocess, their RSS sampled every 0.5 s and their
+PSS at each new peak of the summed RSS and every 5 s; summed RSS and summed PSS, which does not
+double-count shared memory such as Ray's object store).
 
 Every figure is a ratio against its side-by-side reference measured in the same run, oriented so
 that > 1 means better than the reference (value / reference for throughputs and quality, reference
